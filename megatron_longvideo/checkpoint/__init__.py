@@ -1,1 +1,1 @@
-"""checkpoint"""
+"""Checkpoints: full-shape state gather/load across TP/PP, dist-checkpoint save/resume, HF weight map."""

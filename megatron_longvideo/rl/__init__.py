@@ -1,1 +1,1 @@
-"""rl"""
+"""GRPO: rewards, group advantages, clipped loss with KL, dynamic sampling, rollout engines, trainer."""

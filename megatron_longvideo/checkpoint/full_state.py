@@ -1,0 +1,139 @@
+"""Full (unsharded) state dicts of megatron models: gather TP/PP shards, and load a full dict back.
+
+The "full" layout is the world=1 layout of the same GPTModel with one exception that makes it
+independent of TP: the SwiGLU ``linear_fc1`` weight is ``cat(gate, up)`` over the full width (under TP
+each rank holds ``cat(gate_r, up_r)``, so a plain concatenation of shards would interleave them).
+Layer names are global (``decoder.layers.{global index}``) whatever the pipeline stage.
+
+Used by the invariance tests (parameters and gradients compared at full shape), the Hugging Face
+weight map and the rollout engines' weight sync. Tensors are moved through torch.distributed one at a
+time; the whole dict is materialised on every rank, which is fine for the tiny and small models this
+is used with in tests and for conversion one shard at a time.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_longvideo.parallel.groups import ParallelGroups
+
+__all__ = ["gather_full_state", "load_full_state", "global_name"]
+
+_LAYER = re.compile(r"^(.*?decoder\.layers\.)(\d+)(\..*)$")
+
+
+def _layer_offsets(model) -> dict[int, int]:
+    """Local layer index -> global layer index for the decoder of ``model``."""
+    decoder = getattr(model, "decoder", None)
+    if decoder is None:
+        return {}
+    return {i: layer.layer_number - 1 for i, layer in enumerate(decoder.layers)}
+
+
+def global_name(name: str, offsets: dict[int, int]) -> str:
+    """``decoder.layers.{local}.x`` -> ``decoder.layers.{global}.x``."""
+    m = _LAYER.match(name)
+    if not m or not offsets:
+        return name
+    return f"{m.group(1)}{offsets[int(m.group(2))]}{m.group(3)}"
+
+
+def _is_swiglu_fc1(name: str, model) -> bool:
+    return name.endswith("mlp.linear_fc1.weight") and getattr(model.config, "gated_linear_unit", False)
+
+
+def _tp_gather(t: torch.Tensor, param, name: str, model, tp_group) -> torch.Tensor:
+    tp = 1 if tp_group is None else dist.get_world_size(tp_group)
+    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return t
+    dim = param.partition_dim
+    t = t.contiguous()
+    if _is_swiglu_fc1(name, model):
+        gate, up = t.chunk(2, dim=0)
+        return torch.cat([_all_gather_cat(gate, 0, tp_group), _all_gather_cat(up, 0, tp_group)], dim=0)
+    return _all_gather_cat(t, dim, tp_group)
+
+
+def _all_gather_cat(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _tp_slice(full: torch.Tensor, param, name: str, model, tp_group) -> torch.Tensor:
+    tp = 1 if tp_group is None else dist.get_world_size(tp_group)
+    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    r = dist.get_rank(tp_group)
+    if _is_swiglu_fc1(name, model):
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp, 0)[r], up.chunk(tp, 0)[r]], dim=0)
+    return full.chunk(tp, dim=param.partition_dim)[r]
+
+
+def _grad_of(param) -> Optional[torch.Tensor]:
+    grad = getattr(param, "main_grad", None)
+    if grad is None:
+        grad = param.grad
+    return grad
+
+
+def gather_full_state(
+    model,
+    groups: ParallelGroups,
+    *,
+    what: str = "param",
+    select: Optional[Callable[[str], bool]] = None,
+) -> dict[str, torch.Tensor]:
+    """Full-shape parameters (``what="param"``) or gradients (``what="grad"``, read from DDP's
+    ``main_grad`` when present) of ``model`` on every rank, keyed by global name."""
+    from megatron_longvideo.models.llm import unwrap
+
+    if what not in ("param", "grad"):
+        raise ValueError(f"what must be 'param' or 'grad', got {what!r}")
+    model = unwrap(model)
+    offsets = _layer_offsets(model)
+    local: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if select is not None and not select(name):
+            continue
+        t = param.detach() if what == "param" else _grad_of(param)
+        if t is None:
+            t = torch.zeros_like(param)
+        local[global_name(name, offsets)] = _tp_gather(t.detach().float().clone(), param, name, model, groups.tp)
+    if groups.size(groups.pp) == 1:
+        return local
+    stages: list = [None] * groups.size(groups.pp)
+    dist.all_gather_object(stages, local, group=groups.pp)
+    full: dict[str, torch.Tensor] = {}
+    for stage in stages:
+        for key, value in stage.items():
+            # untied embeddings live on one stage each; a tied output weight on the last stage is a copy
+            full.setdefault(key, value)
+    return full
+
+
+@torch.no_grad()
+def load_full_state(model, full: dict[str, torch.Tensor], groups: ParallelGroups, *, strict: bool = True) -> None:
+    """Copy a full-shape state (global names) into this rank's shards of ``model``."""
+    from megatron_longvideo.models.llm import unwrap
+
+    model = unwrap(model)
+    offsets = _layer_offsets(model)
+    missing = []
+    for name, param in model.named_parameters():
+        key = global_name(name, offsets)
+        if key not in full:
+            missing.append(key)
+            continue
+        shard = _tp_slice(full[key], param, name, model, groups.tp)
+        if shard.shape != param.shape:
+            raise ValueError(f"{key}: full tensor {tuple(full[key].shape)} gives a shard {tuple(shard.shape)}, "
+                             f"but this rank's parameter is {tuple(param.shape)}")
+        param.copy_(shard.to(param.dtype))
+    if strict and missing:
+        raise KeyError(f"full state has no entry for {missing[:5]}{' ...' if len(missing) > 5 else ''}")

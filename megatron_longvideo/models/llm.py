@@ -1,0 +1,239 @@
+"""The Qwen2-style language model, built from megatron-core's GPTModel and a layer spec of ours.
+
+Qwen2: RMSNorm, SwiGLU MLP without biases, rotary embeddings, grouped-query attention with a bias on
+Q/K/V only, untied or tied input/output embeddings. The layer spec is megatron's local one with two
+slots swapped: the norms (:class:`RMSNorm`, which accepts Megatron sequence parallelism) and the core
+attention (:class:`CPCoreAttention`, context parallelism without TransformerEngine). On a machine with
+TransformerEngine, ``use_te=True`` keeps megatron's TE spec instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_longvideo.parallel.context import SequenceContext
+from megatron_longvideo.parallel.groups import ParallelConfig, ParallelGroups
+
+__all__ = ["LLMConfig", "transformer_config", "qwen2_layer_spec", "qwen2_block_spec", "build_llm", "lm_forward", "unwrap"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LLMConfig:
+    """Shape of a Qwen2-style decoder."""
+
+    vocab_size: int = 1024
+    """Vocabulary size (padded to a multiple of the TP size by the caller if needed)."""
+    hidden_size: int = 64
+    """Model width."""
+    num_layers: int = 2
+    """Number of transformer layers."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: int = 2
+    """Key/value heads (grouped-query attention); equal to the heads for plain multi-head attention."""
+    ffn_hidden_size: int = 128
+    """SwiGLU inner width."""
+    max_position_embeddings: int = 32768
+    """Longest sequence the rotary embedding is meant for."""
+    rotary_base: float = 10000.0
+    """RoPE base (Qwen2: 1e6)."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding with the output layer."""
+    init_std: float = 0.02
+    """Weight init standard deviation."""
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.num_query_groups != 0:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by num_query_groups={self.num_query_groups}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def tiny(cls, **overrides) -> "LLMConfig":
+        """A model that runs forward+backward on CPU in milliseconds (tests and the demo)."""
+        return cls(**overrides)
+
+    @classmethod
+    def qwen2_7b(cls, **overrides) -> "LLMConfig":
+        """The shape of Qwen2-7B (described, not run on CPU)."""
+        base = dict(vocab_size=152064, hidden_size=3584, num_layers=28, num_attention_heads=28, num_query_groups=4,
+                    ffn_hidden_size=18944, max_position_embeddings=131072, rotary_base=1e6, norm_eps=1e-6)
+        base.update(overrides)
+        return cls(**base)
+
+
+def transformer_config(llm: LLMConfig, parallel: ParallelConfig, *, params_dtype=torch.float32, **overrides):
+    """megatron-core ``TransformerConfig`` for ``llm`` under ``parallel``."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = dict(
+        num_layers=llm.num_layers,
+        hidden_size=llm.hidden_size,
+        num_attention_heads=llm.num_attention_heads,
+        num_query_groups=llm.num_query_groups,
+        ffn_hidden_size=llm.ffn_hidden_size,
+        kv_channels=llm.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=llm.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=llm.init_std,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=parallel.tensor_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        cp_comm_type=parallel.cp_comm_type,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=True,
+        calculate_per_token_loss=True,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def qwen2_layer_spec(sequence_context: SequenceContext, *, use_te: bool = False):
+    """Megatron layer spec for a Qwen2 layer (see module docstring)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_longvideo.models.norm import RMSNorm
+    from megatron_longvideo.parallel.cp_attention import CPCoreAttention
+
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    sub = spec.submodules
+    sub.input_layernorm = RMSNorm
+    sub.pre_mlp_layernorm = RMSNorm
+    sub.self_attention.params = {"attn_mask_type": AttnMaskType.causal}
+    sub.self_attention.submodules.core_attention = functools.partial(CPCoreAttention, sequence_context=sequence_context)
+    return spec
+
+
+def qwen2_block_spec(config, sequence_context: SequenceContext, *, pp_rank: int = 0):
+    """Block spec: this pipeline stage's Qwen2 layers and a final RMSNorm that accepts sequence
+    parallelism (megatron's default final norm for a layer spec is the TP-only torch norm)."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    from megatron_longvideo.models.norm import RMSNorm
+
+    num_layers = get_num_layers_to_build(config, vp_stage=None, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[qwen2_layer_spec(sequence_context)] * num_layers, layer_norm=RMSNorm)
+
+
+def build_llm(
+    llm: LLMConfig,
+    groups: ParallelGroups,
+    *,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    params_dtype=torch.float32,
+    **config_overrides,
+):
+    """Build the Qwen2-style GPTModel for this rank's pipeline stage.
+
+    Returns the model; its :class:`SequenceContext` is ``model.sequence_context``. The rotary
+    module reads explicit positions from it (see :mod:`megatron_longvideo.models.rotary`).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: F401  (spec type)
+
+    from megatron_longvideo.models.rotary import PositionRotaryEmbedding
+
+    parallel = groups.config
+    parallel.check_model(num_attention_heads=llm.num_attention_heads, num_query_groups=llm.num_query_groups)
+    if llm.vocab_size % parallel.tensor_parallel_size != 0:
+        raise ValueError(f"vocab_size={llm.vocab_size} is not divisible by tensor_parallel_size={parallel.tensor_parallel_size}")
+    config = transformer_config(llm, parallel, params_dtype=params_dtype, **config_overrides)
+    context = SequenceContext()
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage() if parallel.pipeline_parallel_size > 1 else True
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage() if parallel.pipeline_parallel_size > 1 else True
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=qwen2_block_spec(config, context, pp_rank=groups.rank(groups.pp)),
+        vocab_size=llm.vocab_size,
+        max_sequence_length=llm.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=llm.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=llm.rotary_base,
+        pg_collection=groups.pg_collection,
+    )
+    model.rotary_pos_emb = PositionRotaryEmbedding(
+        kv_channels=config.kv_channels,
+        rotary_percent=1.0,
+        rotary_interleaved=config.rotary_interleaved,
+        rotary_base=llm.rotary_base,
+        use_cpu_initialization=True,
+        cp_group=groups.cp,
+        sequence_context=context,
+    )
+    model.sequence_context = context
+    return model
+
+
+def unwrap(model):
+    """The GPTModel (or other megatron module) inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def lm_forward(
+    model,
+    *,
+    input_ids: Optional[torch.Tensor] = None,
+    position_ids: Optional[torch.Tensor] = None,
+    decoder_input: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    segment_ids: Optional[torch.Tensor] = None,
+):
+    """Run the (possibly DDP-wrapped) LM on this rank's tokens with explicit positions.
+
+    ``input_ids``/``position_ids``/``labels``/``segment_ids`` are ``[b, s_local]`` (this CP rank's
+    shard); ``decoder_input`` ``[s_local, b, h]`` replaces the embedding lookup (merged video+text
+    embeddings). With ``labels`` the result is the per-token loss ``[b, s_local]``; else logits
+    (``[b, s_local, vocab / tp]``) or, on non-last pipeline stages, the hidden states.
+    """
+    context = unwrap(model).sequence_context
+    with context.use(position_ids=position_ids, segment_ids=segment_ids):
+        return model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=None,
+            decoder_input=decoder_input,
+            labels=labels,
+        )

@@ -1,0 +1,222 @@
+"""GRPO policy loss: PPO clipped surrogate (DAPO clip-higher, optional dual clip) + KL to a reference.
+
+Per response token t of sequence i, with ``r = exp(logp - old_logp)`` and advantage ``A_i``:
+
+    pg_it = -min(r * A_i, clip(r, 1 - eps_low, 1 + eps_high) * A_i)
+    dual clip (c > 1, A_i < 0 only):  pg_it = min(pg_it, -c * A_i)
+    kl_it = k(logp, ref_logp), with d = ref_logp - logp:
+            k1 = -d      k2 = d^2 / 2      k3 = exp(d) - d - 1
+    l_it  = pg_it + beta * kl_it
+
+Aggregation over the response mask m (``L`` = ``norm_len``):
+
+    token_mean          sum_it m l / N_tokens                        (DAPO: every token weighs the same)
+    seq_mean            sum_i (sum_t m l / len_i) / N_seqs            (GRPO paper: every sequence weighs the same)
+    seq_sum_token_mean  sum_it m l / (N_seqs * L)                     (Dr.GRPO: constant normaliser, no length bias)
+
+Every aggregate is a sum over local tokens divided by normalisers that the caller may pass for the
+*global* batch (``num_global_tokens``, ``num_global_sequences``, and ``seq_num_tokens`` = len_i of
+sequences sharded over context-parallel ranks). Then the rank-local losses sum to the single-rank
+loss, and so do their gradients; the token-mean metrics are built the same way, so an all-reduce
+SUM of each metric gives its global value. Without them, the local batch is the whole batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum_token_mean")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOLossConfig:
+    """Hyper-parameters of ``grpo_loss``; validated on construction."""
+
+    clip_eps_low: float = 0.2
+    """Lower clip range: the ratio is clipped at ``1 - clip_eps_low`` (in [0, 1))."""
+    clip_eps_high: float = 0.2
+    """Upper clip range: the ratio is clipped at ``1 + clip_eps_high`` (>= 0); DAPO's clip-higher uses 0.28."""
+    dual_clip_c: float | None = None
+    """Dual-clip bound c > 1 on the loss of negative-advantage tokens (``-c * A``); None disables it."""
+    kl_beta: float = 0.0
+    """Weight of the KL-to-reference term (>= 0). 0 disables it and the reference pass (``needs_reference``)."""
+    kl_estimator: str = "k3"
+    """KL estimator: "k1" (logp - ref), "k2" ((logp - ref)^2 / 2) or "k3" (exp(ref - logp) - (ref - logp) - 1)."""
+    aggregation: str = "token_mean"
+    """How token losses become one scalar: "token_mean", "seq_mean" or "seq_sum_token_mean" (module doc)."""
+    norm_len: int | None = None
+    """Constant per-sequence normaliser L of "seq_sum_token_mean" (e.g. the generation budget); required there."""
+    max_log_ratio: float = 20.0
+    """Log-ratios (policy/old, reference/policy) are clamped to +-max_log_ratio before exp, so they cannot overflow."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.clip_eps_low < 1.0:
+            raise ValueError(f"clip_eps_low: must be in [0, 1), got {self.clip_eps_low}")
+        if not 0.0 <= self.clip_eps_high < math.inf:
+            raise ValueError(f"clip_eps_high: must be finite and >= 0, got {self.clip_eps_high}")
+        if self.dual_clip_c is not None and not 1.0 < self.dual_clip_c < math.inf:
+            raise ValueError(f"dual_clip_c: must be finite and > 1 (or None), got {self.dual_clip_c}")
+        if not 0.0 <= self.kl_beta < math.inf:
+            raise ValueError(f"kl_beta: must be finite and >= 0, got {self.kl_beta}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator: {self.kl_estimator!r} is not one of {KL_ESTIMATORS}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation: {self.aggregation!r} is not one of {AGGREGATIONS}")
+        if self.aggregation == "seq_sum_token_mean" and (self.norm_len is None or self.norm_len <= 0):
+            raise ValueError(f"norm_len: seq_sum_token_mean needs a positive norm_len, got {self.norm_len}")
+        if not 0.0 < self.max_log_ratio < math.inf:
+            raise ValueError(f"max_log_ratio: must be finite and > 0, got {self.max_log_ratio}")
+
+
+def needs_reference(cfg: GRPOLossConfig) -> bool:
+    """Whether the trainer must compute reference log-probs (only when the KL term is on)."""
+    return cfg.kl_beta > 0.0
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, *, max_log_ratio: float = 20.0):
+    """Per-token estimate of KL(policy || reference) from samples of the policy; see module doc."""
+    d = (ref_logp - logp).clamp(-max_log_ratio, max_log_ratio)  # [n, T]
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return torch.exp(d) - d - 1.0
+    raise ValueError(f"kl_estimator: {estimator!r} is not one of {KL_ESTIMATORS}")
+
+
+def clipped_surrogate(logp, old_logp, advantages, cfg: GRPOLossConfig):
+    """Per-token PPO loss [n, T] and the masks of tokens clipped low / high / by the dual clip.
+
+    A clipped token's loss is constant in ``logp`` (zero gradient): low side = A < 0 and
+    r < 1 - eps_low; high side = A > 0 and r > 1 + eps_high; dual = A < 0 and r > c.
+    """
+    ratio = torch.exp((logp - old_logp).clamp(-cfg.max_log_ratio, cfg.max_log_ratio))  # [n, T]
+    clipped = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
+    loss = -torch.minimum(ratio * advantages, clipped * advantages)  # [n, T]
+    neg = advantages < 0
+    masks = {
+        "clip_frac_low": neg & (ratio < 1.0 - cfg.clip_eps_low),
+        "clip_frac_high": (advantages > 0) & (ratio > 1.0 + cfg.clip_eps_high),
+    }
+    if cfg.dual_clip_c is not None:
+        loss = torch.where(neg, torch.minimum(loss, -cfg.dual_clip_c * advantages), loss)
+        masks["dual_clip_frac"] = neg & (ratio > cfg.dual_clip_c)
+    return loss, ratio, masks
+
+
+def aggregate(
+    loss: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: GRPOLossConfig,
+    *,
+    num_global_tokens: float | None = None,
+    num_global_sequences: float | None = None,
+    seq_num_tokens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One scalar from per-token ``loss`` [n, T] under float ``mask`` [n, T] (``cfg.aggregation``)."""
+    if cfg.aggregation == "token_mean":
+        return (loss * mask).sum() / _token_count(mask, num_global_tokens)
+    num_seqs = _positive("num_global_sequences", num_global_sequences, default=loss.shape[0])
+    if cfg.aggregation == "seq_mean":
+        lengths = mask.sum(dim=1) if seq_num_tokens is None else seq_num_tokens.to(loss.dtype)  # [n]
+        if lengths.shape != (loss.shape[0],):
+            raise ValueError(f"seq_num_tokens: expected shape ({loss.shape[0]},), got {tuple(lengths.shape)}")
+        return ((loss * mask).sum(dim=1) / lengths.clamp(min=1.0)).sum() / num_seqs
+    return (loss * mask).sum() / (num_seqs * cfg.norm_len)
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: GRPOLossConfig,
+    *,
+    entropy: torch.Tensor | None = None,
+    num_global_tokens: float | None = None,
+    num_global_sequences: float | None = None,
+    seq_num_tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO loss (scalar) and detached scalar metrics.
+
+    ``logp``, ``old_logp``, ``ref_logp``, ``mask``, ``entropy``: [n, T] per response token (values
+    under mask == 0 are ignored, even inf/nan, and get zero gradient); ``advantages``: [n] or [n, T].
+    ``old_logp=None`` means on-policy (old = logp.detach(), ratio 1). ``ref_logp`` is required when
+    ``cfg.kl_beta > 0`` and otherwise only used for the ``kl_ref`` metric. Normalisers: module doc.
+
+    Metrics: loss, pg_loss, kl_loss, kl_ref, clip_frac_low, clip_frac_high, dual_clip_frac,
+    approx_kl (k3 of the policy vs the old policy), ratio_mean, entropy (each when it applies).
+    """
+    if logp.dim() != 2:
+        raise ValueError(f"logp: expected [n, T], got shape {tuple(logp.shape)}")
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask), ("entropy", entropy)):
+        if t is not None and t.shape != logp.shape:
+            raise ValueError(f"{name}: expected shape {tuple(logp.shape)}, got {tuple(t.shape)}")
+    if advantages.shape == logp.shape[:1]:
+        advantages = advantages.unsqueeze(1)  # [n, 1]
+    elif advantages.shape != logp.shape:
+        raise ValueError(
+            f"advantages: expected [n] or [n, T] for logp {tuple(logp.shape)}, got {tuple(advantages.shape)}"
+        )
+    if cfg.kl_beta > 0 and ref_logp is None:
+        raise ValueError("ref_logp: required when kl_beta > 0")
+
+    keep = mask.bool()
+    m = keep.to(logp.dtype)  # [n, T]
+    # Padding positions may hold garbage (inf/nan); zero them so no nan reaches values or gradients.
+    logp = torch.where(keep, logp, 0.0)
+    old_logp = logp.detach() if old_logp is None else torch.where(keep, old_logp.detach(), 0.0)
+    advantages = advantages.detach().to(logp.dtype)
+    norms = dict(
+        num_global_tokens=num_global_tokens,
+        num_global_sequences=num_global_sequences,
+        seq_num_tokens=seq_num_tokens,
+    )
+
+    pg_tok, ratio, clip_masks = clipped_surrogate(logp, old_logp, advantages, cfg)  # [n, T]
+    loss_tok = pg_tok
+    metrics: dict[str, torch.Tensor] = {"pg_loss": aggregate(pg_tok, m, cfg, **norms)}
+    if ref_logp is not None:
+        ref_logp = torch.where(keep, ref_logp.detach(), 0.0)
+        kl_tok = kl_penalty(logp, ref_logp, cfg.kl_estimator, max_log_ratio=cfg.max_log_ratio)  # [n, T]
+        metrics["kl_ref"] = _token_mean(kl_tok, m, num_global_tokens)
+        if cfg.kl_beta > 0:
+            kl_loss = aggregate(kl_tok, m, cfg, **norms)
+            metrics["kl_loss"] = kl_loss
+            loss_tok = pg_tok + cfg.kl_beta * kl_tok
+    loss = aggregate(loss_tok, m, cfg, **norms)
+
+    metrics["loss"] = loss
+    with torch.no_grad():
+        for name, hit in clip_masks.items():
+            metrics[name] = _token_mean(hit.to(m.dtype), m, num_global_tokens)
+        approx_kl = kl_penalty(logp, old_logp, "k3", max_log_ratio=cfg.max_log_ratio)  # [n, T]
+        metrics["approx_kl"] = _token_mean(approx_kl, m, num_global_tokens)
+        metrics["ratio_mean"] = _token_mean(ratio, m, num_global_tokens)
+        if entropy is not None:
+            metrics["entropy"] = _token_mean(torch.where(keep, entropy, 0.0), m, num_global_tokens)
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def _token_count(mask: torch.Tensor, num_global_tokens: float | None) -> torch.Tensor | float:
+    if num_global_tokens is None:
+        return mask.sum().clamp(min=1.0)
+    return _positive("num_global_tokens", num_global_tokens, default=None)
+
+
+def _token_mean(x: torch.Tensor, mask: torch.Tensor, num_global_tokens: float | None) -> torch.Tensor:
+    return (x * mask).sum() / _token_count(mask, num_global_tokens)
+
+
+def _positive(name: str, value, *, default):
+    if value is None:
+        return default
+    if float(value) <= 0:
+        raise ValueError(f"{name}: must be positive, got {value}")
+    return value

@@ -1,0 +1,232 @@
+"""GRPO loss: hand-computed values, clipping gradients, gradcheck, split-batch invariance."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_longvideo.rl.losses import (
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    GRPOLossConfig,
+    clipped_surrogate,
+    grpo_loss,
+    kl_penalty,
+    needs_reference,
+)
+
+LN2 = math.log(2.0)
+
+
+def test_config_defaults_and_needs_reference():
+    cfg = GRPOLossConfig()
+    assert (cfg.clip_eps_low, cfg.clip_eps_high, cfg.dual_clip_c, cfg.kl_beta) == (0.2, 0.2, None, 0.0)
+    assert not needs_reference(cfg)
+    assert needs_reference(GRPOLossConfig(kl_beta=0.01))
+    with pytest.raises(TypeError):
+        GRPOLossConfig(0.2)  # keyword-only
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(clip_eps_low=-0.1), "clip_eps_low"),
+        (dict(clip_eps_low=1.0), "clip_eps_low"),
+        (dict(clip_eps_high=-0.1), "clip_eps_high"),
+        (dict(clip_eps_high=math.inf), "clip_eps_high"),
+        (dict(dual_clip_c=1.0), "dual_clip_c"),
+        (dict(kl_beta=-0.5), "kl_beta"),
+        (dict(kl_beta=math.nan), "kl_beta"),
+        (dict(kl_estimator="k4"), "kl_estimator"),
+        (dict(aggregation="mean"), "aggregation"),
+        (dict(aggregation="seq_sum_token_mean"), "norm_len"),
+        (dict(aggregation="seq_sum_token_mean", norm_len=0), "norm_len"),
+        (dict(max_log_ratio=0.0), "max_log_ratio"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        GRPOLossConfig(**kwargs)
+
+
+def test_kl_estimators_by_hand():
+    # logp = 0, ref = ln 2: d = ref - logp = ln 2 = 0.693147
+    #   k1 = -d = -0.693147;  k2 = d^2 / 2 = 0.240227;  k3 = e^d - d - 1 = 2 - 0.693147 - 1 = 0.306853
+    # logp = ln 2, ref = 0: d = -ln 2
+    #   k1 = 0.693147;  k2 = 0.240227;  k3 = 0.5 + 0.693147 - 1 = 0.193147
+    logp = torch.tensor([0.0, LN2], dtype=torch.float64)
+    ref = torch.tensor([LN2, 0.0], dtype=torch.float64)
+    expected = {
+        "k1": [-0.693147, 0.693147],
+        "k2": [0.240227, 0.240227],
+        "k3": [0.306853, 0.193147],
+    }
+    for name, values in expected.items():
+        expected_values = torch.tensor(values, dtype=torch.float64)
+        torch.testing.assert_close(kl_penalty(logp, ref, name), expected_values, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="kl_estimator"):
+        kl_penalty(logp, ref, "k5")
+
+
+def four_token_case():
+    """4 sequences of 2 tokens; only the first token counts, the second is padding holding nan."""
+    ratios = torch.tensor([1.5, 0.5, 1.5, 0.5], dtype=torch.float64)
+    old = torch.tensor([[-1.0, 0.0]] * 4, dtype=torch.float64)
+    logp = old.clone()
+    logp[:, 0] += ratios.log()
+    logp[:, 1] = math.nan
+    mask = torch.tensor([[1, 0]] * 4)
+    advantages = torch.tensor([1.0, -2.0, -1.0, 1.0], dtype=torch.float64)
+    return logp.requires_grad_(), old, advantages, mask
+
+
+def test_clipped_surrogate_by_hand_and_zero_grad_on_clipped_side():
+    # eps_low = 0.2 (floor 0.8), eps_high = 0.28 (ceiling 1.28). Per-token loss -min(rA, clip(r)A):
+    #   r=1.5, A=+1: -min(1.5, 1.28) = -1.28   (clipped high: zero gradient)
+    #   r=0.5, A=-2: -min(-1.0, -1.6) = 1.6    (clipped low: zero gradient)
+    #   r=1.5, A=-1: -min(-1.5, -1.28) = 1.5   (unclipped: d/dlogp = r = 1.5)
+    #   r=0.5, A=+1: -min(0.5, 0.8) = -0.5     (unclipped: d/dlogp = -r = -0.5)
+    # token mean over 4 tokens: (-1.28 + 1.6 + 1.5 - 0.5) / 4 = 0.33; gradients / 4.
+    logp, old, adv, mask = four_token_case()
+    cfg = GRPOLossConfig(clip_eps_low=0.2, clip_eps_high=0.28)
+    per_token, _, _ = clipped_surrogate(logp[:, :1], old[:, :1], adv[:, None], cfg)
+    torch.testing.assert_close(per_token[:, 0], torch.tensor([-1.28, 1.6, 1.5, -0.5], dtype=torch.float64))
+    loss, metrics = grpo_loss(logp, old, None, adv, mask, cfg)
+    torch.testing.assert_close(loss, torch.tensor(0.33, dtype=torch.float64))
+    loss.backward()
+    expected_grad = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.375, 0.0], [-0.125, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(logp.grad, expected_grad)  # padding: zero, not nan
+    assert metrics["clip_frac_low"].item() == pytest.approx(0.25)
+    assert metrics["clip_frac_high"].item() == pytest.approx(0.25)
+    assert metrics["ratio_mean"].item() == pytest.approx(1.0)  # (1.5 + 0.5 + 1.5 + 0.5) / 4
+    assert metrics["pg_loss"].item() == pytest.approx(0.33)
+    assert "kl_loss" not in metrics and "dual_clip_frac" not in metrics
+    assert all(not v.requires_grad and v.dim() == 0 for v in metrics.values())
+
+
+def test_dual_clip_by_hand():
+    # A = -1, c = 3, eps = 0.2:
+    #   r=5: PPO loss -min(-5, -1.2) = 5, dual clip min(5, 3) = 3 -> constant, zero gradient
+    #   r=2: PPO loss 2 < 3, unchanged, gradient r = 2
+    ratios = torch.tensor([[5.0, 2.0]], dtype=torch.float64)
+    logp = ratios.log().requires_grad_()
+    old = torch.zeros(1, 2, dtype=torch.float64)
+    adv = torch.tensor([-1.0], dtype=torch.float64)
+    mask = torch.ones(1, 2)
+    loss, metrics = grpo_loss(logp, old, None, adv, mask, GRPOLossConfig(dual_clip_c=3.0))
+    torch.testing.assert_close(loss, torch.tensor(2.5, dtype=torch.float64))  # (3 + 2) / 2
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 1.0]], dtype=torch.float64))  # [0, 2/2]
+    assert metrics["dual_clip_frac"].item() == pytest.approx(0.5)
+    plain, _ = grpo_loss(logp, old, None, adv, mask, GRPOLossConfig())
+    assert plain.item() == pytest.approx(3.5)  # (5 + 2) / 2 without the dual clip
+
+
+def test_kl_term_by_hand():
+    # On-policy (ratio 1), A = 0: the loss is beta * mean k3. logp = 0, ref = ln 2: k3 = 0.306853,
+    # d k3 / d logp = 1 - e^(ref - logp) = -1. beta = 0.1, 2 tokens: loss 0.0306853, grad -0.05 each.
+    logp = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+    ref = torch.full((1, 2), LN2, dtype=torch.float64)
+    mask = torch.ones(1, 2)
+    adv = torch.zeros(1, dtype=torch.float64)
+    cfg = GRPOLossConfig(kl_beta=0.1, kl_estimator="k3")
+    loss, metrics = grpo_loss(logp, None, ref, adv, mask, cfg)
+    torch.testing.assert_close(loss, torch.tensor(0.0306853, dtype=torch.float64), atol=1e-7, rtol=0)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.05, -0.05]], dtype=torch.float64))
+    assert metrics["kl_ref"].item() == pytest.approx(0.306853, abs=1e-6)
+    assert metrics["kl_loss"].item() == pytest.approx(0.306853, abs=1e-6)
+    assert metrics["approx_kl"].item() == 0.0
+    with pytest.raises(ValueError, match="ref_logp"):
+        grpo_loss(logp, None, None, adv, mask, cfg)
+    # beta = 0: ref only feeds the kl_ref metric.
+    loss0, metrics0 = grpo_loss(logp, None, ref, adv, mask, GRPOLossConfig())
+    assert loss0.item() == 0.0 and "kl_loss" not in metrics0 and metrics0["kl_ref"].item() > 0.3
+
+
+def test_aggregations_by_hand():
+    # On-policy, so each token's loss is -A_i. Mask [[1, 1, 1], [1, 0, 0]], A = [1, -2]:
+    #   sequence sums -3 (3 tokens) and +2 (1 token).
+    #   token_mean          (-3 + 2) / 4 = -0.25
+    #   seq_mean            (-3/3 + 2/1) / 2 = 0.5
+    #   seq_sum_token_mean  (-3 + 2) / (2 sequences * L=4) = -0.125
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, 7.0, math.inf]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    expected = {"token_mean": -0.25, "seq_mean": 0.5, "seq_sum_token_mean": -0.125}
+    for aggregation, value in expected.items():
+        cfg = GRPOLossConfig(aggregation=aggregation, norm_len=4)
+        loss, _ = grpo_loss(logp, None, None, adv, mask, cfg)
+        assert loss.item() == pytest.approx(value), aggregation
+
+
+def test_entropy_metric_and_shape_errors():
+    logp = torch.zeros(2, 3)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    entropy = torch.tensor([[1.0, 2.0, 3.0], [4.0, math.nan, 100.0]])
+    _, metrics = grpo_loss(logp, None, None, torch.zeros(2), mask, GRPOLossConfig(), entropy=entropy)
+    assert metrics["entropy"].item() == pytest.approx(2.5)  # (1 + 2 + 3 + 4) / 4
+    with pytest.raises(ValueError, match="advantages"):
+        grpo_loss(logp, None, None, torch.zeros(3), mask, GRPOLossConfig())
+    with pytest.raises(ValueError, match="old_logp"):
+        grpo_loss(logp, torch.zeros(2, 4), None, torch.zeros(2), mask, GRPOLossConfig())
+    with pytest.raises(ValueError, match="num_global_tokens"):
+        grpo_loss(logp, None, None, torch.zeros(2), mask, GRPOLossConfig(), num_global_tokens=0)
+
+
+def random_case(n=6, num_tokens=5, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(n, num_tokens, generator=g, dtype=torch.float64) * 3  # [n, T]
+    # log-ratios in [-0.8, 0.8]: ratios 0.45..2.2, both clip sides hit, away from the kinks by chance.
+    logp = old + 1.6 * (torch.rand(n, num_tokens, generator=g, dtype=torch.float64) - 0.5)
+    ref = old + 0.3 * torch.randn(n, num_tokens, generator=g, dtype=torch.float64)
+    adv = torch.randn(n, generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, num_tokens + 1, (n,), generator=g)
+    mask = torch.arange(num_tokens)[None, :] < lengths[:, None]  # [n, T]
+    return logp, old, ref, adv, mask
+
+
+CONFIGS = [
+    GRPOLossConfig(aggregation=a, norm_len=8, kl_beta=0.05, kl_estimator=k, clip_eps_high=0.28, dual_clip_c=1.4)
+    for a in AGGREGATIONS
+    for k in KL_ESTIMATORS
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.aggregation}-{c.kl_estimator}")
+def test_gradcheck_fp64(cfg):
+    logp, old, ref, adv, mask = random_case(n=3, num_tokens=4, seed=1)
+    logp.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: grpo_loss(x, old, ref, adv, mask, cfg)[0], (logp,))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[::3] + [GRPOLossConfig()], ids=lambda c: f"{c.aggregation}-{c.kl_beta}")
+def test_split_batch_with_global_normalisers_matches_whole(cfg):
+    logp, old, ref, adv, mask = random_case()
+    whole = logp.clone().requires_grad_()
+    loss, metrics = grpo_loss(whole, old, ref, adv, mask, cfg)
+    loss.backward()
+    norms = dict(num_global_tokens=mask.sum(), num_global_sequences=mask.shape[0])
+
+    # Data parallel: rows split in two; each half normalised by the global counts.
+    parts = logp.clone().requires_grad_()
+    rows = [slice(0, 2), slice(2, 6)]
+    results = [grpo_loss(parts[r], old[r], ref[r], adv[r], mask[r], cfg, **norms) for r in rows]
+    total = sum(loss_r for loss_r, _ in results)
+    total.backward()
+    torch.testing.assert_close(total, loss)
+    torch.testing.assert_close(parts.grad, whole.grad)
+    for name in ("clip_frac_low", "clip_frac_high", "ratio_mean", "approx_kl"):
+        torch.testing.assert_close(sum(m[name] for _, m in results), metrics[name], msg=name)
+    assert metrics["clip_frac_low"] > 0 and metrics["clip_frac_high"] > 0  # both sides exercised
+
+    # Context parallel: every sequence's tokens split in two; seq_mean also needs the global lengths.
+    cols = logp.clone().requires_grad_()
+    halves = [slice(0, 2), slice(2, 5)]
+    norms["seq_num_tokens"] = mask.sum(dim=1)
+    total = sum(
+        grpo_loss(cols[:, c], old[:, c], ref[:, c], adv, mask[:, c], cfg, **norms)[0] for c in halves
+    )
+    total.backward()
+    torch.testing.assert_close(total, loss)
+    torch.testing.assert_close(cols.grad, whole.grad)
