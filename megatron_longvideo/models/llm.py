@@ -118,8 +118,12 @@ def transformer_config(llm: LLMConfig, parallel: ParallelConfig, *, params_dtype
     return TransformerConfig(**kwargs)
 
 
-def qwen2_layer_spec(sequence_context: SequenceContext, *, use_te: bool = False):
-    """Megatron layer spec for a Qwen2 layer (see module docstring)."""
+def qwen2_layer_spec(sequence_context: SequenceContext, *, use_te: bool = False, core_attention: str = "cp"):
+    """Megatron layer spec for a Qwen2 layer (see module docstring).
+
+    ``core_attention="megatron"`` keeps megatron's own ``DotProductAttention`` (no CP, no packing),
+    which the tests use as the oracle for ours.
+    """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -135,11 +139,14 @@ def qwen2_layer_spec(sequence_context: SequenceContext, *, use_te: bool = False)
     sub.input_layernorm = RMSNorm
     sub.pre_mlp_layernorm = RMSNorm
     sub.self_attention.params = {"attn_mask_type": AttnMaskType.causal}
-    sub.self_attention.submodules.core_attention = functools.partial(CPCoreAttention, sequence_context=sequence_context)
+    if core_attention == "cp":
+        sub.self_attention.submodules.core_attention = functools.partial(CPCoreAttention, sequence_context=sequence_context)
+    elif core_attention != "megatron":
+        raise ValueError(f"core_attention must be 'cp' or 'megatron', got {core_attention!r}")
     return spec
 
 
-def qwen2_block_spec(config, sequence_context: SequenceContext, *, pp_rank: int = 0):
+def qwen2_block_spec(config, sequence_context: SequenceContext, *, pp_rank: int = 0, core_attention: str = "cp"):
     """Block spec: this pipeline stage's Qwen2 layers and a final RMSNorm that accepts sequence
     parallelism (megatron's default final norm for a layer spec is the TP-only torch norm)."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -147,7 +154,7 @@ def qwen2_block_spec(config, sequence_context: SequenceContext, *, pp_rank: int 
     from megatron_longvideo.models.norm import RMSNorm
 
     num_layers = get_num_layers_to_build(config, vp_stage=None, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[qwen2_layer_spec(sequence_context)] * num_layers, layer_norm=RMSNorm)
+    return TransformerBlockSubmodules(layer_specs=[qwen2_layer_spec(sequence_context, core_attention=core_attention)] * num_layers, layer_norm=RMSNorm)
 
 
 def build_llm(
@@ -157,6 +164,7 @@ def build_llm(
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
     params_dtype=torch.float32,
+    core_attention: str = "cp",
     **config_overrides,
 ):
     """Build the Qwen2-style GPTModel for this rank's pipeline stage.
@@ -182,7 +190,7 @@ def build_llm(
         post_process = ps.is_pipeline_last_stage() if parallel.pipeline_parallel_size > 1 else True
     model = GPTModel(
         config=config,
-        transformer_layer_spec=qwen2_block_spec(config, context, pp_rank=groups.rank(groups.pp)),
+        transformer_layer_spec=qwen2_block_spec(config, context, pp_rank=groups.rank(groups.pp), core_attention=core_attention),
         vocab_size=llm.vocab_size,
         max_sequence_length=llm.max_position_embeddings,
         pre_process=pre_process,

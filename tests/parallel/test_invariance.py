@@ -52,7 +52,7 @@ def _run_layout(layout: dict, full_weights, batches, *, opt_step: bool = False):
     groups = initialize_parallel(config, seed=1234)
     torch.manual_seed(1234)
     llm = LLMConfig.tiny(vocab_size=VOCAB)
-    model = build_llm(llm, groups)
+    model = build_llm(llm, groups, core_attention=layout.get("core_attention", "cp"))
     if full_weights is not None:
         load_full_state(model, full_weights, groups)
     weights = gather_full_state(model, groups)
@@ -118,6 +118,7 @@ def _invariance_worker(rank, world_size, layouts):
 
 
 LAYOUTS_2 = {
+    "megatron_attention": {"core_attention": "megatron"},  # our core attention vs megatron's own
     "tp2": {"tp": 2},
     "tp2_sp": {"tp": 2, "sp": True},
     "pp2": {"pp": 2},
