@@ -23,32 +23,45 @@ from megatron_longvideo.parallel.groups import ParallelGroups
 
 __all__ = ["gather_full_state", "load_full_state", "global_name"]
 
-_LAYER = re.compile(r"^(.*?decoder\.layers\.)(\d+)(\..*)$")
+def _layer_offsets(model) -> dict[str, int]:
+    """``"<block>.layers.<local>."`` -> global layer index, for every transformer block of ``model``."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    offsets = {}
+    for path, module in model.named_modules():
+        if isinstance(module, TransformerBlock):
+            prefix = f"{path}.layers." if path else "layers."
+            for i, layer in enumerate(module.layers):
+                offsets[f"{prefix}{i}."] = layer.layer_number - 1
+    return offsets
 
 
-def _layer_offsets(model) -> dict[int, int]:
-    """Local layer index -> global layer index for the decoder of ``model``."""
-    decoder = getattr(model, "decoder", None)
-    if decoder is None:
-        return {}
-    return {i: layer.layer_number - 1 for i, layer in enumerate(decoder.layers)}
+_LAYER = re.compile(r"^(.*?layers\.)(\d+)(\..*)$")
 
 
-def global_name(name: str, offsets: dict[int, int]) -> str:
-    """``decoder.layers.{local}.x`` -> ``decoder.layers.{global}.x``."""
+def global_name(name: str, offsets: dict[str, int]) -> str:
+    """``<block>.layers.{local}.x`` -> ``<block>.layers.{global}.x`` (pipeline stages number locally)."""
     m = _LAYER.match(name)
-    if not m or not offsets:
+    if not m:
         return name
-    return f"{m.group(1)}{offsets[int(m.group(2))]}{m.group(3)}"
+    key = f"{m.group(1)}{m.group(2)}."
+    if key not in offsets:
+        return name
+    return f"{m.group(1)}{offsets[key]}{m.group(3)}"
 
 
 def _is_swiglu_fc1(name: str, model) -> bool:
-    return name.endswith("mlp.linear_fc1.weight") and getattr(model.config, "gated_linear_unit", False)
+    return name.endswith("mlp.linear_fc1.weight") and getattr(model.config, "gated_linear_unit", False) and "vision." not in name
+
+
+def _tp_sharded(param) -> bool:
+    # the vision tower is replicated (its own one-rank TP group) even though its linears carry TP attributes
+    return getattr(param, "tensor_model_parallel", False) and not getattr(param, "encode_replica", False)
 
 
 def _tp_gather(t: torch.Tensor, param, name: str, model, tp_group) -> torch.Tensor:
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
-    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+    if tp == 1 or not _tp_sharded(param):
         return t
     dim = param.partition_dim
     t = t.contiguous()
@@ -66,7 +79,7 @@ def _all_gather_cat(t: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 def _tp_slice(full: torch.Tensor, param, name: str, model, tp_group) -> torch.Tensor:
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
-    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+    if tp == 1 or not _tp_sharded(param):
         return full
     r = dist.get_rank(tp_group)
     if _is_swiglu_fc1(name, model):

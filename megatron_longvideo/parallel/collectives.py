@@ -67,30 +67,36 @@ class _AllGather(torch.autograd.Function):
     """forward: all-gather along ``dim``; backward: reduce-scatter (sum) or this rank's slice."""
 
     @staticmethod
-    def forward(ctx, x, dim, group, grad_reduce):
-        ctx.dim, ctx.group, ctx.grad_reduce = dim, group, grad_reduce
+    def forward(ctx, x, dim, group, grad_reduce, grad_scale):
+        ctx.dim, ctx.group, ctx.grad_reduce, ctx.grad_scale = dim, group, grad_reduce, grad_scale
         return _gather(x, dim, group)
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.grad_reduce == "sum":
-            return _reduce_scatter(grad, ctx.dim, ctx.group), None, None, None
-        return _split(grad, ctx.dim, ctx.group), None, None, None
+            out = _reduce_scatter(grad, ctx.dim, ctx.group)
+        else:
+            out = _split(grad, ctx.dim, ctx.group)
+        if ctx.grad_scale != 1.0:
+            out = out * ctx.grad_scale
+        return out, None, None, None, None
 
 
-def all_gather(x: torch.Tensor, dim: int, group, *, grad_reduce: str = "sum") -> torch.Tensor:
+def all_gather(x: torch.Tensor, dim: int, group, *, grad_reduce: str = "sum", grad_scale: float = 1.0) -> torch.Tensor:
     """Concatenate every rank's ``x`` along ``dim`` (same shape on every rank).
 
     forward: ``y = cat(x_0, ..., x_{N-1}, dim)``.
     backward with ``grad_reduce="sum"``: ``dx_r = sum_k dy^(k)[slice r]`` (reduce-scatter), right when
     each rank uses ``y`` for a different part of the loss (CP, encode group). With ``"slice"``:
     ``dx_r = dy[slice r]``, right when every rank computes the same, replicated loss from ``y``.
+    ``grad_scale`` multiplies the result: ``1/m`` when the group holds ``m`` identical replicas of
+    each loss part (the TP ranks of an encode group spanning TP x CP).
     """
     if grad_reduce not in ("sum", "slice"):
         raise ValueError(f"grad_reduce must be 'sum' or 'slice', got {grad_reduce!r}")
     if _size(group) == 1:
         return x
-    return _AllGather.apply(x, dim, group, grad_reduce)
+    return _AllGather.apply(x, dim, group, grad_reduce, float(grad_scale))
 
 
 class _ReduceScatter(torch.autograd.Function):

@@ -109,6 +109,9 @@ class ParallelGroups:
     """Ranks that split the frames of one video (``config.encode_group``)."""
     pg_collection: object = None
     """megatron-core ProcessGroupCollection for the same groups (passed to megatron models)."""
+    solo: Optional[dist.ProcessGroup] = None
+    """A group of this rank alone: modules replicated on every rank (the vision tower, which each
+    rank runs on its own frames) are built with it as their TP group."""
 
     @staticmethod
     def size(group: Optional[dist.ProcessGroup]) -> int:
@@ -137,6 +140,11 @@ class ParallelGroups:
     @property
     def dp_rank(self) -> int:
         return self.rank(self.dp)
+
+    @property
+    def encode_includes_tp(self) -> bool:
+        """Whether the encode group spans TP ranks (then TP replicas of the LLM share its frames)."""
+        return self.config.encode_group == "tp_cp" and self.tp_size > 1
 
     @property
     def encode_size(self) -> int:
@@ -199,6 +207,7 @@ def initialize_parallel(
 
     tp_cp = ps.get_tensor_and_context_parallel_group()
     cp = ps.get_context_parallel_group()
+    solo, _ = dist.new_subgroups(group_size=1)
     return ParallelGroups(
         config=config,
         tp=ps.get_tensor_model_parallel_group(),
@@ -209,6 +218,7 @@ def initialize_parallel(
         tp_cp=tp_cp,
         encode=tp_cp if config.encode_group == "tp_cp" else cp,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        solo=solo,
     )
 
 

@@ -56,8 +56,15 @@ def wrap_ddp(model, groups: ParallelGroups, *, use_distributed_optimizer: bool =
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
+    from megatron_longvideo.models.encode import reduce_encode_replica_grads
+
+    def finalize(chunks, num_tokens=None, pg_collection=None, force_all_reduce=False):
+        finalize_model_grads(chunks, num_tokens, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+        for chunk in chunks:  # vision tower replicas saw different frames over the TP part of the encode group
+            reduce_encode_replica_grads(chunk, groups)
+
     config = model.config
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = finalize
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,

@@ -1,0 +1,173 @@
+"""The map-style dataset: record -> decoded frames + tokenized prompt (and target).
+
+``LongVideoDataset[i]`` decodes the record's video (or reads the frame cache), resolves the number of
+video tokens from the frame count, and builds the example for its mode:
+
+- ``pretrain``: caption records, "Describe the video." -> caption, loss on the caption.
+- ``sft``: question records, response ``<think>reasoning</think><answer>answer</answer>``.
+- ``rl``: question records, prompt only plus the ground truth for the reward.
+
+Bad input never reaches a collective: every check runs here, inside ``__getitem__``, on the worker.
+With ``on_error="raise"`` the first bad video raises ``VideoDecodeError`` naming the file and the
+record. With ``"skip"`` the item is replaced by the next good one (``i+1``, ``i+2``, ... modulo the
+length), so every DP rank still receives a full batch, and the sample carries the skipped messages in
+``bad_inputs`` for the driver's ``SkipReport``. Bad records are dropped when the file is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from megatron_longvideo.data import cache
+from megatron_longvideo.data.errors import OnError, SkipReport, VideoDecodeError, check_on_error
+from megatron_longvideo.data.prompts import (
+    NumVideoTokens,
+    PromptConfig,
+    build_caption_example,
+    build_rl_prompt,
+    build_sft_example,
+    resolve_num_video_tokens,
+)
+from megatron_longvideo.data.records import load_records
+from megatron_longvideo.data.sampling import FrameSamplingConfig, frame_timestamps
+from megatron_longvideo.data.tokenizer import Tokenizer
+from megatron_longvideo.data.video import BACKENDS, decode_resized_uint8, decode_video, normalize_frames
+
+MODES = ("pretrain", "sft", "rl")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VideoDatasetConfig:
+    """How a dataset turns records into samples."""
+
+    mode: str = "rl"
+    """``pretrain`` (caption records), ``sft`` or ``rl`` (question records)."""
+
+    video_root: str
+    """Folder the records' video paths are relative to."""
+
+    sampling: FrameSamplingConfig = dataclasses.field(default_factory=FrameSamplingConfig)
+    """Frame sampling, resizing and normalisation."""
+
+    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+    """Chat template text."""
+
+    backend: str = "pyav"
+    """Decoding backend: ``pyav``, ``decord`` or ``dali``."""
+
+    on_error: OnError = "raise"
+    """``raise`` on the first bad record or video, or ``skip`` it and count it."""
+
+    max_consecutive_skips: int = 16
+    """In skip mode, give up (raise) after this many bad videos in a row: the data is likely broken."""
+
+    cache_dir: str | None = None
+    """If set, decoded resized frames are cached here (see ``cache.predecode``)."""
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not self.video_root:
+            raise ValueError("video_root must be a folder path")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_on_error(self.on_error)
+        if self.max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
+
+
+class LongVideoDataset(torch.utils.data.Dataset):
+    """Samples for one mode; see the module docstring for the sample dict and error handling."""
+
+    def __init__(self, records: list, *, tokenizer: Tokenizer, num_video_tokens: NumVideoTokens,
+                 config: VideoDatasetConfig, skip_report: SkipReport | None = None):
+        if not records:
+            raise ValueError("records is empty: no usable record to train on")
+        self.records = list(records)
+        self.tokenizer = tokenizer
+        self.num_video_tokens = num_video_tokens
+        self.config = config
+        self.skip_report = skip_report or SkipReport()
+
+    @classmethod
+    def from_file(cls, path: str, *, tokenizer: Tokenizer, num_video_tokens: NumVideoTokens,
+                  config: VideoDatasetConfig) -> LongVideoDataset:
+        """Read and validate ``path`` (bad records raise or are counted, per ``config.on_error``)."""
+        record_set = load_records(path, kind="caption" if config.mode == "pretrain" else "qa",
+                                  on_error=config.on_error, video_root=config.video_root,
+                                  require_reasoning=config.mode == "sft")
+        report = SkipReport()
+        report.add_record_errors(record_set.errors)
+        return cls(record_set.records, tokenizer=tokenizer, num_video_tokens=num_video_tokens,
+                   config=config, skip_report=report)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load_frames(self, video: str) -> tuple[torch.Tensor, list[int], list[float]]:
+        """``([T, 3, S, S] float32 normalised, indices, timestamps)`` of a video, via the cache if set."""
+        cfg = self.config
+        path = os.path.join(cfg.video_root, video)
+        if cfg.cache_dir is None:
+            out = decode_video(path, cfg.sampling, backend=cfg.backend)
+            return out.frames, out.indices, out.timestamps
+        key = cache.cache_key(path, cfg.sampling, cfg.backend)
+        entry = cache.load_cached(cfg.cache_dir, key)
+        if entry is None:
+            try:
+                frames, indices, info = decode_resized_uint8(path, cfg.sampling, backend=cfg.backend)
+            except VideoDecodeError as e:
+                cache.save_bad(cfg.cache_dir, key, e)
+                raise
+            entry = {"frames": frames, "indices": indices, "timestamps": frame_timestamps(indices, info.fps)}
+            cache.save_cached(cfg.cache_dir, key, entry)
+        return normalize_frames(entry["frames"].float(), cfg.sampling), list(entry["indices"]), list(entry["timestamps"])
+
+    def _sample(self, index: int) -> dict:
+        record = self.records[index]
+        try:
+            frames, indices, timestamps = self.load_frames(record.video)  # frames: [T, 3, S, S]
+        except VideoDecodeError as e:
+            ident = getattr(record, "problem_id", None) or record.id
+            raise VideoDecodeError(e.path, e.reason, context=f"record {ident!r} at {record.source}") from None
+        n = resolve_num_video_tokens(self.num_video_tokens, frames.shape[0])
+        builder = {"pretrain": build_caption_example, "sft": build_sft_example, "rl": build_rl_prompt}
+        example = builder[self.config.mode](record, self.tokenizer, n, self.config.prompt)
+        return {
+            "index": index,
+            "sample_id": getattr(record, "problem_id", None) or record.id,
+            "video_path": os.path.join(self.config.video_root, record.video),
+            "frames": frames,
+            "frame_indices": torch.tensor(indices, dtype=torch.long),  # [T]
+            "timestamps": torch.tensor(timestamps, dtype=torch.float64),  # [T]
+            "input_ids": example.input_ids,  # [S]
+            "labels": example.labels,  # [S] or None
+            "video_start": example.video_start,
+            "num_video_tokens": example.num_video_tokens,
+            "num_prompt_tokens": example.num_prompt_tokens,
+            "ground_truth": example.ground_truth,
+            "bad_inputs": [],
+        }
+
+    def __getitem__(self, index: int) -> dict:
+        bad: list[tuple[str, str]] = []
+        for attempt in range(self.config.max_consecutive_skips + 1):
+            i = (index + attempt) % len(self.records)
+            try:
+                sample = self._sample(i)
+            except VideoDecodeError as e:
+                if self.config.on_error == "raise":
+                    raise
+                bad.append((e.path, str(e)))
+                continue
+            sample["requested_index"] = index
+            sample["bad_inputs"] = bad
+            return sample
+        raise VideoDecodeError(
+            self.records[index].video,
+            f"{len(bad)} consecutive bad videos from item {index} (max_consecutive_skips="
+            f"{self.config.max_consecutive_skips}); the data looks broken. Last: {bad[-1][1]}",
+        )

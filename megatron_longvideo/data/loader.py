@@ -1,0 +1,99 @@
+"""Batches for the trainer: collation and a DataLoader wrapper that keeps the resume position.
+
+``ResumableDataLoader`` runs ``LongVideoDataset.__getitem__`` in DataLoader worker processes, advances
+the ``DistributedVideoSampler`` only by batches actually handed to the caller (workers prefetch ahead,
+so the sampler's own iteration position would over-count), and adds each batch's ``bad_inputs`` to
+the run's ``SkipReport``. A batch counts as consumed the moment it is handed over, so a checkpoint
+saved after training on it resumes with the next one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_longvideo.data.errors import SkipReport
+from megatron_longvideo.data.prompts import IGNORE_INDEX
+from megatron_longvideo.data.sampler import DistributedVideoSampler
+
+
+class VideoBatchCollator:
+    """Pads token sequences on the right; keeps frames as a list (videos differ in frame count).
+
+    Batch: ``frames`` list of [T_i, 3, S, S]; ``input_ids`` [B, S_max] (pad id); ``attention_mask``
+    [B, S_max] bool; ``labels`` [B, S_max] (``IGNORE_INDEX`` on padding) or None; ``video_start``,
+    ``num_video_tokens``, ``num_prompt_tokens`` [B]; per-sample lists for the rest.
+    """
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, samples: list[dict]) -> dict:
+        lengths = [s["input_ids"].numel() for s in samples]
+        batch_size, max_len = len(samples), max(lengths)
+        input_ids = torch.full((batch_size, max_len), self.pad_id, dtype=torch.long)  # [B, S_max]
+        attention_mask = torch.zeros(batch_size, max_len, dtype=torch.bool)  # [B, S_max]
+        has_labels = samples[0]["labels"] is not None
+        labels = torch.full((batch_size, max_len), IGNORE_INDEX, dtype=torch.long) if has_labels else None
+        for b, (s, n) in enumerate(zip(samples, lengths)):
+            input_ids[b, :n] = s["input_ids"]
+            attention_mask[b, :n] = True
+            if has_labels:
+                labels[b, :n] = s["labels"]
+        return {
+            "frames": [s["frames"] for s in samples],
+            "frame_indices": [s["frame_indices"] for s in samples],
+            "timestamps": [s["timestamps"] for s in samples],
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "video_start": torch.tensor([s["video_start"] for s in samples], dtype=torch.long),  # [B]
+            "num_video_tokens": torch.tensor([s["num_video_tokens"] for s in samples], dtype=torch.long),
+            "num_prompt_tokens": torch.tensor([s["num_prompt_tokens"] for s in samples], dtype=torch.long),
+            "ground_truth": [s["ground_truth"] for s in samples],
+            "sample_id": [s["sample_id"] for s in samples],
+            "index": [s["index"] for s in samples],
+            "bad_inputs": [b for s in samples for b in s["bad_inputs"]],
+        }
+
+
+class ResumableDataLoader:
+    """Iterate micro-batches of one DP rank; ``state_dict`` is the position of delivered batches."""
+
+    def __init__(self, dataset, sampler: DistributedVideoSampler, *, micro_batch_size: int = 1,
+                 num_workers: int = 0, collate_fn=None, skip_report: SkipReport | None = None,
+                 prefetch_factor: int | None = None):
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.dataset = dataset
+        self.sampler = sampler
+        self.micro_batch_size = micro_batch_size
+        self.num_workers = num_workers
+        self.collate_fn = collate_fn or VideoBatchCollator(dataset.tokenizer.pad_id)
+        self.skip_report = skip_report if skip_report is not None else getattr(dataset, "skip_report", SkipReport())
+        self.prefetch_factor = prefetch_factor
+
+    def __len__(self) -> int:
+        """Micro-batches left in the current epoch."""
+        return len(self.sampler) // self.micro_batch_size
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.micro_batch_size, sampler=self.sampler, drop_last=True,
+            num_workers=self.num_workers, collate_fn=self.collate_fn,
+            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+        )
+        for batch in loader:
+            self.skip_report.add_video_errors(batch["bad_inputs"])
+            self.sampler.advance(self.micro_batch_size * self.sampler.dp_size)
+            yield batch
+        if self.sampler.epoch == epoch:  # a tail smaller than a micro-batch was dropped
+            self.sampler.set_epoch(epoch + 1)
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)

@@ -1,0 +1,278 @@
+"""LongVideo-Reason records: read, validate and normalise question and caption records.
+
+A dataset file is JSONL (one object per line) or one JSON list of objects. A question record:
+
+    {"problem_id": "v1-q0", "data_type": "video", "videos": "cooking/v1.mp4",
+     "problem": "What is added first?\\nA. salt\\nB. oil", "problem_type": "multiple choice",
+     "reasoning": "The cook pours oil ...", "answer": "B"}
+
+``videos`` is a path relative to the video root, or a list holding one path. Multiple-choice options
+are inline in ``problem`` (lines or runs like ``A. salt B. oil``) or a list field ``options``
+(``["A. salt", "B. oil"]`` or ``["salt", "oil"]``). ``problem_type`` is ``multiple choice``,
+``numerical`` or ``free-form``. A caption record (projector pretraining) has ``videos`` and
+``caption`` and an optional ``id``.
+
+Every problem is reported as ``RecordError`` naming file, line and field. With ``on_error="skip"``
+bad records are dropped and returned alongside the good ones for the run's report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+
+from megatron_longvideo.data.errors import OnError, RecordError, check_on_error
+
+PROBLEM_TYPES = ("multiple choice", "numerical", "free-form")
+_TYPE_ALIASES = {"multiple_choice": "multiple choice", "multiple-choice": "multiple choice", "mc": "multiple choice",
+                 "free_form": "free-form", "free form": "free-form", "open-ended": "free-form",
+                 "numeric": "numerical", "number": "numerical"}
+_INLINE_OPTION = re.compile(r"(?:^|\s|\()([A-J])[.):]\s+")
+_LABELLED = re.compile(r"^\(?([A-J])[.):]\s*(.*)$", re.S)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoQARecord:
+    """A validated question about one video."""
+
+    problem_id: str
+    video: str
+    """Path relative to the video root."""
+    problem: str
+    """The question as given (with inline options if it had them)."""
+    problem_type: str
+    options: tuple[tuple[str, str], ...]
+    """(letter, text) pairs for multiple choice; empty otherwise."""
+    options_inline: bool
+    """True if the options were written in ``problem`` (so prompts need not repeat them)."""
+    reasoning: str | None
+    answer: str
+    """Normalised: the option letter for multiple choice, the number's text for numerical."""
+    source: str
+    """``file:line`` the record came from, for messages."""
+
+    @property
+    def question_text(self) -> str:
+        """The question with its options, each on its own line, as the prompt shows it."""
+        if self.options and not self.options_inline:
+            return self.problem.rstrip() + "\n" + "\n".join(f"{k}. {v}" for k, v in self.options)
+        return self.problem
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionRecord:
+    """A video and its caption, for projector pretraining."""
+
+    id: str
+    video: str
+    caption: str
+    source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordSet:
+    """The good records of a file and the errors of the bad ones (empty unless skip mode)."""
+
+    records: list
+    errors: list[RecordError]
+
+
+def iter_json_objects(path: str):
+    """Yield ``(line, obj_or_exception)`` for each record of a JSONL or JSON-list file."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        decoder = json.JSONDecoder()
+        pos = len(text) - len(stripped) + 1
+        while True:
+            while pos < len(text) and text[pos] in " \t\r\n,":
+                pos += 1
+            if pos >= len(text) or text[pos] == "]":
+                return
+            line = text.count("\n", 0, pos) + 1
+            try:
+                obj, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                yield line, RecordError(path, line, None, f"invalid JSON ({e.msg}); the rest of the list is unreadable")
+                return
+            yield line, obj
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            yield line, json.loads(raw)
+        except json.JSONDecodeError as e:
+            yield line, RecordError(path, line, None, f"invalid JSON ({e.msg} at column {e.colno})")
+
+
+def _string(obj: dict, key: str, err, *, required: bool = True) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise err(key, "missing")
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise err(key, f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _video(obj: dict, err, video_root: str | None) -> str:
+    videos = obj.get("videos", obj.get("video"))
+    if videos is None:
+        raise err("videos", "missing")
+    if isinstance(videos, list):
+        if len(videos) != 1:
+            raise err("videos", f"expected one video path, got a list of {len(videos)} "
+                                "(multi-video records are not supported)")
+        videos = videos[0]
+    if not isinstance(videos, str) or not videos.strip():
+        raise err("videos", f"expected a path string, got {videos!r}")
+    if video_root is not None and not os.path.isfile(os.path.join(video_root, videos)):
+        raise err("videos", f"video file not found: {os.path.join(video_root, videos)}")
+    return videos
+
+
+def parse_inline_options(problem: str) -> tuple[tuple[str, str], ...]:
+    """Options written in the question as ``A. x`` / ``(B) y`` / ``C: z``: consecutive letters from A."""
+    matches = list(_INLINE_OPTION.finditer(problem))
+    options, expected = [], "A"
+    for i, m in enumerate(matches):
+        if m.group(1) != expected:
+            if options:
+                break
+            continue
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(problem)
+        options.append((m.group(1), problem[m.end() : end].strip()))
+        expected = chr(ord(expected) + 1)
+    return tuple(options) if len(options) >= 2 else ()
+
+
+def _options_field(value, err) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, list) or len(value) < 2 or not all(isinstance(v, str) and v.strip() for v in value):
+        raise err("options", f"expected a list of at least 2 non-empty strings, got {value!r}")
+    labelled = [_LABELLED.match(v.strip()) for v in value]
+    letters = [chr(ord("A") + i) for i in range(len(value))]
+    if all(labelled) and [m.group(1) for m in labelled] == letters:
+        return tuple((m.group(1), m.group(2).strip()) for m in labelled)
+    return tuple(zip(letters, (v.strip() for v in value)))
+
+
+def normalize_choice(answer: str, options: tuple[tuple[str, str], ...]) -> str | None:
+    """The option letter ``answer`` names (``B``, ``(b)``, ``B. oil`` or ``oil``), or None."""
+    text = re.sub(r"</?answer>", "", answer).strip()
+    by_letter = dict(options)
+    m = re.fullmatch(r"\(?([A-Ja-j])\)?[.):]?(?:\s+(.*))?", text, re.S)
+    if m and m.group(1).upper() in by_letter:
+        letter = m.group(1).upper()
+        if not m.group(2) or m.group(2).strip().lower() == by_letter[letter].lower():
+            return letter
+    for letter, option in options:
+        if text.lower() == option.lower():
+            return letter
+    return None
+
+
+def parse_qa_record(obj, *, path: str, line: int, video_root: str | None = None,
+                    require_reasoning: bool = False) -> VideoQARecord:
+    """Validate one question record (see module docstring); raise ``RecordError`` if it is bad."""
+
+    def err(field, reason):
+        return RecordError(path, line, field, reason)
+
+    if not isinstance(obj, dict):
+        raise err(None, f"expected a JSON object, got {type(obj).__name__}")
+    problem_id = _string(obj, "problem_id", err)
+    data_type = obj.get("data_type", "video")
+    if data_type != "video":
+        raise err("data_type", f"expected 'video', got {data_type!r}")
+    video = _video(obj, err, video_root)
+    problem = _string(obj, "problem", err)
+    raw_type = _string(obj, "problem_type", err).strip().lower()
+    problem_type = _TYPE_ALIASES.get(raw_type, raw_type)
+    if problem_type not in PROBLEM_TYPES:
+        raise err("problem_type", f"expected one of {', '.join(PROBLEM_TYPES)}, got {raw_type!r}")
+    reasoning = _string(obj, "reasoning", err, required=require_reasoning)
+    answer = _string(obj, "answer", err)
+    options, inline = (), False
+    if problem_type == "multiple choice":
+        if obj.get("options") is not None:
+            options = _options_field(obj["options"], err)
+        else:
+            options, inline = parse_inline_options(problem), True
+            if not options:
+                raise err("problem", "multiple-choice question without options: expected an 'options' list "
+                                     "or options inline in the problem ('A. ...', 'B. ...')")
+        letter = normalize_choice(answer, options)
+        if letter is None:
+            letters = ", ".join(k for k, _ in options)
+            raise err("answer", f"{answer!r} is not among the options {letters}")
+        answer = letter
+    elif problem_type == "numerical":
+        try:
+            value = float(answer.strip().replace(",", ""))
+        except ValueError:
+            raise err("answer", f"numerical answer expected, got {answer!r}") from None
+        if not math.isfinite(value):
+            raise err("answer", f"numerical answer must be finite, got {answer!r}")
+        answer = answer.strip()
+    return VideoQARecord(problem_id=problem_id, video=video, problem=problem, problem_type=problem_type,
+                         options=options, options_inline=inline, reasoning=reasoning, answer=answer,
+                         source=f"{path}:{line}")
+
+
+def parse_caption_record(obj, *, path: str, line: int, video_root: str | None = None) -> CaptionRecord:
+    """Validate one caption record; raise ``RecordError`` if it is bad."""
+
+    def err(field, reason):
+        return RecordError(path, line, field, reason)
+
+    if not isinstance(obj, dict):
+        raise err(None, f"expected a JSON object, got {type(obj).__name__}")
+    video = _video(obj, err, video_root)
+    caption = _string(obj, "caption", err)
+    rid = _string(obj, "id", err, required=False) or f"{os.path.basename(path)}:{line}"
+    return CaptionRecord(id=rid, video=video, caption=caption, source=f"{path}:{line}")
+
+
+def load_records(path: str, *, kind: str = "qa", on_error: OnError = "raise", video_root: str | None = None,
+                 require_reasoning: bool = False) -> RecordSet:
+    """Read and validate every record of ``path``.
+
+    ``kind`` is ``qa`` or ``caption``. ``on_error="raise"`` stops at the first bad record;
+    ``"skip"`` keeps going and returns the errors. With ``video_root`` each record's video file must
+    exist. ``require_reasoning`` (CoT-SFT) makes ``reasoning`` mandatory.
+    """
+    check_on_error(on_error)
+    if kind not in ("qa", "caption"):
+        raise ValueError(f"kind must be 'qa' or 'caption', got {kind!r}")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: dataset file not found")
+    records, errors = [], []
+    seen_ids: dict[str, int] = {}
+    for line, obj in iter_json_objects(path):
+        try:
+            if isinstance(obj, RecordError):
+                raise obj
+            if kind == "qa":
+                rec = parse_qa_record(obj, path=path, line=line, video_root=video_root,
+                                      require_reasoning=require_reasoning)
+                if rec.problem_id in seen_ids:
+                    raise RecordError(path, line, "problem_id",
+                                      f"duplicate {rec.problem_id!r} (first at line {seen_ids[rec.problem_id]})")
+                seen_ids[rec.problem_id] = line
+            else:
+                rec = parse_caption_record(obj, path=path, line=line, video_root=video_root)
+        except RecordError as e:
+            if on_error == "raise":
+                raise
+            errors.append(e)
+            continue
+        records.append(rec)
+    return RecordSet(records=records, errors=errors)

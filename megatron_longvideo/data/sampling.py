@@ -1,0 +1,120 @@
+"""Which frames of a video are sampled: pure index math shared by every decoding backend.
+
+Frame indices are 0-based positions in presentation (display) order over the frames the video
+stream decodes to; ``num_video_frames`` is that count. Every backend first computes the indices here
+from the same probe (frame count and average frame rate) and then fetches exactly those frames, so
+backends agree on indices exactly; only pixel values may differ (colour conversion).
+
+Uniform sampling (``num_frames=T``, video of ``N`` frames): split the video into ``T`` equal segments
+and take the frame at each segment's centre, ``i_k = floor((2k + 1) * N / (2T))`` for ``k = 0..T-1``,
+computed in exact integer arithmetic. If ``T >= N`` every frame is taken once (``0..N-1``): frames are
+never duplicated, so the caller sees ``min(T, N)`` frames.
+
+Rate sampling (``fps=f``, video at average rate ``r``): sample times ``t_k = (k + 0.5) / f`` for every
+``t_k`` inside the video's duration ``N / r``, i.e. ``K = floor(N * f / r)`` samples (at least 1), each
+mapped to the frame shown at that time, ``i_k = floor(t_k * r)``, computed exactly with ``Fraction``.
+If ``K > max_frames``, the request falls back to uniform sampling of ``max_frames`` frames, so the whole
+video is still covered. ``f >= r`` takes every frame.
+
+The timestamp of frame ``i`` is ``i / r`` seconds (the frame's nominal display time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+
+MAX_FRAMES_LIMIT = 8192
+"""The largest number of frames one request may ask for (the long-video inference setting)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FrameSamplingConfig:
+    """How many frames to take from a video, and how to prepare them for the vision tower."""
+
+    num_frames: int | None = 64
+    """Uniform sampling over the whole video: take this many frames (fewer if the video is shorter).
+    Exactly one of ``num_frames`` and ``fps`` must be set."""
+
+    fps: float | None = None
+    """Rate sampling: take frames at this many per second, capped by ``max_frames``."""
+
+    max_frames: int = 512
+    """Upper bound on frames for rate sampling; beyond it, uniform sampling of ``max_frames``."""
+
+    image_size: int = 384
+    """Frames are resized (bilinear, antialiased) to a square of this many pixels per side."""
+
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    """Per-channel mean (RGB, on the 0..1 scale) subtracted after resizing (SigLIP uses 0.5)."""
+
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    """Per-channel standard deviation (RGB, 0..1 scale) the frames are divided by."""
+
+    max_frame_side: int = 4096
+    """A video whose width or height exceeds this many pixels is rejected before decoding."""
+
+    strict_frame_count: bool = True
+    """If the stream decodes to fewer frames than its container declares, raise (truncated or corrupt
+    file). If False, sample again over the frames that do decode (costs a second pass)."""
+
+    def __post_init__(self):
+        if (self.num_frames is None) == (self.fps is None):
+            raise ValueError(
+                f"exactly one of num_frames and fps must be set, got num_frames={self.num_frames}, fps={self.fps}"
+            )
+        if self.num_frames is not None and not 1 <= self.num_frames <= MAX_FRAMES_LIMIT:
+            raise ValueError(f"num_frames must be in [1, {MAX_FRAMES_LIMIT}], got {self.num_frames}")
+        if self.fps is not None and not self.fps > 0:
+            raise ValueError(f"fps must be > 0, got {self.fps}")
+        if not 1 <= self.max_frames <= MAX_FRAMES_LIMIT:
+            raise ValueError(f"max_frames must be in [1, {MAX_FRAMES_LIMIT}], got {self.max_frames}")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        if len(self.mean) != 3:
+            raise ValueError(f"mean must have 3 values (RGB), got {self.mean}")
+        if len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise ValueError(f"std must have 3 positive values (RGB), got {self.std}")
+        if self.max_frame_side < 1:
+            raise ValueError(f"max_frame_side must be >= 1, got {self.max_frame_side}")
+
+
+def uniform_frame_indices(num_video_frames: int, num_frames: int) -> list[int]:
+    """Segment-centre indices of ``min(num_frames, num_video_frames)`` frames (see module docstring)."""
+    if num_video_frames < 1:
+        raise ValueError(f"num_video_frames must be >= 1, got {num_video_frames}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if num_frames >= num_video_frames:
+        return list(range(num_video_frames))
+    return [(2 * k + 1) * num_video_frames // (2 * num_frames) for k in range(num_frames)]
+
+
+def rate_frame_indices(
+    num_video_frames: int, video_fps: Fraction | float, fps: float, max_frames: int
+) -> list[int]:
+    """Indices for ``fps`` samples per second, falling back to uniform beyond ``max_frames``."""
+    if num_video_frames < 1:
+        raise ValueError(f"num_video_frames must be >= 1, got {num_video_frames}")
+    rate = Fraction(video_fps)
+    if rate <= 0:
+        raise ValueError(f"video_fps must be > 0, got {video_fps}")
+    want = min(Fraction(fps), rate)  # faster than the video itself: every frame once
+    num_samples = max(1, int(num_video_frames * want / rate))  # floor(N * f / r)
+    if num_samples > max_frames:
+        return uniform_frame_indices(num_video_frames, max_frames)
+    indices = [min(int((2 * k + 1) * rate / (2 * want)), num_video_frames - 1) for k in range(num_samples)]
+    return indices
+
+
+def sample_frame_indices(num_video_frames: int, video_fps: Fraction | float, config: FrameSamplingConfig) -> list[int]:
+    """The frame indices ``config`` selects from a video of ``num_video_frames`` at ``video_fps``."""
+    if config.num_frames is not None:
+        return uniform_frame_indices(num_video_frames, config.num_frames)
+    return rate_frame_indices(num_video_frames, video_fps, config.fps, config.max_frames)
+
+
+def frame_timestamps(indices: list[int], video_fps: Fraction | float) -> list[float]:
+    """Nominal display time in seconds of each frame index: ``i / video_fps``."""
+    rate = Fraction(video_fps)
+    return [float(i / rate) for i in indices]

@@ -1,0 +1,195 @@
+"""Decode sampled frames of one video into vision-tower input, with a choice of backend.
+
+``decode_video(path, config, backend=...)`` probes the file (PyAV, always: one source of frame count
+and rate, so every backend samples the same indices, see ``sampling``), picks the indices, and asks
+the backend for exactly those frames as RGB uint8. Each frame is resized and written into a
+preallocated output as it arrives: no backend ever holds all full-resolution frames of a video.
+
+Backends (RGB uint8 frames in; same index math, same resize and normalisation):
+- ``pyav`` (default): decodes sequentially, converts only the sampled frames.
+- ``decord`` (optional, ``pip install decord``): ``get_batch`` in small chunks.
+- ``dali`` (optional, ``pip install megatron_longvideo[dali]``): NVDEC on a CUDA machine, otherwise
+  DALI's CPU decoder, which reads VP8, VP9 and MJPEG only.
+
+Agreement: pyav and decord use the same FFmpeg colour conversion and return identical frames (tested
+bit-exact on our fixtures). DALI converts YUV to RGB itself; after resize and normalisation its frames
+agree with pyav within a mean absolute difference of 0.03 and a max of 0.6 (normalised units, std 0.5),
+the differences sitting on sharp colour edges (chroma upsampling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+
+from megatron_longvideo.data.backends import StreamEndedEarly
+from megatron_longvideo.data.errors import VideoDecodeError
+from megatron_longvideo.data.sampling import FrameSamplingConfig, frame_timestamps, sample_frame_indices
+
+BACKENDS = ("pyav", "decord", "dali")
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    """What the probe learned about a file's first video stream."""
+
+    path: str
+    num_frames: int
+    fps: Fraction
+    width: int
+    height: int
+    codec: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedVideo:
+    """Sampled frames ready for the vision tower, and where they came from."""
+
+    frames: torch.Tensor
+    """[T, 3, S, S] float32, resized and normalised."""
+    indices: list[int]
+    """Frame index of each output frame (see ``sampling`` for the semantics)."""
+    timestamps: list[float]
+    """Display time in seconds of each output frame."""
+    info: VideoInfo
+
+
+def probe_video(path: str, *, max_frame_side: int = 4096, strict_frame_count: bool = True) -> VideoInfo:
+    """Open ``path`` with PyAV and describe its first video stream, or raise ``VideoDecodeError``.
+
+    Checks, each with its own message: the file exists, is not empty, is a media container, has a
+    video stream, that stream's codec has a decoder, the frame size is within ``max_frame_side``.
+    Frame count comes from the container header; where the container has none (WebM, MKV) the
+    packets are counted (demuxing only, no decoding), and with ``strict_frame_count`` a count well
+    short of the header's duration is reported as truncation.
+    """
+    import av
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise VideoDecodeError(path, "file not found")
+    if os.path.isdir(path):
+        raise VideoDecodeError(path, "is a directory, expected a video file")
+    if os.path.getsize(path) == 0:
+        raise VideoDecodeError(path, "file is empty (0 bytes)")
+    try:
+        container = av.open(path)
+    except av.error.FFmpegError as e:
+        raise VideoDecodeError(
+            path, f"not a readable video container (truncated, corrupt or not a video: {e.strerror})"
+        ) from None
+    with container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise VideoDecodeError(path, f"no video stream (streams found: {', '.join(kinds)})")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        if ctx is None:
+            raise VideoDecodeError(path, "unsupported codec: FFmpeg has no decoder for its video stream")
+        width, height = ctx.width, ctx.height
+        if width <= 0 or height <= 0:
+            raise VideoDecodeError(path, f"video stream has no frame size ({width}x{height})")
+        if max(width, height) > max_frame_side:
+            raise VideoDecodeError(
+                path, f"frame size {width}x{height} exceeds the limit max_frame_side={max_frame_side}"
+            )
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        if not rate or rate <= 0:
+            raise VideoDecodeError(path, "video stream has no frame rate")
+        num_frames = stream.frames
+        if not num_frames:
+            try:
+                num_frames = sum(1 for p in container.demux(stream) if p.size > 0)
+            except av.error.FFmpegError as e:
+                raise VideoDecodeError(path, f"corrupt container while counting packets: {e.strerror}") from None
+            # A header duration but fewer packets than it implies: the file was cut short.
+            if container.duration and strict_frame_count:
+                declared = int(Fraction(container.duration, 1_000_000) * Fraction(rate))
+                if num_frames < declared - max(2, declared // 50):
+                    raise VideoDecodeError(
+                        path, f"truncated or corrupt: the header's duration implies {declared} frames "
+                              f"but the stream holds {num_frames}")
+        if num_frames <= 0:
+            raise VideoDecodeError(path, "video stream has no frames")
+        return VideoInfo(path=path, num_frames=int(num_frames), fps=Fraction(rate), width=width,
+                         height=height, codec=ctx.name)
+
+
+def resize_frames(rgb: torch.Tensor, size: int) -> torch.Tensor:
+    """[n, H, W, 3] uint8 -> [n, 3, size, size] uint8 (channels-last memory), bilinear, antialiased.
+
+    Resizing stays in uint8 (torch's vectorised uint8 kernel, about 10x faster than float on CPU, and
+    like image processors that resize uint8 images); a cached uint8 copy is then identical to a fresh
+    decode. Every backend goes through this one function.
+    """
+    x = rgb.permute(0, 3, 1, 2)  # [n, 3, H, W], a channels-last view
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+def normalize_frames(frames: torch.Tensor, config: FrameSamplingConfig) -> torch.Tensor:
+    """In place: [T, 3, S, S] on the 0..255 scale -> (x / 255 - mean) / std, float32."""
+    mean = torch.tensor(config.mean, dtype=frames.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, dtype=frames.dtype).view(1, 3, 1, 1)
+    return frames.div_(255.0).sub_(mean).div_(std)
+
+
+def _iter_backend(backend: str, info: VideoInfo, indices: list[int]):
+    from megatron_longvideo.data import backends  # optional backends import their library lazily
+
+    if backend == "pyav":
+        return backends.iter_frames_pyav(info, indices)
+    if backend == "decord":
+        return backends.iter_frames_decord(info, indices)
+    if backend == "dali":
+        return backends.iter_frames_dali(info, indices)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def decode_resized_uint8(path: str, config: FrameSamplingConfig, *, backend: str = "pyav"):
+    """Sampled, resized frames before normalisation: ``([T, 3, S, S] uint8, indices, info)``."""
+    return _decode(path, config, backend, torch.uint8)
+
+
+def decode_video(path: str, config: FrameSamplingConfig, *, backend: str = "pyav") -> DecodedVideo:
+    """Decode the frames ``config`` samples from ``path`` (see module docstring)."""
+    frames, indices, info = _decode(path, config, backend, torch.float32)
+    return DecodedVideo(frames=normalize_frames(frames, config), indices=indices,
+                        timestamps=frame_timestamps(indices, info.fps), info=info)
+
+
+def _decode(path, config: FrameSamplingConfig, backend: str, dtype: torch.dtype):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    info = probe_video(path, max_frame_side=config.max_frame_side,
+                       strict_frame_count=config.strict_frame_count)
+    indices = sample_frame_indices(info.num_frames, info.fps, config)
+    try:
+        frames, got = _fill(backend, info, indices, config.image_size, dtype)
+    except StreamEndedEarly as short:
+        if config.strict_frame_count or short.num_decoded == 0:
+            raise VideoDecodeError(
+                info.path,
+                f"truncated or corrupt: the container declares {info.num_frames} frames but the stream "
+                f"ended after {short.num_decoded}",
+            ) from None
+        info = dataclasses.replace(info, num_frames=short.num_decoded)
+        indices = sample_frame_indices(info.num_frames, info.fps, config)
+        frames, got = _fill(backend, info, indices, config.image_size, dtype)
+    assert got == len(indices), (got, len(indices))
+    return frames, indices, info
+
+
+def _fill(backend: str, info: VideoInfo, indices: list[int], size: int, dtype: torch.dtype):
+    out = torch.empty(len(indices), 3, size, size, dtype=dtype)  # [T, 3, S, S]
+    pos = 0
+    for chunk in _iter_backend(backend, info, indices):  # [n, H, W, 3] uint8
+        n = chunk.shape[0]
+        out[pos : pos + n] = resize_frames(chunk, size)
+        pos += n
+    return out, pos

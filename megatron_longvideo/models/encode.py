@@ -1,0 +1,136 @@
+"""MR-SP stage 1: the frames of the videos of a micro-batch encoded in parallel over the encode group.
+
+All ranks of the encode group hold the same micro-batch. The frames of its videos (those not served by
+the cache) are concatenated, padded with blank frames to a multiple of the group size E, and split into
+E equal contiguous slices; rank e encodes slice e only. An autograd all-gather assembles the tokens in
+frame order on every rank and the blank frames' tokens are dropped.
+
+Gradients. Backward of the gather sums, for each rank's slice, the gradient every rank computed for
+it: ranks of the group in different CP positions hold different parts of the loss, and the sum is the
+full gradient. When the group also spans TP, the TP ranks of one CP position are replicas holding the
+same loss part, so the sum is scaled by 1/TP. Each rank's tower gradient then covers its own frames
+only: :func:`reduce_encode_replica_grads` sums the tower and projector gradients over the TP part of
+the group (DDP already sums over DP x CP), keeping every replica of the tower identical.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_longvideo.models.video_cache import VideoEmbeddingCache
+from megatron_longvideo.parallel import collectives
+from megatron_longvideo.parallel.groups import ParallelGroups
+
+__all__ = ["encode_videos", "reduce_encode_replica_grads", "split_frames"]
+
+
+def split_frames(num_frames: int, group_size: int, rank: int) -> tuple[int, int, int]:
+    """(padded total, start, stop) of this rank's slice of ``num_frames`` frames over ``group_size``."""
+    per_rank = -(-num_frames // group_size)
+    padded = per_rank * group_size
+    return padded, rank * per_rank, (rank + 1) * per_rank
+
+
+def _agree_on_hits(hits: list[bool], group) -> list[bool]:
+    """Every rank of ``group`` must take the same cache decisions, or the gather would hang."""
+    if group is None or dist.get_world_size(group) == 1 or not hits:
+        return hits
+    flags = torch.tensor([1 if h else 0 for h in hits], dtype=torch.int32)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
+    return [bool(f) for f in flags.tolist()]
+
+
+def encode_videos(
+    encoder,
+    videos: Sequence[torch.Tensor],
+    groups: ParallelGroups,
+    *,
+    cache: Optional[VideoEmbeddingCache] = None,
+    keys: Optional[Sequence[str]] = None,
+) -> list[torch.Tensor]:
+    """Encode ``videos`` (each ``[T_i, 3, H, W]``) over the encode group.
+
+    Returns, per video, ``[T_i * tokens_per_frame (+1 newline), llm_hidden]`` on every rank of the
+    group. With ``cache`` and ``keys``, cached videos are not encoded, and newly encoded ones are
+    stored; cached entries carry no autograd graph, so a trainable encoder under grad mode bypasses
+    the cache (its update pass must see the tower's gradient).
+    """
+    max_frames = encoder.vcfg.max_frames
+    for i, video in enumerate(videos):
+        encoder.check_frames(video, what=f"video {i}")
+        if video.shape[0] > max_frames:
+            raise ValueError(f"video {i} has {video.shape[0]} frames, more than max_frames={max_frames}")
+        if video.shape[0] == 0:
+            raise ValueError(f"video {i} has no frames")
+    if keys is not None and len(keys) != len(videos):
+        raise ValueError(f"keys: got {len(keys)} keys for {len(videos)} videos")
+    trainable = torch.is_grad_enabled() and any(p.requires_grad for p in _per_frame_params(encoder))
+    use_cache = cache is not None and keys is not None and not trainable
+    tokens: list[Optional[torch.Tensor]] = [None] * len(videos)
+    if use_cache:
+        tokens = [cache.get(k, device=v.device) for k, v in zip(keys, videos)]
+    hits = _agree_on_hits([t is not None for t in tokens], groups.encode) if use_cache else [False] * len(videos)
+    todo = [i for i, hit in enumerate(hits) if not hit]
+    if todo:
+        encoded = _encode_parallel(encoder, [videos[i] for i in todo], groups)
+        for i, t in zip(todo, encoded):
+            tokens[i] = t
+            if use_cache:
+                cache.put(keys[i], t)
+    out = []
+    for t in tokens:
+        if encoder.image_newline is not None:
+            t = torch.cat([t, encoder.image_newline[None].to(t.dtype)], dim=0)
+        out.append(t)
+    return out
+
+
+def _per_frame_params(encoder):
+    return list(encoder.vit.parameters()) + list(encoder.projector.parameters())
+
+
+def _encode_parallel(encoder, videos: Sequence[torch.Tensor], groups: ParallelGroups) -> list[torch.Tensor]:
+    frames = torch.cat(list(videos), dim=0)  # [N, 3, H, W]
+    total = frames.shape[0]
+    size, rank = groups.encode_size, groups.encode_rank
+    padded, start, stop = split_frames(total, size, rank)
+    if padded > total:
+        frames = torch.cat([frames, frames.new_zeros(padded - total, *frames.shape[1:])])
+    local = encoder(frames[start:stop])  # [N / E, t, h]
+    replicas = groups.tp_size if groups.encode_includes_tp else 1
+    gathered = collectives.all_gather(local, 0, groups.encode, grad_scale=1.0 / replicas)  # [N_padded, t, h]
+    gathered = gathered[:total]
+    out, offset = [], 0
+    for video in videos:
+        n = video.shape[0]
+        out.append(gathered[offset : offset + n].reshape(n * gathered.shape[1], gathered.shape[2]))
+        offset += n
+    return out
+
+
+def reduce_encode_replica_grads(model, groups: ParallelGroups) -> None:
+    """Sum the per-frame (tower + projector) gradients over the TP part of the encode group.
+
+    Call after megatron's ``finalize_model_grads`` (which reduces over DP x CP). A no-op unless the
+    encode group spans TP ranks. Reads DDP's ``main_grad`` when present.
+    """
+    if not groups.encode_includes_tp:
+        return
+    grads = []
+    for param in model.parameters():
+        if getattr(param, "encode_replica", False) and param.requires_grad:
+            grad = getattr(param, "main_grad", None)
+            grad = param.grad if grad is None else grad
+            if grad is not None:
+                grads.append(grad)
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=groups.tp)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
