@@ -1,0 +1,112 @@
+"""Spawn N local ranks on this machine and collect what each returns (tests, benchmarks, demos).
+
+``run_ranks(fn, world_size, *args)`` starts ``world_size`` fresh processes (spawn), each with RANK,
+WORLD_SIZE, MASTER_ADDR and a free MASTER_PORT set, calls ``fn(rank, world_size, *args)`` there and
+returns the list of per-rank return values (saved with torch.save to result files). When a rank
+fails or the run times out, the other ranks are killed and an AssertionError carries each failing
+rank's traceback and the tail of its output. ``fn`` must be a module-level function (spawn pickles it by
+name).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+__all__ = ["run_ranks", "init_cpu_dist"]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(fn, rank, world_size, port, workdir, args):
+    log = open(os.path.join(workdir, f"rank{rank}.log"), "w", buffering=1)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(workdir, f"rank{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(workdir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        log.flush()
+        os._exit(1)
+    log.flush()
+    os._exit(0)
+
+
+def _tail(path: str, n: int = 40) -> str:
+    if not os.path.exists(path):
+        return ""
+    with open(path, errors="replace") as f:
+        lines = [l for l in f.read().splitlines() if "UserWarning" not in l and "warnings.warn" not in l]
+    return "\n".join(lines[-n:])
+
+
+def run_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; return their results."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="mlv_dist_") as workdir:
+        procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, workdir, args)) for r in range(world_size)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        failed = None
+        while any(p.is_alive() for p in procs):
+            if any(p.exitcode not in (None, 0) for p in procs):
+                failed = "a rank failed"
+                break
+            if time.monotonic() > deadline:
+                failed = f"timed out after {timeout:.0f}s"
+                break
+            time.sleep(0.05)
+        if failed is None and any(p.exitcode != 0 for p in procs):
+            failed = "a rank failed"
+        if failed:
+            time.sleep(0.5)  # let a failing rank finish writing its traceback
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            for p in procs:
+                p.join(5)
+            report = [f"{fn.__module__}.{fn.__name__} on {world_size} ranks: {failed}"]
+            for r, p in enumerate(procs):
+                err = os.path.join(workdir, f"rank{r}.err")
+                if os.path.exists(err) or p.exitcode not in (0, None):
+                    report.append(f"--- rank {r} (exit code {p.exitcode}) ---")
+                    report.append(open(err).read() if os.path.exists(err) else _tail(os.path.join(workdir, f"rank{r}.log")))
+            raise AssertionError("\n".join(report))
+        for p in procs:
+            p.join()
+        return [torch.load(os.path.join(workdir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def init_cpu_dist():
+    """In a spawned rank: CPU mode on (no-op with CUDA), default process group from the environment."""
+    import warnings
+
+    import torch.distributed as dist
+
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+    from megatron_longvideo.platform import enable_cpu_mode
+
+    cpu = enable_cpu_mode()
+    if not dist.is_initialized():
+        dist.init_process_group("gloo" if cpu else "nccl")
