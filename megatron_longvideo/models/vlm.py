@@ -103,7 +103,8 @@ def _full_sequence_embeddings(embedding):
 
 def text_embeddings(model, input_ids: torch.Tensor) -> torch.Tensor:
     """``[b, S]`` ids -> ``[b, S, h]`` word embeddings (all-reduced over TP, not SP-scattered)."""
-    word = unwrap(model).llm.embedding.word_embeddings
+    inner = unwrap(model)
+    word = getattr(inner, "llm", inner).embedding.word_embeddings
     with _full_sequence_embeddings(word):
         return word(input_ids)
 

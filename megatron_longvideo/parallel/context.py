@@ -36,11 +36,9 @@ def zigzag_index(local_len: int, cp_size: int, cp_rank: int, device=None) -> tor
             f"context parallelism needs an even local sequence length (2 chunks per rank), got {local_len}; "
             f"pad the global sequence to a multiple of 2 x context_parallel_size"
         )
-    chunk = local_len // 2
-    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk, device=device)
-    second_start = (2 * cp_size - 1 - cp_rank) * chunk
-    second = torch.arange(second_start, second_start + chunk, device=device)
-    return torch.cat([first, second])
+    from megatron_longvideo.kernels.index import shard_positions
+
+    return shard_positions(cp_size * local_len, cp_size, cp_rank, device=device)
 
 
 class SequenceContext:
