@@ -224,7 +224,7 @@ def unshard_sequence(local: torch.Tensor, plan: ShardPlan, groups: ParallelGroup
     cp = groups.cp_size
     index = kernels.unshard_index(plan.seq_len, cp, _multiple(groups), device=local.device)
     gathered = collectives.all_gather(local.unsqueeze(0), 0, groups.cp, grad_reduce="slice")  # [cp, b, s_local, ...]
-    return kernels.unshard(gathered, index, dim=2)
+    return kernels.unshard(gathered, index, dim=1)
 
 
 def prefill_step(
