@@ -48,6 +48,15 @@ class GroundTruth:
     options: tuple[str, ...] = ()
     """Multiple-choice option texts in letter order (A, B, ...); a leading "A." label is allowed."""
 
+    @classmethod
+    def from_record(cls, truth) -> "GroundTruth":
+        """From the data side's ground truth (``megatron_longvideo.data.prompts.GroundTruth``: problem
+        types "multiple choice" / "numerical" / "free-form", options as (letter, text) pairs)."""
+        kinds = {"multiple choice": "multiple_choice", "numerical": "numeric", "free-form": "free_form"}
+        kind = kinds.get(truth.problem_type, truth.problem_type)
+        options = tuple(o if isinstance(o, str) else o[1] for o in truth.options)
+        return cls(answer=str(truth.answer), problem_type=kind, options=options)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RewardInput:

@@ -1,0 +1,381 @@
+"""The GRPO trainer: one step = rollouts, rewards, log-prob passes, and the policy update.
+
+    prompts ──encode once (cache)──▶ prompt embeddings ──engine──▶ G responses per prompt
+            ──rewards──▶ group advantages (groups without signal dropped, refilled: DAPO)
+            ──prefill (CP shards, shared-prefix packing)──▶ old-policy and reference log-probs
+            ──prefill + GRPO loss──▶ megatron DDP backward ──▶ optimizer step (clip; NaN skips)
+
+The policy is a DDP-wrapped :class:`~megatron_longvideo.models.vlm.VideoLanguageModel`; the reference
+is a frozen copy (optionally offloaded to CPU between passes). Every rank of a data-parallel replica
+(TP x CP) runs the same step on the same prompts; the replica's first rank drives the rollout engine.
+Pipeline parallelism is not supported by the trainer yet (PP must be 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_longvideo.checkpoint.full_state import gather_full_state
+from megatron_longvideo.models.llm import unwrap
+from megatron_longvideo.models.prefill import dense_values, prefill_step
+from megatron_longvideo.models.video_cache import VideoEmbeddingCache, cache_key, weights_version
+from megatron_longvideo.parallel.groups import ParallelGroups
+from megatron_longvideo.rl.advantages import group_advantages
+from megatron_longvideo.rl.engines.base import SamplingConfig
+from megatron_longvideo.rl.losses import GRPOLossConfig, grpo_loss, needs_reference
+from megatron_longvideo.rl.packing import build_prefill_batch
+from megatron_longvideo.rl.rewards import compute_rewards
+from megatron_longvideo.rl.rollout import RLPrompt, generate_groups, nonempty, prompt_embeddings
+from megatron_longvideo.rl.sampling import DynamicSampler, DynamicSamplingConfig
+from megatron_longvideo.training.engine import forward_backward
+
+__all__ = ["GRPOConfig", "GRPOTrainer", "Rollouts"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOConfig:
+    """What one GRPO step does."""
+
+    group_size: int = 8
+    """Responses per prompt (G)."""
+    prompts_per_step: int = 2
+    """Prompts (groups) per step on each data-parallel replica."""
+    sampling: SamplingConfig = dataclasses.field(default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=1.0))
+    """Rollout sampling (``n`` is set to ``group_size``)."""
+    loss: GRPOLossConfig = dataclasses.field(default_factory=GRPOLossConfig)
+    """Clipped surrogate, KL and aggregation."""
+    advantage_scale: str = "std"
+    """'std' (GRPO: divide by the group's std) or 'none' (Dr.GRPO)."""
+    rewards: tuple[tuple[str, float], ...] = (("accuracy", 1.0), ("format", 0.1))
+    """(reward name or 'module:function', weight) pairs; the total is their weighted sum."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal and draw more prompts to refill (DAPO)."""
+    max_refill_rounds: int = 3
+    """Generation rounds per step with dynamic sampling (the first included)."""
+    num_minibatches: int = 1
+    """Optimizer steps per GRPO step (the groups are split into this many mini-batches)."""
+    update_epochs: int = 1
+    """Passes over the step's groups (PPO epochs)."""
+    groups_per_microbatch: int = 1
+    """Groups per micro-batch of the prefill and update passes."""
+    pack: bool = True
+    """Shared-prefix packing of each group's responses (off: G separate sequences)."""
+    offload_reference: bool = False
+    """Keep the reference model in CPU memory between its passes (GPU runs)."""
+    log_samples_every: int = 10
+    """Print/log one sample rollout every this many steps (0: never)."""
+
+    def __post_init__(self):
+        if self.group_size < 2 and self.advantage_scale == "std":
+            raise ValueError(f"group_size: GRPO needs at least 2 responses per prompt, got {self.group_size}")
+        if self.prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step: must be >= 1, got {self.prompts_per_step}")
+        if self.advantage_scale not in ("std", "none"):
+            raise ValueError(f"advantage_scale: must be 'std' or 'none', got {self.advantage_scale!r}")
+        if not self.rewards:
+            raise ValueError("rewards: at least one reward is required")
+        if self.num_minibatches < 1 or self.prompts_per_step % self.num_minibatches:
+            raise ValueError(f"num_minibatches: must be >= 1 and divide prompts_per_step={self.prompts_per_step}")
+        if self.update_epochs < 1:
+            raise ValueError(f"update_epochs: must be >= 1, got {self.update_epochs}")
+        if self.groups_per_microbatch < 1:
+            raise ValueError(f"groups_per_microbatch: must be >= 1, got {self.groups_per_microbatch}")
+        object.__setattr__(self, "sampling", dataclasses.replace(self.sampling, n=self.group_size))
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """The scored groups of one step."""
+
+    prompts: list[RLPrompt]
+    responses: list[list[list[int]]]
+    rewards: torch.Tensor
+    """``[groups, G]`` total rewards."""
+    parts: dict[str, torch.Tensor]
+    """Unweighted reward parts ``{name: [groups, G]}``."""
+    advantages: torch.Tensor
+    """``[groups, G]``."""
+
+
+class GRPOTrainer:
+    """Runs GRPO steps on a DDP-wrapped policy (see module docstring)."""
+
+    def __init__(
+        self,
+        cfg: GRPOConfig,
+        *,
+        policy,
+        optimizer,
+        groups: ParallelGroups,
+        tokenizer,
+        engine=None,
+        reference=None,
+        scheduler=None,
+        cache: Optional[VideoEmbeddingCache] = None,
+        writer=None,
+        log: Callable[[str], None] = print,
+    ):
+        if groups.config.pipeline_parallel_size != 1:
+            raise ValueError("the GRPO trainer needs pipeline_parallel_size=1 (pipeline rollouts are not supported yet)")
+        if needs_reference(cfg.loss) and reference is None:
+            raise ValueError("loss.kl_beta > 0 needs a reference model")
+        self.cfg, self.policy, self.optimizer, self.groups = cfg, policy, optimizer, groups
+        self.tokenizer, self.engine, self.reference, self.scheduler = tokenizer, engine, reference, scheduler
+        self.cache = cache if cache is not None else VideoEmbeddingCache()
+        self.writer, self.log = writer, log
+        self.step_count = 0
+        self.pad_id = tokenizer.pad_id
+        self.reward_spec = dict(cfg.rewards)
+        self._versions: dict[int, str] = {}
+
+    # ------------------------------------------------------------------------------------------ #
+    def _keys(self, prompts: Sequence[RLPrompt], model) -> list[str]:
+        """Cache keys of the prompts' videos for ``model``'s vision weights (fingerprinted once a step)."""
+        if id(model) not in self._versions:
+            self._versions[id(model)] = weights_version(unwrap(model).vision)
+        version = self._versions[id(model)]
+        return [cache_key(p.content_id, {"frames": tuple(p.frames.shape)}, version) for p in prompts]
+
+    def rollout(self, prompts: Sequence[RLPrompt]) -> Rollouts:
+        """Generate G responses per prompt with the current policy and score them."""
+        cfg = self.cfg
+        with torch.no_grad():
+            embeds = prompt_embeddings(self.policy, self.groups, prompts, cache=self.cache, cache_keys=self._keys(prompts, self.policy))
+        sampling = cfg.sampling.for_rank(self.groups.dp_rank * 100003 + self.step_count) if cfg.sampling.seed is not None else cfg.sampling
+        token_groups = generate_groups(self.engine, self.groups, embeds, sampling)
+        eos = self.tokenizer.eos_id
+        token_groups = [[nonempty(r, eos) for r in g] for g in token_groups]
+        texts = [self._decode(r) for g in token_groups for r in g]
+        truths = [p.ground_truth for p in prompts for _ in range(cfg.group_size)]
+        total, parts = compute_rewards(texts, truths, self.reward_spec)
+        g = cfg.group_size
+        rewards = total.view(-1, g).float()
+        advantages = group_advantages(rewards, scale=cfg.advantage_scale)
+        return Rollouts(list(prompts), token_groups, rewards, {k: v.view(-1, g).float() for k, v in parts.items()}, advantages)
+
+    def _decode(self, ids: list[int]) -> str:
+        # the model's vocabulary may be padded past the tokenizer's (TP divisibility): those ids read as nothing
+        vocab = self.tokenizer.vocab_size
+        return self.tokenizer.decode([t for t in ids if t < vocab])
+
+    # ------------------------------------------------------------------------------------------ #
+    def _batches(self, ro: Rollouts, idx: Sequence[int], model):
+        """Prefill micro-batches of the groups ``idx`` for ``model``: (batch, videos, keys, group ids)."""
+        out = []
+        k = self.cfg.groups_per_microbatch
+        for start in range(0, len(idx), k):
+            chunk = list(idx[start : start + k])
+            prompts = [ro.prompts[i] for i in chunk]
+            batch = build_prefill_batch([p.prompt_ids for p in prompts],
+                                        [[torch.tensor(r) for r in ro.responses[i]] for i in chunk],
+                                        pack=self.cfg.pack, pad_id=self.pad_id)
+            out.append((batch, [[p.frames] for p in prompts], [[key] for key in self._keys(prompts, model)], chunk))
+        return out
+
+    def _logprobs(self, model, ro: Rollouts, idx: Sequence[int]) -> list[torch.Tensor]:
+        """Dense per-target log-probs under ``model`` of each micro-batch of the groups ``idx``."""
+        batches = self._batches(ro, idx, model)
+        steps = [prefill_step(self.groups, batch, videos=videos, cache=self.cache, cache_keys=keys, pad_id=self.pad_id)
+                 for batch, videos, keys, _ in batches]
+        with torch.no_grad():
+            reports = forward_backward(model, lambda step, chunk: step(None, chunk), steps, forward_only=True,
+                                       seq_length=max(b.input_ids.shape[1] for b, *_ in batches),
+                                       micro_batch_size=max(b.input_ids.shape[0] for b, *_ in batches))
+        return [r["logp"] for r in reports]
+
+    def _loss_fn(self, batch, advantages, old, ref):
+        cfg, groups = self.cfg, self.groups
+        lengths = batch.response_lengths.float()  # [R]
+        position = torch.cat([torch.arange(int(n)) for n in batch.response_lengths])  # [n] index in its response
+        seq_level = cfg.loss.aggregation != "token_mean"
+
+        def loss_fn(logp, entropy, plan):
+            rows, cols = batch.response_index[plan.owned], position[plan.owned]
+            shape = (batch.num_responses, int(lengths.max()))
+
+            def grid(values):  # owned targets -> [responses, max_len]
+                return values.new_zeros(shape).index_put((rows, cols), values)
+
+            mask = grid(torch.ones_like(logp))
+            loss, metrics = grpo_loss(
+                grid(logp), grid(old[plan.owned]), None if ref is None else grid(ref[plan.owned]),
+                advantages, mask, cfg.loss, entropy=grid(entropy.detach()),
+                num_global_tokens=1.0, num_global_sequences=1.0, seq_num_tokens=lengths,
+            )
+            # per-token loss normalisation by megatron: count each target (or each sequence) once
+            if seq_level:
+                count = batch.num_responses if groups.cp_rank == 0 else 0
+            else:
+                count = int(plan.owned.numel())
+            zero = torch.zeros(())
+            report = {
+                "token_sums": torch.stack([metrics.get(k, zero) for k in _TOKEN_METRICS]),
+                "loss_sums": torch.stack([metrics.get(k, zero) for k in _LOSS_METRICS]),
+                "tokens": torch.tensor(float(plan.owned.numel())),
+                "count": torch.tensor(float(count)),
+            }
+            return loss, torch.tensor(count, dtype=torch.int), report
+
+        return loss_fn
+
+    def update(self, ro: Rollouts, idx: Sequence[int], old: list, ref: Optional[list]) -> dict:
+        """One optimizer step on the groups ``idx`` (their micro-batches' old/ref log-probs given)."""
+        batches = self._batches(ro, idx, self.policy)
+        self.policy.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        steps = []
+        for j, (batch, videos, keys, chunk) in enumerate(batches):
+            adv = ro.advantages[chunk].reshape(-1)  # [R] in (group, response) order, as the batch
+            steps.append(prefill_step(self.groups, batch, videos=videos, cache=self.cache, cache_keys=keys, pad_id=self.pad_id,
+                                      loss_fn=self._loss_fn(batch, adv, old[j], None if ref is None else ref[j])))
+        # one schedule call over all micro-batches: megatron reduces and normalises the gradients once
+        reports = forward_backward(self.policy, lambda step, chunk: step(None, chunk), steps,
+                                   seq_length=max(b.input_ids.shape[1] for b, *_ in batches),
+                                   micro_batch_size=max(b.input_ids.shape[0] for b, *_ in batches))
+        totals = torch.stack([torch.cat([r["token_sums"], r["loss_sums"], r["tokens"][None], r["count"][None]])
+                              for r in reports]).sum(0)
+        dist.all_reduce(totals, group=self.groups.dp_cp)
+        tokens, count = totals[-2].clamp(min=1), totals[-1].clamp(min=1)
+        nt = len(_TOKEN_METRICS)
+        metrics = {k: (v / tokens).item() for k, v in zip(_TOKEN_METRICS, totals[:nt])}
+        metrics.update({k: (v / count).item() for k, v in zip(_LOSS_METRICS, totals[nt : nt + len(_LOSS_METRICS)])})
+        finite = torch.tensor([1.0 if math.isfinite(metrics["loss"]) else 0.0])
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() == 0:
+            warnings.warn(f"GRPO step {self.step_count}: non-finite loss {metrics['loss']}; the update is skipped")
+            self.policy.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            metrics["skipped"] = 1.0
+            return metrics
+        ok, grad_norm, _ = self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step(increment=1)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["skipped"] = 0.0 if ok else 1.0
+        return metrics
+
+    # ------------------------------------------------------------------------------------------ #
+    def collect(self, draw: Callable[[int], list[RLPrompt]]) -> tuple[Rollouts, dict]:
+        """Rollouts for one step: ``prompts_per_step`` groups (refilled by dynamic sampling)."""
+        cfg = self.cfg
+        if not cfg.dynamic_sampling:
+            ro = self.rollout(draw(cfg.prompts_per_step))
+            return ro, {"groups_dropped": 0.0}
+        sampler = DynamicSampler(DynamicSamplingConfig(num_target_groups=cfg.prompts_per_step, max_rounds=cfg.max_refill_rounds))
+        parts = []
+        need = sampler.num_to_draw()
+        while need:
+            ro = self.rollout(draw(need))
+            items = list(range(len(ro.prompts)))
+            need = sampler.add([(ro, i) for i in items], ro.rewards)
+        kept, stats = sampler.take()
+        if not kept:  # nothing with signal: train on the last round anyway (advantages are zero)
+            kept = [(ro, i) for i in range(len(ro.prompts))][: cfg.prompts_per_step]
+        merged = Rollouts(
+            prompts=[r.prompts[i] for r, i in kept],
+            responses=[r.responses[i] for r, i in kept],
+            rewards=torch.stack([r.rewards[i] for r, i in kept]),
+            parts={k: torch.stack([r.parts[k][i] for r, i in kept]) for k in kept[0][0].parts},
+            advantages=torch.stack([r.advantages[i] for r, i in kept]),
+        )
+        return merged, {"groups_dropped": float(stats.num_dropped_groups), "refill_rounds": float(stats.num_rounds)}
+
+    def step(self, draw: Callable[[int], list[RLPrompt]]) -> dict:
+        """One GRPO step; ``draw(k)`` returns k new prompts for this replica. Returns the metrics."""
+        cfg, times = self.cfg, {}
+        t0 = time.perf_counter()
+        hits_before = self.cache.stats.hits + self.cache.stats.disk_hits
+        if self.engine is not None:
+            self.engine.wake()
+        self._versions = {}
+        weights = gather_full_state(self.policy, self.groups, select=lambda n: not n.startswith("vision."))
+        if self.engine is not None:
+            self.engine.sync_weights(weights)
+        times["time/sync"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        ro, sample_stats = self.collect(draw)
+        if self.engine is not None:
+            self.engine.sleep()
+        times["time/rollout"] = time.perf_counter() - t1
+
+        per = math.ceil(len(ro.prompts) / cfg.num_minibatches)
+        minibatches = [list(range(m, min(m + per, len(ro.prompts)))) for m in range(0, len(ro.prompts), per)]
+        t2 = time.perf_counter()
+        old = [self._logprobs(self.policy, ro, idx) for idx in minibatches]  # before any update
+        times["time/old_logprobs"] = time.perf_counter() - t2
+        ref = [None] * len(minibatches)
+        if self.reference is not None:
+            t3 = time.perf_counter()
+            self._reference_to(torch.device("cuda") if torch.cuda.is_available() else None)
+            ref = [self._logprobs(self.reference, ro, idx) for idx in minibatches]
+            self._reference_to(torch.device("cpu") if cfg.offload_reference else None)
+            times["time/ref_logprobs"] = time.perf_counter() - t3
+
+        t4 = time.perf_counter()
+        updates = []
+        for _ in range(cfg.update_epochs):
+            for idx, o, r in zip(minibatches, old, ref):
+                updates.append(self.update(ro, idx, o, r))
+        times["time/update"] = time.perf_counter() - t4
+        times["time/step"] = time.perf_counter() - t0
+        self.step_count += 1
+        metrics = self._metrics(ro, updates, sample_stats, times, hits_before)
+        self._report(ro, metrics)
+        return metrics
+
+    def _reference_to(self, device):
+        if device is not None and self.cfg.offload_reference and self.reference is not None:
+            self.reference.to(device)
+
+    # ------------------------------------------------------------------------------------------ #
+    def _metrics(self, ro: Rollouts, updates: list[dict], sample_stats: dict, times: dict, hits_before: int) -> dict:
+        frames = sum(p.frames.shape[0] for p in ro.prompts)
+        lengths = torch.tensor([len(r) for g in ro.responses for r in g], dtype=torch.float32)
+        local = torch.tensor([ro.rewards.sum().item(), (ro.rewards ** 2).sum().item(), ro.rewards.numel(),
+                              lengths.sum().item()] + [ro.parts[k].sum().item() for k in sorted(ro.parts)], dtype=torch.float64)
+        dist.all_reduce(local, group=self.groups.dp)
+        n = local[2]
+        mean = local[0] / n
+        metrics = {
+            "reward/mean": mean.item(),
+            "reward/std": (local[1] / n - mean ** 2).clamp(min=0).sqrt().item(),
+            "response/length": (local[3] / n).item(),
+        }
+        for i, k in enumerate(sorted(ro.parts)):
+            metrics[f"reward/{k}"] = (local[4 + i] / n).item()
+        for key in updates[-1]:
+            metrics[f"train/{key}"] = sum(u[key] for u in updates) / len(updates)
+        metrics.update({f"sampling/{k}": v for k, v in sample_stats.items()})
+        hits = self.cache.stats.hits + self.cache.stats.disk_hits - hits_before
+        metrics["cache/hit_rate"] = self.cache.stats.hit_rate
+        metrics["cache/hits_this_step"] = float(hits)
+        metrics.update(times)
+        metrics["throughput/frames_per_s"] = frames * self.groups.dp_size / max(times["time/step"], 1e-9)
+        return metrics
+
+    def _report(self, ro: Rollouts, metrics: dict) -> None:
+        if dist.get_rank() != 0:
+            return
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, self.step_count)
+        every = self.cfg.log_samples_every
+        if every and (self.step_count == 1 or self.step_count % every == 0):
+            text = self._decode(ro.responses[0][0])
+            line = f"[step {self.step_count}] sample {ro.prompts[0].sample_id!r} reward={ro.rewards[0, 0].item():.2f}: {text!r}"
+            self.log(line)
+            if self.writer is not None:
+                self.writer.add_text("rollouts/sample", line, self.step_count)
+
+
+# grpo_loss metrics, summed over local tokens (num_global_tokens=1) then divided by the global count
+_TOKEN_METRICS = ("kl_ref", "clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl", "ratio_mean", "entropy")
+# aggregated losses, divided by what megatron divides the loss by (tokens, or sequences)
+_LOSS_METRICS = ("loss", "pg_loss", "kl_loss")
