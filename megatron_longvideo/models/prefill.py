@@ -140,7 +140,8 @@ def prefill_forward(
         video_token = getattr(getattr(inner, "cfg", None), "video_token_id", None)
         if videos is not None and video_token is not None:
             per_row = _video_embeddings(model, batch, videos, groups, cache, cache_keys)
-            mask = batch.input_ids == video_token  # [b, S]
+            in_prefix = torch.arange(batch.input_ids.shape[1])[None, :] < batch.prefix_lens[:, None]
+            mask = (batch.input_ids == video_token) & in_prefix  # [b, S]
             counts = mask.sum(1).tolist()
             for i, row in enumerate(per_row):
                 given = sum(int(v.shape[0]) for v in row)

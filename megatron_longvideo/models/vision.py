@@ -56,8 +56,8 @@ class VisionConfig:
     """Freeze the projector too."""
 
     def __post_init__(self):
-        if self.image_size % self.patch_size != 0:
-            raise ValueError(f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
+        if not 1 <= self.patch_size <= self.image_size:
+            raise ValueError(f"patch_size must be in [1, image_size={self.image_size}], got {self.patch_size}")
         if self.pooling not in _POOLING:
             raise ValueError(f"pooling must be one of {_POOLING}, got {self.pooling!r}")
         if self.pooling == "merge2x2" and self.grid % 2 != 0:
@@ -175,8 +175,10 @@ class VisionEncoder(torch.nn.Module):
             add_class_token=False,
             class_token_len=0,
             patch_dim=vcfg.patch_size,
-            img_h=vcfg.image_size,
-            img_w=vcfg.image_size,
+            # the stride-patch conv drops the image_size % patch_size edge pixels (SigLIP 384 px / 14: 27 x 27);
+            # megatron asserts divisibility, so it is given the size the patches cover
+            img_h=vcfg.grid * vcfg.patch_size,
+            img_w=vcfg.grid * vcfg.patch_size,
             model_subtype="siglip",
             pg_collection=pgs,
         )

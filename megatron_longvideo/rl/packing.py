@@ -36,6 +36,9 @@ class PrefillBatch:
     """``[rows, S]`` packed-response segments (0 prefix, k response k, -1 padding); None unpacked."""
     seq_lens: torch.Tensor
     """``[rows]`` real (unpadded) length of each row."""
+    prefix_lens: torch.Tensor
+    """``[rows]`` prefix length of each row: only there can a token be a video placeholder (a sampled
+    response may contain the placeholder id; it is then an ordinary token)."""
     sources: torch.Tensor
     """``[n]`` flat index ``row * S + position`` of the output that predicts each target."""
     targets: torch.Tensor
@@ -67,7 +70,7 @@ def build_prefill_batch(
     """Rows and targets for ``prefixes[g]`` (``[P_g]`` ids) and their ``responses[g]`` (``[R_gk]`` ids)."""
     if len(prefixes) != len(responses):
         raise ValueError(f"got {len(prefixes)} prefixes but {len(responses)} response groups")
-    rows, positions, segments, row_group = [], [], [], []
+    rows, positions, segments, row_group, prefix_lens = [], [], [], [], []
     sources, targets, owners = [], [], []
     response_id = 0
     for g, (prefix, group) in enumerate(zip(prefixes, responses)):
@@ -95,6 +98,7 @@ def build_prefill_batch(
                 response_id += 1
                 start += n
             rows.append(torch.cat(parts))
+            prefix_lens.append(p)
             positions.append(torch.cat(pos))
             segments.append(torch.cat(seg))
             row_group.append(g)
@@ -103,6 +107,7 @@ def build_prefill_batch(
                 row = len(rows)
                 n = r.numel()
                 rows.append(torch.cat([prefix, r]))
+                prefix_lens.append(p)
                 positions.append(torch.arange(p + n))
                 sources.append((row, torch.arange(p - 1, p + n - 1)))
                 targets.append(r)
@@ -125,6 +130,7 @@ def build_prefill_batch(
         position_ids=position_ids,
         segment_ids=segment_ids,
         seq_lens=torch.tensor([r.numel() for r in rows]),
+        prefix_lens=torch.tensor(prefix_lens),
         sources=flat_sources,
         targets=torch.cat(targets).long(),
         response_index=torch.cat(owners),

@@ -1,0 +1,300 @@
+"""GRPO of a video-language model on LongVideo-Reason style data, with Megatron-Core and MR-SP.
+
+What it does: decodes the videos of RL records, encodes each video once per step over the encode
+group (the cache serves every rollout and pass), samples G responses per prompt with the rollout
+engine (transformers on CPU, vLLM on GPU), scores them, and updates the policy with the GRPO loss over
+context-parallel shards with shared-prefix packing. Logs go to TensorBoard; checkpoints are
+megatron dist checkpoints. What it leaves out: pipeline parallelism in the trainer (PP must be 1),
+multi-video records.
+
+CPU demo (2 ranks, CP=2, a few minutes; also what `bash examples/scripts/demo_cpu.sh` runs):
+
+    python tools/make_synthetic_dataset.py --out demo_out/data
+    torchrun --nproc-per-node 2 examples/train_grpo.py --context-parallel-size 2 \
+        --data-path demo_out/data/qa.jsonl --video-root demo_out/data/videos \
+        --tokenizer demo_out/data/tokenizer.model --tiny --sft-warmup-steps 40 --train-iters 60 \
+        --tensorboard-dir demo_out/tb --save demo_out/ckpt
+
+One GPU node (8 GPUs, vLLM rollouts):
+
+    torchrun --nproc-per-node 8 examples/train_grpo.py --tensor-model-parallel-size 2 \
+        --context-parallel-size 4 --engine vllm --num-frames 512 --group-size 8 ... (see --help)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="GRPO for long-video VLMs on Megatron-Core")
+    p.add_argument("--config", help="JSON file of flag values (flag names with dashes or underscores); the command line wins")
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--cp-comm-type", default="all_gather", choices=["all_gather", "a2a", "p2p"])
+    g.add_argument("--encode-group", default="tp_cp", choices=["tp_cp", "cp"])
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g = p.add_argument_group("model")
+    g.add_argument("--tiny", action="store_true", help="the CPU demo model (hidden 64, 2 layers; 32 px frames)")
+    g.add_argument("--num-layers", type=int, default=2)
+    g.add_argument("--hidden-size", type=int, default=64)
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--num-query-groups", type=int, default=2)
+    g.add_argument("--ffn-hidden-size", type=int, default=128)
+    g.add_argument("--image-size", type=int, default=32)
+    g.add_argument("--patch-size", type=int, default=8)
+    g.add_argument("--vision-hidden-size", type=int, default=32)
+    g.add_argument("--vision-num-layers", type=int, default=2)
+    g.add_argument("--train-vision", action="store_true", help="train the ViT too (default: frozen, the usual RL setting)")
+    g.add_argument("--train-projector", action="store_true", help="train the projector (default: frozen)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", required=False)
+    g.add_argument("--video-root", required=False)
+    g.add_argument("--tokenizer", required=False, help="sentencepiece .model or a Hugging Face tokenizer directory")
+    g.add_argument("--num-frames", type=int, default=8)
+    g.add_argument("--fps", type=float, default=None)
+    g.add_argument("--max-frames", type=int, default=512)
+    g.add_argument("--on-bad-input", default="skip", choices=["raise", "skip"])
+    g = p.add_argument_group("GRPO")
+    g.add_argument("--group-size", type=int, default=8)
+    g.add_argument("--prompts-per-step", type=int, default=4)
+    g.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--kl-beta", type=float, default=0.0)
+    g.add_argument("--kl-estimator", default="k3", choices=["k1", "k2", "k3"])
+    g.add_argument("--clip-low", type=float, default=0.2)
+    g.add_argument("--clip-high", type=float, default=0.28)
+    g.add_argument("--loss-aggregation", default="token_mean", choices=["token_mean", "seq_mean", "seq_sum_token_mean"])
+    g.add_argument("--advantage-scale", default="std", choices=["std", "none"])
+    g.add_argument("--reward", action="append", default=None, metavar="NAME=WEIGHT",
+                   help="reward and weight, repeatable (default: accuracy=1.0, format=0.2)")
+    g.add_argument("--dynamic-sampling", action="store_true")
+    g.add_argument("--no-pack", action="store_true", help="disable shared-prefix packing")
+    g.add_argument("--update-epochs", type=int, default=1)
+    g.add_argument("--num-minibatches", type=int, default=1)
+    g.add_argument("--engine", default="hf", choices=["hf", "vllm"])
+    g.add_argument("--sft-warmup-steps", type=int, default=0,
+                   help="steps of format-only SFT before GRPO: targets '<think> </think><answer>X</answer>' with a random X")
+    g = p.add_argument_group("training")
+    g.add_argument("--train-iters", type=int, default=20)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=0)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--log-samples-every", type=int, default=10)
+    args = p.parse_args(argv)
+    if args.config:
+        with open(args.config) as f:
+            values = json.load(f)
+        defaults = {a.dest: a.default for a in p._actions}
+        for key, value in values.items():
+            dest = key.replace("-", "_")
+            if dest not in defaults:
+                raise ValueError(f"{args.config}: unknown flag {key!r}")
+            if getattr(args, dest) == defaults[dest]:
+                setattr(args, dest, value)
+    for flag in ("data_path", "video_root", "tokenizer"):
+        if not getattr(args, flag):
+            p.error(f"--{flag.replace('_', '-')} is required")
+    return args
+
+
+def build(args):
+    from megatron_longvideo.data.dataset import LongVideoDataset, VideoDatasetConfig
+    from megatron_longvideo.data.sampler import DistributedVideoSampler
+    from megatron_longvideo.data.sampling import FrameSamplingConfig
+    from megatron_longvideo.data.tokenizer import load_tokenizer
+    from megatron_longvideo.models.llm import LLMConfig
+    from megatron_longvideo.models.vision import VisionConfig
+    from megatron_longvideo.models.vlm import VLMConfig, build_vlm
+    from megatron_longvideo.parallel.groups import ParallelConfig, initialize_parallel
+    from megatron_longvideo.platform import enable_cpu_mode
+    from megatron_longvideo.rl.prompt_stream import PromptStream
+
+    enable_cpu_mode()
+    parallel = ParallelConfig(
+        tensor_parallel_size=args.tensor_model_parallel_size, pipeline_parallel_size=args.pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
+        cp_comm_type=args.cp_comm_type, encode_group=args.encode_group,
+    )
+    groups = initialize_parallel(parallel, seed=args.seed)
+    random.seed(args.seed)
+    tok = load_tokenizer(args.tokenizer)
+    tp = args.tensor_model_parallel_size
+    vocab = math.ceil(tok.vocab_size / (2 * tp)) * 2 * tp
+    llm = LLMConfig(vocab_size=vocab, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                    num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+                    ffn_hidden_size=args.ffn_hidden_size, init_std=0.05 if args.tiny else 0.02)
+    vision = VisionConfig(image_size=args.image_size, patch_size=args.patch_size, hidden_size=args.vision_hidden_size,
+                          num_layers=args.vision_num_layers, ffn_hidden_size=2 * args.vision_hidden_size,
+                          max_frames=min(args.max_frames, 8192), freeze=not args.train_vision,
+                          freeze_projector=not (args.train_projector or args.train_vision))
+    cfg = VLMConfig(llm=llm, vision=vision, video_token_id=tok.video_id)
+    torch.manual_seed(args.seed)
+    policy = build_vlm(cfg, groups, seed=args.seed)
+    data_cfg = VideoDatasetConfig(
+        mode="rl", video_root=args.video_root, on_error=args.on_bad_input,
+        sampling=FrameSamplingConfig(num_frames=None if args.fps else args.num_frames, fps=args.fps,
+                                     max_frames=args.max_frames, image_size=args.image_size),
+    )
+    dataset = LongVideoDataset.from_file(args.data_path, tokenizer=tok, num_video_tokens=vision.num_video_tokens, config=data_cfg)
+    sampler = DistributedVideoSampler(len(dataset), dp_rank=groups.dp_rank, dp_size=groups.dp_size, seed=args.seed)
+    return groups, tok, cfg, policy, PromptStream(dataset, sampler)
+
+
+def sft_warmup(args, groups, tok, policy_ddp, optimizer, stream, log):
+    """Format-only SFT: the response format with random answer letters (learns the format, not the task)."""
+    from megatron_longvideo.data.prompts import format_response
+    from megatron_longvideo.models.vlm import vlm_forward
+    from megatron_longvideo.training.engine import forward_backward
+    from megatron_longvideo.training.lm_step import cp_shard
+
+    rng = random.Random(args.seed + groups.dp_rank)
+    unit = 2 * groups.cp_size * (groups.tp_size if groups.config.sequence_parallel else 1)
+    for step in range(args.sft_warmup_steps):
+        items = []
+        for prompt in stream.draw(args.prompts_per_step):
+            letters = "ABCD"[: max(2, len(prompt.ground_truth.options) or 4)]
+            target = tok.encode(format_response(" ", rng.choice(letters), tok.special)) + [tok.eos_id]
+            ids = torch.cat([prompt.prompt_ids, torch.tensor(target)])
+            labels = torch.cat([ids[1:], torch.tensor([tok.pad_id])])
+            mask = torch.zeros_like(ids, dtype=torch.float)
+            mask[len(prompt.prompt_ids) - 1 : -1] = 1.0  # predict the response tokens only
+            pad = (-len(ids)) % unit
+            ids = torch.cat([ids, torch.full((pad,), tok.pad_id)])
+            labels = torch.cat([labels, torch.full((pad,), tok.pad_id)])
+            mask = torch.cat([mask, torch.zeros(pad)])
+            items.append((ids[None], labels[None], mask[None], [[prompt.frames]]))
+
+        def step_fn(item, model):
+            ids, labels, mask, videos = item
+            out = vlm_forward(model, groups, input_ids=ids, videos=videos, labels=labels)
+            local = cp_shard(mask, groups)
+
+            def loss_func(losses):
+                total = (losses.float() * local).sum()
+                return total, local.sum().to(torch.int), {"lm loss": torch.stack([total.detach(), local.sum()])}
+
+            return out, loss_func
+
+        policy_ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = forward_backward(policy_ddp, step_fn, items, seq_length=max(i[0].shape[1] for i in items), micro_batch_size=1)
+        optimizer.step()
+        if reports and (step % 10 == 0 or step == args.sft_warmup_steps - 1):
+            total = sum(r["lm loss"] for r in reports)
+            log(f"[format warm-up {step + 1}/{args.sft_warmup_steps}] response loss {total[0].item() / max(total[1].item(), 1):.3f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch.distributed as dist
+
+    from megatron_longvideo.checkpoint.full_state import gather_full_state, load_full_state
+    from megatron_longvideo.models.vlm import build_vlm
+    from megatron_longvideo.rl.engines import build_engine
+    from megatron_longvideo.rl.engines.base import SamplingConfig
+    from megatron_longvideo.rl.losses import GRPOLossConfig
+    from megatron_longvideo.rl.rollout import is_replica_leader
+    from megatron_longvideo.rl.trainer import GRPOConfig, GRPOTrainer
+    from megatron_longvideo.training.engine import OptimConfig, build_optimizer, wrap_ddp
+
+    groups, tok, cfg, policy, stream = build(args)
+    rank0 = dist.get_rank() == 0
+    log = print if rank0 else (lambda *a, **k: None)
+    ddp = wrap_ddp(policy, groups, use_distributed_optimizer=args.use_distributed_optimizer)
+    optimizer = build_optimizer([ddp], OptimConfig(lr=args.lr, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+                                                   use_distributed_optimizer=args.use_distributed_optimizer))
+    checkpointing = _checkpointing(args, ddp, optimizer, stream, groups, log)
+    start = checkpointing.load() if args.load else 0
+    if args.sft_warmup_steps and start == 0:
+        sft_warmup(args, groups, tok, ddp, optimizer, stream, log)
+    reference = None
+    if args.kl_beta > 0:
+        torch.manual_seed(args.seed)
+        reference = build_vlm(cfg, groups, seed=args.seed)
+        load_full_state(reference, gather_full_state(ddp, groups), groups)
+        reference.requires_grad_(False)
+    rewards = tuple((k, float(v)) for k, v in (r.split("=") for r in (args.reward or ["accuracy=1.0", "format=0.2"])))
+    grpo = GRPOConfig(
+        group_size=args.group_size, prompts_per_step=args.prompts_per_step, pack=not args.no_pack,
+        sampling=SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                stop_token_ids=(tok.eos_id,), seed=args.seed),
+        loss=GRPOLossConfig(clip_eps_low=args.clip_low, clip_eps_high=args.clip_high, kl_beta=args.kl_beta,
+                            kl_estimator=args.kl_estimator, aggregation=args.loss_aggregation,
+                            norm_len=args.max_new_tokens if args.loss_aggregation == "seq_sum_token_mean" else None),
+        advantage_scale=args.advantage_scale, rewards=rewards, dynamic_sampling=args.dynamic_sampling,
+        num_minibatches=args.num_minibatches, update_epochs=args.update_epochs, log_samples_every=args.log_samples_every,
+    )
+    engine = build_engine(args.engine, cfg, tokenizer=tok, pad_token_id=tok.pad_id) if is_replica_leader(groups) else None
+    writer = None
+    if rank0 and args.tensorboard_dir:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(args.tensorboard_dir)
+    trainer = GRPOTrainer(grpo, policy=ddp, optimizer=optimizer, groups=groups, tokenizer=tok, engine=engine,
+                          reference=reference, writer=writer, log=log)
+    trainer.step_count = start
+    history = []
+    progress = _progress(rank0, start, args.train_iters)
+    for it in range(start, args.train_iters):
+        metrics = trainer.step(stream.draw)
+        history.append(metrics["reward/mean"])
+        progress(metrics)
+        if args.save and args.save_interval and (it + 1) % args.save_interval == 0:
+            checkpointing.save(it + 1)
+    if args.save:
+        checkpointing.save(args.train_iters)
+    if rank0 and history:
+        k = max(1, len(history) // 5)
+        first, last = sum(history[:k]) / k, sum(history[-k:]) / k
+        log(f"mean reward: first {k} steps {first:.3f}, last {k} steps {last:.3f}")
+    if writer is not None:
+        writer.close()
+    return history
+
+
+def _progress(enabled: bool, start: int, total: int):
+    """A rank-0 progress line per step with the key numbers."""
+    t0 = time.perf_counter()
+
+    def show(m):
+        if not enabled:
+            return
+        step = int(m.get("step", 0)) or None
+        done = show.count = getattr(show, "count", start) + 1
+        eta = (time.perf_counter() - t0) / (done - start) * (total - done)
+        print(f"[grpo {done}/{total}] reward {m['reward/mean']:.3f} (acc {m.get('reward/accuracy', float('nan')):.2f}) "
+              f"loss {m['train/loss']:+.4f} kl {m.get('train/kl_ref', 0.0):.4f} clip {m['train/clip_frac_high'] + m['train/clip_frac_low']:.2f} "
+              f"ent {m['train/entropy']:.2f} len {m['response/length']:.1f} cache {m['cache/hit_rate']:.2f} "
+              f"{m['time/step']:.1f}s/step eta {eta:.0f}s", flush=True)
+
+    return show
+
+
+def _checkpointing(args, ddp, optimizer, stream, groups, log):
+    from megatron_longvideo.rl.checkpointing import GRPOCheckpointing
+
+    return GRPOCheckpointing(args, ddp, optimizer, stream, groups, log)
+
+
+if __name__ == "__main__":
+    main()

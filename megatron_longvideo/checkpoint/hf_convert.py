@@ -1,0 +1,203 @@
+"""Megatron <-> Hugging Face checkpoint conversion.
+
+Export: a full-shape Megatron state (from :func:`gather_full_state` of a model in any TP/PP layout,
+or from a dist checkpoint) -> a folder that transformers opens with its own classes and no custom
+code: ``config.json`` (``Qwen2ForCausalLM`` or ``LlavaOnevisionForConditionalGeneration``),
+safetensors shards with an index, and optionally the tokenizer files. Tensors stream through the
+weight map into the shard writer, which holds one shard at a time.
+
+Import: such a folder (ours, or a public checkpoint) -> a Megatron full state, which
+:func:`load_full_state` slices into any layout. This is how training starts from public weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+from megatron_longvideo.checkpoint.hf_config import check_transformers_version, config_from_hf, hf_config
+from megatron_longvideo.checkpoint.hf_io import copy_tokenizer, read_checkpoint, write_shards
+from megatron_longvideo.checkpoint.hf_map import Items, WeightMap
+from megatron_longvideo.models.llm import LLMConfig
+from megatron_longvideo.models.vlm import VLMConfig
+
+__all__ = ["HFCheckpoint", "save_hf", "export_model", "load_hf", "load_hf_into_model", "read_hf_config",
+           "save_full_state_file", "load_full_state_file"]
+
+ModelConfig = Union[LLMConfig, VLMConfig]
+
+
+@dataclasses.dataclass
+class HFCheckpoint:
+    """A Hugging Face checkpoint read into Megatron form."""
+
+    config: ModelConfig
+    """Our config of the checkpoint (or the one the caller gave)."""
+    state: dict[str, torch.Tensor]
+    """Full-shape Megatron state (global names), ready for ``load_full_state``."""
+    unmapped: dict[str, torch.Tensor]
+    """HF tensors with no Megatron home (e.g. SigLIP's unused post-layernorm); pass them back as
+    ``extra_tensors`` to :func:`save_hf` to reproduce the original file exactly."""
+
+
+def save_hf(
+    full_state: Items,
+    cfg: ModelConfig,
+    out_dir: str,
+    *,
+    max_shard_size: Union[int, str] = "5GB",
+    dtype: Optional[torch.dtype] = None,
+    tokenizer: Any = None,
+    extra_tensors: Optional[Mapping[str, torch.Tensor]] = None,
+    config_kwargs: Optional[dict] = None,
+    progress: bool = True,
+) -> list[str]:
+    """Write ``full_state`` (a dict or an iterator of Megatron ``(name, tensor)``) as a HF folder.
+
+    ``dtype`` casts floating tensors (default: keep); ``tokenizer`` is a tokenizer folder, a
+    sentencepiece ``.model`` file or an object with ``save_pretrained``; ``config_kwargs`` go to the
+    text config (e.g. ``eos_token_id``). Returns the files written.
+    """
+    check_transformers_version()
+    weight_map = WeightMap(cfg)  # refuses configs with no HF equivalent before anything is written
+    config = hf_config(cfg, **(config_kwargs or {}))
+    config.architectures = [weight_map.architecture]
+    if dtype is not None:
+        config.dtype = dtype  # transformers 4.57 reads it as torch_dtype
+    os.makedirs(out_dir, exist_ok=True)
+    config.save_pretrained(out_dir)
+    files = ["config.json"]
+    files += write_shards(weight_map.to_hf(full_state, extra_tensors=extra_tensors), out_dir,
+                          max_shard_size=max_shard_size, dtype=dtype, total=len(weight_map.hf_names), progress=progress)
+    if tokenizer is not None:
+        files += [os.path.basename(f) for f in copy_tokenizer(tokenizer, out_dir)]
+    return files
+
+
+def export_model(model, groups, cfg: ModelConfig, out_dir: str, *, writer_rank: int = 0, **save_kwargs) -> Optional[list[str]]:
+    """Gather ``model`` (any TP/PP layout; collective over all ranks) and write it on ``writer_rank``.
+    Returns the files on the writer, None elsewhere; every rank returns once the folder is complete."""
+    import torch.distributed as dist
+
+    from megatron_longvideo.checkpoint.full_state import gather_full_state
+
+    state = gather_full_state(model, groups)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    files, error = None, None
+    if rank == writer_rank:
+        try:
+            files = save_hf(state, cfg, out_dir, **save_kwargs)
+        except Exception as e:  # other ranks must not wait forever at the barrier
+            error = e
+    del state
+    if dist.is_initialized():
+        flag = torch.tensor([0 if error is None else 1])
+        dist.all_reduce(flag)
+        if flag.item() and error is None:
+            raise RuntimeError(f"export to {out_dir} failed on rank {writer_rank}")
+    if error is not None:
+        raise error
+    return files
+
+
+def read_hf_config(hf_dir: str) -> ModelConfig:
+    """Our config of the HF folder ``hf_dir`` (Qwen2 or LLaVA-OneVision ``config.json``)."""
+    from transformers import AutoConfig
+
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: missing (not a Hugging Face model folder?)")
+    try:
+        with open(path) as f:
+            json.load(f)
+        config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
+    except (json.JSONDecodeError, ValueError, OSError) as e:
+        raise ValueError(f"{path}: corrupt or unsupported config ({e})") from e
+    return config_from_hf(config)
+
+
+_PARTS = ("all", "language_model", "vision_tower")
+
+
+def _weight_map(cfg: ModelConfig, part: str) -> WeightMap:
+    if part not in _PARTS:
+        raise ValueError(f"part: must be one of {_PARTS}, got {part!r}")
+    if part == "language_model":
+        return WeightMap.language_model(cfg)
+    if part == "vision_tower":
+        if not isinstance(cfg, VLMConfig):
+            raise ValueError("part='vision_tower' needs the VLMConfig of the model to initialise")
+        return WeightMap.vision_tower(cfg)
+    return WeightMap(cfg)
+
+
+def load_hf(hf_dir: str, cfg: Optional[ModelConfig] = None, *, part: str = "all", progress: bool = False) -> HFCheckpoint:
+    """Read the HF folder ``hf_dir`` into a Megatron full state. With ``cfg`` (the model to load into)
+    every tensor is checked against it, so a checkpoint of another shape fails naming the tensor.
+
+    ``part="language_model"`` reads a ``Qwen2ForCausalLM`` folder into the ``llm.`` part of a VLM
+    ``cfg``; ``part="vision_tower"`` a SigLIP folder (``SiglipVisionModel`` or ``SiglipModel``) into
+    its ``vision.vit.`` part: how a VLM starts from public LLM and ViT weights."""
+    check_transformers_version()
+    if cfg is None:
+        if part != "all":
+            raise ValueError(f"part={part!r} needs cfg, the config of the model to initialise")
+        cfg = read_hf_config(hf_dir)
+    unmapped: dict[str, torch.Tensor] = {}
+    state = dict(_weight_map(cfg, part).to_megatron(read_checkpoint(hf_dir, progress=progress), unmapped=unmapped))
+    return HFCheckpoint(config=cfg, state=state, unmapped=unmapped)
+
+
+def load_hf_into_model(model, groups, hf_dir: str, cfg: Optional[ModelConfig] = None, *, part: str = "all") -> HFCheckpoint:
+    """Load the HF folder into this rank's shards of ``model`` (any layout). ``cfg`` defaults to the
+    model's own (``VideoLanguageModel.cfg``), else the checkpoint's. With ``part`` other than 'all'
+    only that part of the model is overwritten."""
+    from megatron_longvideo.checkpoint.full_state import load_full_state
+    from megatron_longvideo.models.llm import unwrap
+
+    if cfg is None:
+        cfg = getattr(unwrap(model), "cfg", None)
+    checkpoint = load_hf(hf_dir, cfg, part=part)
+    load_full_state(model, checkpoint.state, groups, strict=part == "all")
+    return checkpoint
+
+
+_FORMAT = "megatron_longvideo.full_state/1"
+
+
+def _config_to_dict(cfg: ModelConfig) -> dict:
+    return {"kind": "vlm" if isinstance(cfg, VLMConfig) else "llm", **dataclasses.asdict(cfg)}
+
+
+def _config_from_dict(d: dict) -> ModelConfig:
+    from megatron_longvideo.models.vision import VisionConfig
+
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind == "vlm":
+        return VLMConfig(llm=LLMConfig(**d["llm"]), vision=VisionConfig(**d["vision"]), video_token_id=d["video_token_id"])
+    if kind == "llm":
+        return LLMConfig(**d)
+    raise ValueError(f"unknown model kind {kind!r} (expected 'llm' or 'vlm')")
+
+
+def save_full_state_file(path: str, cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> None:
+    """One ``torch.save`` file holding a full state and its config (the converter's Megatron side)."""
+    torch.save({"format": _FORMAT, "config": _config_to_dict(cfg), "state": dict(state)}, path)
+
+
+def load_full_state_file(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """``(config, full state)`` of a file written by :func:`save_full_state_file`."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such full-state file")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: corrupt or unreadable full-state file ({e})") from e
+    if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
+        raise ValueError(f"{path}: not a megatron_longvideo full-state file (expected format {_FORMAT!r})")
+    return _config_from_dict(blob["config"]), blob["state"]
