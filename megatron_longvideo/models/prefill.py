@@ -202,8 +202,9 @@ def token_logprobs(logits: torch.Tensor, batch: PrefillBatch, plan: ShardPlan, g
 
     logits = logits.float().transpose(0, 1)  # [n_local, 1, v/tp]
     target = batch.targets[plan.owned][:, None]  # [n_local, 1]
-    logp = -vocab_parallel_cross_entropy(logits, target)[:, 0]
     entropy = vocab_parallel_entropy(logits[:, 0], groups.tp)
+    # megatron's cross entropy works in place on its input (fp32 .float() is no copy): give it its own
+    logp = -vocab_parallel_cross_entropy(logits.clone(), target)[:, 0]
     return logp, entropy
 
 

@@ -161,7 +161,10 @@ class GRPOTrainer:
         return Rollouts(list(prompts), token_groups, rewards, {k: v.view(-1, g).float() for k, v in parts.items()}, advantages)
 
     def _decode(self, ids: list[int]) -> str:
-        # the model's vocabulary may be padded past the tokenizer's (TP divisibility): those ids read as nothing
+        """Response text for the rewards: without the stop token that ended it (it stays in the token
+        ids the policy is trained on), and without ids of a vocabulary padded past the tokenizer's."""
+        if ids and ids[-1] in self.cfg.sampling.stop_token_ids:
+            ids = ids[:-1]
         vocab = self.tokenizer.vocab_size
         return self.tokenizer.decode([t for t in ids if t < vocab])
 

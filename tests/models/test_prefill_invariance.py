@@ -132,3 +132,45 @@ def test_prefill_four_ranks():
         "tp2_sp_cp2": ({"tp": 2, "cp": 2, "sp": True}, False),
     }
     _check(run_ranks(_worker, 4, layouts)[0])
+
+
+def _plain_forward_worker(rank, world_size):
+    """The prefill's log-probs and entropies against a plain forward + log-softmax of each sequence."""
+    init_cpu_dist()
+    from megatron_longvideo.models.llm import LLMConfig, build_llm, lm_forward
+    from megatron_longvideo.models.prefill import prefill_step
+    from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
+    from megatron_longvideo.rl.packing import build_prefill_batch
+    from megatron_longvideo.training.engine import forward_backward, wrap_ddp
+
+    groups = initialize_parallel(ParallelConfig())
+    torch.manual_seed(0)
+    model = build_llm(LLMConfig.tiny(vocab_size=64, init_std=0.5), groups)
+    g = torch.Generator().manual_seed(2)
+    prefix = torch.randint(1, 64, (7,), generator=g)
+    responses = [torch.randint(1, 64, (4,), generator=g), torch.randint(1, 64, (3,), generator=g)]
+    out = {}
+    ddp = wrap_ddp(model, groups)
+    for pack in (False, True):
+        batch = build_prefill_batch([prefix], [responses], pack=pack, pad_id=0)
+        reports = forward_backward(ddp, prefill_step(groups, batch), [None], seq_length=batch.input_ids.shape[1],
+                                   micro_batch_size=batch.input_ids.shape[0], forward_only=True)
+        out[pack] = (reports[0]["logp"], reports[0]["entropy"])
+    logp, entropy = [], []
+    with torch.no_grad():
+        for r in responses:
+            ids = torch.cat([prefix, r])[None]
+            logits = lm_forward(model, input_ids=ids, position_ids=torch.arange(ids.shape[1])[None])[0].float()
+            rows = logits[len(prefix) - 1 : len(prefix) - 1 + len(r)]  # outputs that predict r
+            logp.append(torch.log_softmax(rows, -1).gather(1, r[:, None])[:, 0])
+            entropy.append(torch.distributions.Categorical(logits=rows).entropy())
+    destroy_parallel()
+    return out, torch.cat(logp), torch.cat(entropy)
+
+
+def test_prefill_matches_a_plain_forward():
+    out, logp, entropy = run_ranks(_plain_forward_worker, 1)[0]
+    assert entropy.min() < 3.0, "the check needs peaked distributions"
+    for pack, (got_logp, got_entropy) in out.items():
+        assert torch.allclose(got_logp, logp, rtol=1e-5, atol=1e-5), (pack, got_logp, logp)
+        assert torch.allclose(got_entropy, entropy, rtol=1e-5, atol=1e-5), (pack, got_entropy, entropy)
