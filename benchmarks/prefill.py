@@ -4,8 +4,8 @@ Measured in one run (ratios are what to read; absolute numbers depend on the mac
   1. shared-prefix packing vs G separate sequences, for the log-prob pass (forward only) and for
      forward + backward, on the tiny LLM scaled to a prefix of 4,096 tokens and G=8 responses of 256;
   2. the shard / unshard / merge kernels vs the torch composite vs a plain memory copy (GB/s);
-  3. per-rank peak memory (RSS growth of the process during one forward + backward of the packed
-     group) at CP=1, 2 and 4.
+  3. per-rank peak memory (growth during one forward + backward of the packed group, after a warm-up
+     pass: RSS sampled by a thread on CPU, max_memory_allocated on CUDA) at CP=1, 2 and 4.
 Each rank runs with one torch thread.
 
     python benchmarks/prefill.py            # full size (a few minutes on 2 CPU cores)
@@ -15,7 +15,7 @@ Each rank runs with one torch thread.
 from __future__ import annotations
 
 import argparse
-import resource
+import os
 import statistics
 import sys
 import time
@@ -24,9 +24,8 @@ import torch
 
 from megatron_longvideo.parallel.spawn import init_cpu_dist, run_ranks
 
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import PeakMemory  # noqa: E402
 
 
 def _setup(cp, prefix_len, response_len, g, pack, micro):
@@ -90,11 +89,11 @@ def _memory_worker(rank, world_size, prefix_len, response_len, g):
     from megatron_longvideo.parallel.groups import destroy_parallel
 
     groups, model, batches = _setup(world_size, prefix_len, response_len, g, True, micro=1)
-    base = _rss_mb()
-    _pass(groups, model, batches, True)
-    peak = _rss_mb() - base
+    _pass(groups, model, batches, True)  # warm-up: buffers and allocator pools exist before measuring
+    with PeakMemory() as mem:
+        _pass(groups, model, batches, True)
     destroy_parallel()
-    return peak
+    return mem.peak_mb
 
 
 def main(argv=None) -> str:
@@ -128,7 +127,7 @@ def main(argv=None) -> str:
         k, ka, t, c = (gbps[f"{op}.{x}"] for x in ("kernel", "kernel_alloc", "torch", "copy"))
         lines.append(f"| {op} | {k:.1f} | {ka:.1f} | {t:.1f} | {c:.1f} | {k / t:.1f}x |")
 
-    lines += ["", f"## Per-rank peak memory of the packed prefill (forward + backward, RSS growth, MB)", "",
+    lines += ["", "## Per-rank peak memory of the packed prefill (forward + backward, growth in MB)", "",
               "| CP | max over ranks | vs CP=1 |", "|---:|---:|---:|"]
     base = None
     for cp in (1, 2, 4):
