@@ -102,6 +102,15 @@ class Rollouts:
     """Unweighted reward parts ``{name: [groups, G]}``."""
     advantages: torch.Tensor
     """``[groups, G]``."""
+    generated_rewards: Optional[torch.Tensor] = None
+    """``[all groups generated this step, G]`` total rewards before dynamic sampling dropped any
+    (what the reward metrics report: the kept groups are biased towards mixed rewards)."""
+    generated_parts: Optional[dict] = None
+    """Reward parts of all generated groups."""
+
+    def __post_init__(self):
+        if self.generated_rewards is None:
+            self.generated_rewards, self.generated_parts = self.rewards, self.parts
 
 
 class GRPOTrainer:
@@ -272,12 +281,12 @@ class GRPOTrainer:
             ro = self.rollout(draw(cfg.prompts_per_step))
             return ro, {"groups_dropped": 0.0}
         sampler = DynamicSampler(DynamicSamplingConfig(num_target_groups=cfg.prompts_per_step, max_rounds=cfg.max_refill_rounds))
-        parts = []
+        rounds = []
         need = sampler.num_to_draw()
         while need:
             ro = self.rollout(draw(need))
-            items = list(range(len(ro.prompts)))
-            need = sampler.add([(ro, i) for i in items], ro.rewards)
+            rounds.append(ro)
+            need = sampler.add([(ro, i) for i in range(len(ro.prompts))], ro.rewards)
         kept, stats = sampler.take()
         if not kept:  # nothing with signal: train on the last round anyway (advantages are zero)
             kept = [(ro, i) for i in range(len(ro.prompts))][: cfg.prompts_per_step]
@@ -287,6 +296,8 @@ class GRPOTrainer:
             rewards=torch.stack([r.rewards[i] for r, i in kept]),
             parts={k: torch.stack([r.parts[k][i] for r, i in kept]) for k in kept[0][0].parts},
             advantages=torch.stack([r.advantages[i] for r, i in kept]),
+            generated_rewards=torch.cat([r.rewards for r in rounds]),
+            generated_parts={k: torch.cat([r.parts[k] for r in rounds]) for k in rounds[0].parts},
         )
         return merged, {"groups_dropped": float(stats.num_dropped_groups), "refill_rounds": float(stats.num_rounds)}
 
@@ -340,19 +351,20 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------------ #
     def _metrics(self, ro: Rollouts, updates: list[dict], sample_stats: dict, times: dict, hits_before: int) -> dict:
         frames = sum(p.frames.shape[0] for p in ro.prompts)
-        lengths = torch.tensor([len(r) for g in ro.responses for r in g], dtype=torch.float32)
-        local = torch.tensor([ro.rewards.sum().item(), (ro.rewards ** 2).sum().item(), ro.rewards.numel(),
-                              lengths.sum().item()] + [ro.parts[k].sum().item() for k in sorted(ro.parts)], dtype=torch.float64)
+        lengths = torch.tensor([len(r) for g in ro.responses for r in g], dtype=torch.float64)
+        rewards, parts = ro.generated_rewards.double(), ro.generated_parts
+        local = torch.tensor([rewards.sum().item(), (rewards ** 2).sum().item(), rewards.numel(), lengths.sum().item(),
+                              lengths.numel()] + [parts[k].sum().item() for k in sorted(parts)], dtype=torch.float64)
         dist.all_reduce(local, group=self.groups.dp)
         n = local[2]
         mean = local[0] / n
         metrics = {
             "reward/mean": mean.item(),
             "reward/std": (local[1] / n - mean ** 2).clamp(min=0).sqrt().item(),
-            "response/length": (local[3] / n).item(),
+            "response/length": (local[3] / local[4]).item(),
         }
-        for i, k in enumerate(sorted(ro.parts)):
-            metrics[f"reward/{k}"] = (local[4 + i] / n).item()
+        for i, k in enumerate(sorted(parts)):
+            metrics[f"reward/{k}"] = (local[5 + i] / n).item()
         for key in updates[-1]:
             metrics[f"train/{key}"] = sum(u[key] for u in updates) / len(updates)
         metrics.update({f"sampling/{k}": v for k, v in sample_stats.items()})
