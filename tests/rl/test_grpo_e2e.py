@@ -105,3 +105,36 @@ def test_two_grpo_steps_cp2_packed_equal_world1_unpacked(tmp_path):
     assert m["cache/hits_this_step"] > 0, "the old-policy, reference and update passes should reuse the cached video"
     # the weights moved: the comparison is not between two untouched models
     assert any(m[k] > 0 for k in ("train/grad_norm",))
+
+
+def _dynamic_worker(rank, world_size, tok_path):
+    init_cpu_dist()
+    import dataclasses
+
+    from megatron_longvideo.parallel.groups import destroy_parallel
+
+    trainer, prompts, ddp, groups = _setup(tok_path, world_size, True)
+    # a reward that is the same for every response: every group is dropped, refills run out, and the
+    # step still trains on the last round (zero advantages) instead of stalling
+    trainer.cfg = dataclasses.replace(trainer.cfg, dynamic_sampling=True, max_refill_rounds=2,
+                                      rewards=(("format", 1.0),))
+    trainer.reward_spec = dict(trainer.cfg.rewards)
+    drawn = []
+
+    def draw(k):
+        drawn.append(k)
+        return [prompts[(len(drawn) + i) % len(prompts)] for i in range(k)]
+
+    metrics = trainer.step(draw)
+    destroy_parallel()
+    return drawn, metrics
+
+
+def test_dynamic_sampling_refills_then_trains_on_what_it_has(tmp_path):
+    from megatron_longvideo.data.tokenizer import train_sentencepiece
+
+    tok_path = train_sentencepiece(VOCAB_TEXTS, str(tmp_path / "tok"), vocab_size=300)
+    drawn, metrics = run_ranks(_dynamic_worker, 1, tok_path)[0]
+    assert drawn == [2, 2], "two rounds of two prompts: every group had equal rewards"
+    assert metrics["sampling/groups_dropped"] == 4.0 and metrics["sampling/refill_rounds"] == 2.0
+    assert metrics["reward/std"] == 0.0 and metrics["train/skipped"] == 0.0
