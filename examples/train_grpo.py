@@ -261,7 +261,7 @@ def main(argv=None):
         progress(metrics)
         if args.save and args.save_interval and (it + 1) % args.save_interval == 0:
             checkpointing.save(it + 1)
-    if args.save:
+    if args.save and not (args.save_interval and args.train_iters % args.save_interval == 0) and args.train_iters > start:
         checkpointing.save(args.train_iters)
     if rank0 and history:
         k = max(1, len(history) // 5)
