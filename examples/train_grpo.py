@@ -87,6 +87,7 @@ def parse_args(argv=None):
     g.add_argument("--update-epochs", type=int, default=1)
     g.add_argument("--num-minibatches", type=int, default=1)
     g.add_argument("--engine", default="hf", choices=["hf", "vllm"])
+    g.add_argument("--offload-reference", action="store_true", help="keep the reference model in CPU memory between its passes")
     g.add_argument("--sft-warmup-steps", type=int, default=0,
                    help="steps of format-only SFT before GRPO: targets '<think> </think><answer>X</answer>' with a random X")
     g = p.add_argument_group("training")
@@ -243,6 +244,7 @@ def main(argv=None):
                             norm_len=args.max_new_tokens if args.loss_aggregation == "seq_sum_token_mean" else None),
         advantage_scale=args.advantage_scale, rewards=rewards, dynamic_sampling=args.dynamic_sampling,
         num_minibatches=args.num_minibatches, update_epochs=args.update_epochs, log_samples_every=args.log_samples_every,
+        offload_reference=args.offload_reference,
     )
     engine = build_engine(args.engine, cfg, tokenizer=tok, pad_token_id=tok.pad_id) if is_replica_leader(groups) else None
     writer = None

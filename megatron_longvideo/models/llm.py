@@ -131,6 +131,10 @@ def qwen2_layer_spec(sequence_context: SequenceContext, *, use_te: bool = False,
     from megatron_longvideo.parallel.cp_attention import CPCoreAttention
 
     if use_te:
+        try:
+            import transformer_engine  # noqa: F401
+        except ImportError as err:
+            raise ImportError("use_te=True needs TransformerEngine: pip install 'megatron_longvideo[gpu]'") from err
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()

@@ -138,3 +138,42 @@ def test_dynamic_sampling_refills_then_trains_on_what_it_has(tmp_path):
     assert drawn == [2, 2], "two rounds of two prompts: every group had equal rewards"
     assert metrics["sampling/groups_dropped"] == 4.0 and metrics["sampling/refill_rounds"] == 2.0
     assert metrics["reward/std"] == 0.0 and metrics["train/skipped"] == 0.0
+
+
+def _nan_worker(rank, world_size, tok_path):
+    init_cpu_dist()
+    import warnings
+
+    from megatron_longvideo.checkpoint.full_state import gather_full_state
+    from megatron_longvideo.parallel.groups import destroy_parallel
+
+    trainer, prompts, ddp, groups = _setup(tok_path, world_size, True)
+    make = trainer._loss_fn
+
+    def poisoned(*args, **kwargs):  # a loss that turns non-finite, as a numerical blow-up would
+        inner = make(*args, **kwargs)
+
+        def loss_fn(logp, entropy, plan):
+            loss, count, report = inner(logp, entropy, plan)
+            report["loss_sums"] = report["loss_sums"] * float("nan")
+            return loss * float("nan"), count, report
+
+        return loss_fn
+
+    trainer._loss_fn = poisoned
+    before = gather_full_state(ddp, groups)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = trainer.step(lambda k: prompts[:k])
+    after = gather_full_state(ddp, groups)
+    destroy_parallel()
+    unchanged = all(torch.equal(before[k], after[k]) for k in before)
+    return metrics["train/skipped"], unchanged, [str(w.message) for w in caught if "non-finite loss" in str(w.message)]
+
+
+def test_non_finite_loss_skips_the_update(tmp_path):
+    from megatron_longvideo.data.tokenizer import train_sentencepiece
+
+    tok_path = train_sentencepiece(VOCAB_TEXTS, str(tmp_path / "tok"), vocab_size=300)
+    skipped, unchanged, warned = run_ranks(_nan_worker, 1, tok_path)[0]
+    assert skipped == 1.0 and unchanged and warned
