@@ -158,22 +158,6 @@ def prefill_forward(
         return lm_forward(model, decoder_input=decoder_input, position_ids=pos_local, segment_ids=seg_local)
 
 
-class _VocabAllReduce(torch.autograd.Function):
-    """forward: sum over TP; backward: identity (the entropy downstream is replicated over TP)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        import torch.distributed as dist
-
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
 def vocab_parallel_entropy(logits: torch.Tensor, tp_group) -> torch.Tensor:
     """Entropy of softmax over a vocabulary split across TP: ``[..., v / tp]`` -> ``[...]``.
 
@@ -190,9 +174,9 @@ def vocab_parallel_entropy(logits: torch.Tensor, tp_group) -> torch.Tensor:
     e = torch.exp(logits - m)
     z = e.sum(-1)
     a = (e * logits).sum(-1)
-    if tp > 1:
-        z = _VocabAllReduce.apply(z, tp_group)
-        a = _VocabAllReduce.apply(a, tp_group)
+    # sums over the vocabulary shards; backward identity: the entropy downstream is replicated over TP
+    z = collectives.all_reduce(z, tp_group)
+    a = collectives.all_reduce(a, tp_group)
     return m.squeeze(-1) + torch.log(z) - a / z
 
 
