@@ -8,8 +8,8 @@ SFT. Leaves out: interleaved image-text data, multi-video records.
 
 CPU demo (2 ranks, the synthetic dataset written on first use):
 
-    torchrun --nproc-per-node 2 examples/pretrain.py --synthetic-data demo/data --train-iters 30 \\
-        --lr 1e-3 --save demo/pretrain
+    torchrun --nproc-per-node 2 examples/pretrain.py --synthetic-data demo/data --context-parallel-size 2 \\
+        --train-iters 30 --lr 1e-3 --save demo/pretrain --log-interval 5
 
 One GPU machine, 8 ranks:
 

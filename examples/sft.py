@@ -11,7 +11,9 @@ Leaves out: sequence packing, the RL stage (see the GRPO script).
 CPU demo (2 ranks, context parallelism 2, the synthetic dataset written on first use):
 
     torchrun --nproc-per-node 2 examples/sft.py --synthetic-data demo/data --context-parallel-size 2 \\
-        --train-iters 40 --lr 1e-3 --save demo/sft --load demo/pretrain --finetune
+        --train-iters 60 --lr 1e-3 --load demo/pretrain --finetune --save demo/sft
+
+(measured on 2 CPU cores: response loss 6.20 at step 1 -> 3.37 at step 60, about 20 s in all).
 
 One GPU machine, 8 ranks (a real model: pass its sizes, tokenizer and data):
 

@@ -4,7 +4,9 @@ One checkpoint holds, under one sharded state dict:
 
 - ``model``: the model's ``sharded_state_dict()`` (TP/PP shards as global tensors: reshardable);
 - ``optimizer``: megatron's ``optimizer.sharded_state_dict(model_sd)``; the distributed optimizer uses
-  the ``fully_sharded_model_space`` format (every state tensor keyed like its parameter: reshardable);
+  the ``fully_reshardable`` format (state gathered per parameter on DP rank 0 at save, sliced per rank at
+  load: reshardable). ``fully_sharded_model_space`` fails in megatron-core 0.16.1 ("ShardedTensor.
+  flattened_range is not supported"), ``dp_reshardable`` reshards over DP only;
 - ``rng``: python / numpy / torch / CUDA generator states and megatron's RNG-tracker states of every
   rank (a ``ShardedObject`` over the world), restored only into the same layout;
 - common (rank 0): step, scheduler state, data position (the loader's ``state_dict``), the parallel
@@ -16,11 +18,12 @@ manifest (each rank hashes a share) and the tensor shapes against this model's, 
 corrupt file or a checkpoint of another model shape is an error naming the file or the tensor.
 
 What reshards (a different TP / PP / CP / DP layout at load): model weights; the optimizer state of the
-plain megatron optimizer and of the distributed optimizer (``fully_sharded_model_space``) between layouts
-with the same optimizer kind; the scheduler, step and data position (the data position needs
-``consumed_samples`` divisible by the new DP size). What does not: RNG states (skipped with a log line
-when the layout differs), and optimizer state across optimizer kinds (plain <-> distributed use
-different keys: load with ``weights_only=True``, as ``--finetune`` does).
+plain megatron optimizer and of the distributed optimizer (``fully_reshardable``) between layouts with the
+same optimizer kind; the scheduler, step and data position (the data position needs ``consumed_samples``
+divisible by the new DP size). Tested: TP=2 -> TP=1 (DP=2) and -> CP=2, distributed optimizer DP=2 ->
+CP=2. What does not: RNG states (skipped with a log line when the layout differs), and optimizer state
+across optimizer kinds (plain <-> distributed use different keys: load with ``weights_only=True``, as
+``--finetune`` does).
 """
 
 from __future__ import annotations
@@ -52,10 +55,10 @@ from megatron_longvideo.checkpoint.ckpt_files import (
 from megatron_longvideo.parallel.groups import ParallelGroups
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "save_checkpoint", "load_checkpoint", "find_checkpoint",
-           "rng_state", "set_rng_state"]
+           "rng_state", "set_rng_state", "close_checkpoint_writer"]
 
 log = logging.getLogger(__name__)
-OPTIMIZER_FORMAT = "fully_sharded_model_space"
+OPTIMIZER_FORMAT = "fully_reshardable"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +119,54 @@ def _model_sd(model, groups: ParallelGroups) -> dict:
 
 
 def _optimizer_sd(optimizer, model_sd: dict, *, is_loading: bool) -> dict:
+    if is_loading:
+        _init_distributed_optimizer_state(optimizer)
     metadata = {"distrib_optim_sharding_type": OPTIMIZER_FORMAT, "chained_optim_avoid_prefix": True}
     return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
+
+
+def _init_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer its Adam state (with ``step``) before a load request is built.
+
+    Without TE / Apex megatron wraps torch's Adam, whose state appears at the first step, and the
+    distributed optimizer's ``state_dict`` asserts a ``step`` entry. Megatron's own dummy step (zero
+    gradients) creates it; the loaded values replace it.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, DistributedOptimizer) and len(inner.optimizer.state) == 0:
+            inner._init_optimizer_states_with_dummy_values()
+
+
+def _load_optimizer(optimizer, state) -> None:
+    """``optimizer.load_state_dict(state)``, working around megatron 0.16 with torch's Adam (no TE / Apex).
+
+    For the distributed optimizer's ``fully_reshardable`` format, megatron copies every entry of torch
+    Adam's per-parameter state from the loaded parameter state, which holds no ``step`` (the step comes
+    from the param groups): a KeyError. The two halves are loaded separately, ``step`` set aside between.
+    And the restored ``step`` is one tensor shared by all parameters (see below).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [state] if len(inners) == 1 else [state[k] for k in sorted(state)]
+    for inner, st in zip(inners, states):
+        if isinstance(inner, DistributedOptimizer) and st.get("param_state_sharding_type") == "fully_reshardable":
+            param_state = st.pop("param_state")
+            st.pop("param_state_sharding_type")
+            inner.load_state_dict(st)
+            steps = {p: s.pop("step") for p, s in inner.optimizer.state.items() if "step" in s}
+            inner.load_parameter_state_from_fully_reshardable(param_state)
+            for p, step in steps.items():
+                inner.optimizer.state[p]["step"] = step
+        else:
+            inner.load_state_dict(st)
+        # megatron hands every parameter the same ``step`` tensor, which torch's Adam then increments in
+        # place once per parameter: each needs its own
+        for per_param in inner.optimizer.state.values():
+            if torch.is_tensor(per_param.get("step")):
+                per_param["step"] = per_param["step"].clone()
 
 
 def _rng_object(state):
@@ -227,17 +276,18 @@ def _verify_files(ckpt: str, *, checksum: bool) -> None:
 
 def _check_shapes(ckpt: str, request: dict) -> None:
     """Every requested tensor exists in the checkpoint with the same global shape, or an error naming it."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-    saved = dist_checkpointing.load_sharded_metadata(ckpt)
+    saved = load_sharded_metadata(ckpt)
     missing = []
     for item in nested_values(request):
         if not isinstance(item, (ShardedTensor, ShardedObject)):
             continue
-        if item.key not in saved:
-            missing.append(item.key)
+        key = item.unique_key if isinstance(item, ShardedObject) else item.key  # objects: one entry per shard
+        if key not in saved:
+            missing.append(key)
             continue
         if isinstance(item, ShardedTensor) and tuple(saved[item.key].global_shape) != tuple(item.global_shape):
             raise CheckpointError(
@@ -287,7 +337,7 @@ def load_checkpoint(path: str, *, model, groups: ParallelGroups, optimizer=None,
     if weights_only:
         return LoadedCheckpoint(ckpt, 0, common.get("run_config", {}), tuple(restored))
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer(optimizer, loaded["optimizer"])
         restored.append("optimizer")
     if scheduler is not None and "scheduler" in common:
         scheduler.load_state_dict(common["scheduler"])
@@ -299,3 +349,18 @@ def load_checkpoint(path: str, *, model, groups: ParallelGroups, optimizer=None,
         set_rng_state(loaded["rng"])
         restored.append("rng")
     return LoadedCheckpoint(ckpt, int(common["step"]), common.get("run_config", {}), tuple(restored))
+
+
+def close_checkpoint_writer() -> None:
+    """Stop the queue-manager process megatron's torch_dist writer starts on the first save.
+
+    It lives until the interpreter exits normally; a process that ends with ``os._exit`` (spawned test
+    ranks) would leave it orphaned. Harmless to call when no save happened; the next save starts a new one.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = filesystem_async._results_queue
+    manager = getattr(queue, "_manager", None)
+    if manager is not None:
+        manager.shutdown()
+    filesystem_async._results_queue = None

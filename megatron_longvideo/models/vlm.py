@@ -55,6 +55,7 @@ class VideoLanguageModel(MegatronModule):
         super().__init__(config=llm.config)
         self.model_type = llm.model_type
         self.llm = llm
+        self.tp_group = groups.tp  # the vision tower is replicated over it (see sharded_state_dict)
         self.vision = build_vision_encoder(cfg.vision, cfg.llm.hidden_size, groups, seed=seed + 1) if llm.pre_process else None
 
     @property
@@ -80,7 +81,10 @@ class VideoLanguageModel(MegatronModule):
 
         sd = self.llm.sharded_state_dict(prefix=f"{prefix}llm.", sharded_offsets=sharded_offsets, metadata=metadata)
         if self.vision is not None:
-            sd.update(sharded_state_dict_default(self.vision, f"{prefix}vision.", sharded_offsets, metadata))
+            # Replicated over TP and DP x CP: one main replica. Without the TP group megatron gives every
+            # TP rank replica_id 0 and the save fails its access check.
+            sd.update(sharded_state_dict_default(self.vision, f"{prefix}vision.", sharded_offsets, metadata,
+                                                 tp_group=self.tp_group))
         return sd
 
 

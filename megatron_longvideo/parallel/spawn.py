@@ -42,6 +42,7 @@ def _child(fn, rank, world_size, port, workdir, args):
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(workdir, f"rank{rank}.pt"))
+        _close_checkpoint_writer()
     except BaseException:
         with open(os.path.join(workdir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
@@ -49,6 +50,15 @@ def _child(fn, rank, world_size, port, workdir, args):
         os._exit(1)
     log.flush()
     os._exit(0)
+
+
+def _close_checkpoint_writer():
+    # megatron's checkpoint writer starts a helper process at the first save; os._exit below would
+    # leave it running
+    import sys as _sys
+
+    if "megatron_longvideo.checkpoint.dist_ckpt" in _sys.modules:
+        _sys.modules["megatron_longvideo.checkpoint.dist_ckpt"].close_checkpoint_writer()
 
 
 def _tail(path: str, n: int = 40) -> str:

@@ -1,0 +1,133 @@
+"""Megatron-style command-line flags of the entry scripts, plus ``--config file.json``.
+
+Flag names follow Megatron-LM (``--tensor-model-parallel-size``, ``--micro-batch-size``, ``--save`` ...)
+so the scripts fit existing launchers. ``--config`` names a JSON object whose keys are flag names
+(``"micro-batch-size"`` or ``"micro_batch_size"``); its values replace the defaults and flags given on the
+command line win over it. An unknown key is an error naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Optional, Sequence
+
+from megatron_longvideo.parallel.groups import ParallelConfig
+from megatron_longvideo.training.engine import OptimConfig
+
+__all__ = ["build_parser", "parse", "parallel_config", "optim_config", "train_config", "run_config"]
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--config", help="JSON file of flag values (command-line flags override it)")
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--cp-comm-type", default="all_gather", choices=("all_gather", "a2a", "p2p"))
+    g.add_argument("--encode-group", default="tp_cp", choices=("tp_cp", "cp"),
+                   help="ranks that split one video's frames (parallel encoding)")
+    g = p.add_argument_group("model (defaults: the tiny CPU demo model)")
+    g.add_argument("--num-layers", type=int, default=2)
+    g.add_argument("--hidden-size", type=int, default=64)
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--num-query-groups", type=int, default=2)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden size")
+    g.add_argument("--image-size", type=int, default=32, help="frame side in pixels the vision tower takes")
+    g.add_argument("--patch-size", type=int, default=8)
+    g.add_argument("--vision-hidden-size", type=int, default=32)
+    g.add_argument("--vision-num-layers", type=int, default=2)
+    g.add_argument("--vision-num-attention-heads", type=int, default=2)
+    g.add_argument("--train-vision-tower", action="store_true", help="also train the ViT (frozen by default)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", help="records file (.jsonl / .json)")
+    g.add_argument("--video-root", help="folder the records' video paths are relative to")
+    g.add_argument("--tokenizer", help="sentencepiece .model file or Hugging Face tokenizer folder")
+    g.add_argument("--synthetic-data", help="write (once) and use the synthetic dataset and tokenizer in this folder")
+    g.add_argument("--num-frames", type=int, default=8, help="frames sampled uniformly per video")
+    g.add_argument("--fps", type=float, default=None, help="sample at this rate instead (capped by --max-frames)")
+    g.add_argument("--max-frames", type=int, default=512)
+    g.add_argument("--seq-length", type=int, default=None, help="pad every micro-batch to this (needed for PP > 1)")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x DP (no accumulation)")
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-style", default="cosine", choices=("constant", "linear", "cosine"))
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--seed", type=int, default=1234)
+    g = p.add_argument_group("checkpointing and logging")
+    g.add_argument("--save", help="checkpoint root to save into (a run resumes from it when it holds one)")
+    g.add_argument("--load", help="checkpoint to start from when --save holds none")
+    g.add_argument("--finetune", action="store_true", help="with --load: weights only, fresh optimizer, step 0")
+    g.add_argument("--save-interval", type=int, default=0, help="0: save at the end only")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="0: keep all")
+    g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--no-verify-checksums", action="store_true", help="skip sha256 checks when loading")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-dir", default=None)
+    return p
+
+
+def parse(argv: Optional[Sequence[str]] = None, *, description: str = "", defaults: Optional[dict] = None):
+    """Flags -> namespace: parser defaults < ``defaults`` (the stage's) < ``--config`` JSON < command line."""
+    parser = build_parser(description)
+    if defaults:
+        parser.set_defaults(**defaults)
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        with open(known.config) as f:
+            try:
+                values = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"{known.config}: not valid JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{known.config}: expected a JSON object of flag values, got {type(values).__name__}")
+        dests = {a.dest for a in parser._actions}
+        for key in values:
+            if key.replace("-", "_") not in dests or key == "config":
+                raise ValueError(f"{known.config}: unknown key {key!r} (keys are the flag names, e.g. 'micro-batch-size')")
+        parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+    return parser.parse_args(argv)
+
+
+def parallel_config(args) -> ParallelConfig:
+    return ParallelConfig(tensor_parallel_size=args.tensor_model_parallel_size,
+                          pipeline_parallel_size=args.pipeline_model_parallel_size,
+                          context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
+                          cp_comm_type=args.cp_comm_type, encode_group=args.encode_group)
+
+
+def optim_config(args) -> OptimConfig:
+    return OptimConfig(lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+                       adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+                       use_distributed_optimizer=args.use_distributed_optimizer)
+
+
+def train_config(args):
+    from megatron_longvideo.training.loop import TrainConfig
+
+    return TrainConfig(train_iters=args.train_iters, micro_batch_size=args.micro_batch_size,
+                       global_batch_size=args.global_batch_size, seq_length=args.seq_length,
+                       lr_warmup_iters=args.lr_warmup_iters, lr_decay_style=args.lr_decay_style,
+                       lr_decay_iters=args.lr_decay_iters, save=args.save, load=args.load, finetune=args.finetune,
+                       save_interval=args.save_interval, keep_checkpoints=args.keep_checkpoints,
+                       exit_interval=args.exit_interval, log_interval=args.log_interval,
+                       tensorboard_dir=args.tensorboard_dir, verify_checksums=not args.no_verify_checksums)
+
+
+def run_config(args, stage: str) -> dict:
+    """The run's flags as a JSON-able dict (saved with every checkpoint)."""
+    return {"stage": stage, **{k: v for k, v in vars(args).items()}}

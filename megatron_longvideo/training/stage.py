@@ -1,0 +1,140 @@
+"""One training stage of the video-language model (projector pretraining or CoT-SFT), from its pieces.
+
+The entry scripts (``examples/pretrain.py``, ``examples/sft.py``) parse flags
+(:mod:`megatron_longvideo.training.args`) and call :func:`run_stage`; tests call the builders directly.
+A stage is: tokenizer -> model config (vocabulary rounded up to a multiple of TP, the tokenizer's video
+placeholder as ``video_token_id``) -> dataset and resumable DP-aware loader -> model with the stage's
+frozen parts -> :func:`megatron_longvideo.training.loop.train` with :func:`vlm_loss_step`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from megatron_longvideo.data import (
+    DistributedVideoSampler,
+    FrameSamplingConfig,
+    LongVideoDataset,
+    ResumableDataLoader,
+    VideoDatasetConfig,
+)
+from megatron_longvideo.models.llm import LLMConfig
+from megatron_longvideo.models.vision import VisionConfig
+from megatron_longvideo.models.vlm import VLMConfig
+from megatron_longvideo.parallel.groups import ParallelGroups
+
+__all__ = ["STAGES", "vlm_config_for", "build_data_loader", "build_stage_model", "run_stage"]
+
+STAGES = {
+    # stage: (dataset mode, trained parts)
+    "pretrain": ("pretrain", ("projector",)),
+    "sft": ("sft", ("llm", "projector")),
+}
+
+
+def vlm_config_for(tokenizer, *, llm: LLMConfig, vision: VisionConfig, tensor_parallel_size: int) -> VLMConfig:
+    """The model config for ``tokenizer``: its vocabulary (rounded up to a multiple of TP) and video id."""
+    import dataclasses
+
+    tp = tensor_parallel_size
+    vocab = -(-tokenizer.vocab_size // tp) * tp
+    return VLMConfig(llm=dataclasses.replace(llm, vocab_size=vocab), vision=vision, video_token_id=tokenizer.video_id)
+
+
+def build_data_loader(*, mode: str, data_path: str, video_root: str, tokenizer, sampling: FrameSamplingConfig,
+                      vision: VisionConfig, groups: ParallelGroups, micro_batch_size: int, seed: int = 0,
+                      num_workers: int = 0) -> ResumableDataLoader:
+    """The DP-aware resumable loader over ``data_path`` (caption records for pretrain, QA for SFT)."""
+    config = VideoDatasetConfig(mode=mode, video_root=video_root, sampling=sampling)
+    dataset = LongVideoDataset.from_file(data_path, tokenizer=tokenizer, num_video_tokens=vision.num_video_tokens,
+                                         config=config)
+    sampler = DistributedVideoSampler(len(dataset), dp_rank=groups.dp_rank, dp_size=groups.dp_size, seed=seed)
+    return ResumableDataLoader(dataset, sampler, micro_batch_size=micro_batch_size, num_workers=num_workers)
+
+
+def build_stage_model(cfg: VLMConfig, groups: ParallelGroups, *, trained: tuple[str, ...], seed: int = 0):
+    """The model of this rank with everything but ``trained`` (of llm, vision, projector) frozen."""
+    import dataclasses
+
+    from megatron_longvideo.models.vlm import build_vlm
+
+    unknown = set(trained) - {"llm", "vision", "projector"}
+    if unknown:
+        raise ValueError(f"trained: unknown parts {sorted(unknown)}; known: llm, vision, projector")
+    vision = dataclasses.replace(cfg.vision, freeze="vision" not in trained, freeze_projector="projector" not in trained)
+    torch.manual_seed(seed)
+    model = build_vlm(dataclasses.replace(cfg, vision=vision), groups, seed=seed)
+    if "llm" not in trained:
+        model.llm.requires_grad_(False)
+    return model
+
+
+def run_stage(stage: str, args):
+    """Run ``stage`` ("pretrain" or "sft") from parsed flags (:func:`megatron_longvideo.training.args.parse`)."""
+    from megatron_longvideo.data import load_tokenizer
+    from megatron_longvideo.parallel.groups import destroy_parallel, initialize_parallel
+    from megatron_longvideo.platform import enable_cpu_mode
+    from megatron_longvideo.training.args import optim_config, parallel_config, run_config, train_config
+    from megatron_longvideo.training.loop import train
+    from megatron_longvideo.training.vlm_step import vlm_loss_step
+
+    mode, trained = STAGES[stage]
+    if getattr(args, "train_vision_tower", False):
+        trained = trained + ("vision",)
+    enable_cpu_mode()
+    parallel = parallel_config(args)
+    groups = initialize_parallel(parallel, seed=args.seed)
+    try:
+        if args.synthetic_data:
+            paths = ensure_synthetic_data(args.synthetic_data, seed=args.seed)
+            args.data_path = args.data_path or paths["captions" if mode == "pretrain" else "qa"]
+            args.video_root = args.video_root or paths["video_root"]
+            args.tokenizer = args.tokenizer or paths["tokenizer"]
+        for flag in ("data_path", "video_root", "tokenizer"):
+            if not getattr(args, flag):
+                raise ValueError(f"--{flag.replace('_', '-')} is required (or --synthetic-data DIR)")
+        tokenizer = load_tokenizer(args.tokenizer)
+        vision = VisionConfig(image_size=args.image_size, patch_size=args.patch_size, hidden_size=args.vision_hidden_size,
+                              num_layers=args.vision_num_layers, num_attention_heads=args.vision_num_attention_heads,
+                              ffn_hidden_size=4 * args.vision_hidden_size, max_frames=args.max_frames)
+        llm = LLMConfig(hidden_size=args.hidden_size, num_layers=args.num_layers,
+                        num_attention_heads=args.num_attention_heads,
+                        num_query_groups=args.num_query_groups or args.num_attention_heads,
+                        ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size)
+        cfg = vlm_config_for(tokenizer, llm=llm, vision=vision, tensor_parallel_size=parallel.tensor_parallel_size)
+        sampling = FrameSamplingConfig(num_frames=None if args.fps else args.num_frames, fps=args.fps,
+                                       max_frames=args.max_frames, image_size=args.image_size)
+        loader = build_data_loader(mode=mode, data_path=args.data_path, video_root=args.video_root, tokenizer=tokenizer,
+                                   sampling=sampling, vision=vision, groups=groups,
+                                   micro_batch_size=args.micro_batch_size, seed=args.seed, num_workers=args.num_workers)
+        step = vlm_loss_step(groups, pad_id=tokenizer.pad_id, seq_length=args.seq_length)
+        return train(train_config(args), optim_config(args),
+                     model_provider=lambda: build_stage_model(cfg, groups, trained=trained, seed=args.seed),
+                     groups=groups, loader=loader, forward_step=step, run_config=run_config(args, stage))
+    finally:
+        destroy_parallel()
+
+
+def ensure_synthetic_data(root: str, *, num_videos: int = 64, seed: int = 0) -> dict[str, str]:
+    """Write the synthetic dataset and its tokenizer under ``root`` once (rank 0; others wait).
+
+    Returns ``{"qa", "captions", "video_root", "tokenizer"}`` paths.
+    """
+    import torch.distributed as dist
+
+    paths = {"qa": os.path.join(root, "qa.jsonl"), "captions": os.path.join(root, "captions.jsonl"),
+             "video_root": os.path.join(root, "videos"), "tokenizer": os.path.join(root, "tokenizer.model")}
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if rank == 0 and not os.path.isfile(paths["tokenizer"]):
+        from megatron_longvideo.data import SyntheticDatasetConfig, load_records, make_synthetic_dataset
+        from megatron_longvideo.data import train_tokenizer_for_records
+
+        make_synthetic_dataset(root, SyntheticDatasetConfig(num_videos=num_videos, min_frames=16, max_frames=48, seed=seed))
+        records = load_records(paths["qa"]).records + load_records(paths["captions"], kind="caption").records
+        train_tokenizer_for_records(records, paths["tokenizer"][: -len(".model")], vocab_size=512)
+    if dist.is_initialized():
+        dist.barrier()
+    return paths
