@@ -202,7 +202,7 @@ def save_checkpoint(root: str, step: int, *, model, groups: ParallelGroups, opti
 
     model_sd = _model_sd(model, groups)
     state = {"model": model_sd, "rng": _rng_object(rng_state()), "step": step, "layout": _layout(groups),
-             "run_config": run_config or {}}
+             "run_config": run_config or {}, "model_config": _model_config(model)}
     if optimizer is not None:
         state["optimizer"] = _optimizer_sd(optimizer, model_sd, is_loading=False)
     if scheduler is not None:
@@ -224,6 +224,30 @@ def save_checkpoint(root: str, step: int, *, model, groups: ParallelGroups, opti
             log.info("removed checkpoints of steps %s (keeping the newest %d)", removed, keep)
     _barrier()
     return final
+
+
+def _model_config(model) -> Optional[dict]:
+    """The model's config as a dict (a VLM's ``cfg``), so a converter can rebuild the model; else None."""
+    from megatron_longvideo.checkpoint.hf_convert import _config_to_dict
+    from megatron_longvideo.models.llm import unwrap
+
+    cfg = getattr(unwrap(model), "cfg", None)
+    return None if cfg is None else _config_to_dict(cfg)
+
+
+def model_config_of(path: str):
+    """The model config (``VLMConfig``) recorded in the checkpoint at ``path`` (a folder or a save root)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_longvideo.checkpoint.hf_convert import _config_from_dict
+
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        raise CheckpointError(f"{path}: no complete checkpoint")
+    recorded = dist_checkpointing.load_common_state_dict(ckpt).get("model_config")
+    if recorded is None:
+        raise CheckpointError(f"{ckpt}: the checkpoint records no model config (saved by an older version)")
+    return _config_from_dict(recorded)
 
 
 def _manifest(tmp: str) -> dict:
