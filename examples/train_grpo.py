@@ -12,8 +12,8 @@ CPU demo (2 ranks, CP=2, a few minutes; also what `bash examples/scripts/demo_cp
     python tools/make_synthetic_dataset.py --out demo_out/data
     torchrun --nproc-per-node 2 examples/train_grpo.py --context-parallel-size 2 \
         --data-path demo_out/data/qa.jsonl --video-root demo_out/data/videos \
-        --tokenizer demo_out/data/tokenizer.model --tiny --sft-warmup-steps 40 --train-iters 60 \
-        --tensorboard-dir demo_out/tb --save demo_out/ckpt
+        --tokenizer demo_out/data/tokenizer.model --sft-warmup-steps 100 --train-iters 300 \
+        --prompts-per-step 8 --dynamic-sampling --tensorboard-dir demo_out/tb --save demo_out/ckpt
 
 One GPU node (8 GPUs, vLLM rollouts):
 
@@ -23,9 +23,6 @@ One GPU node (8 GPUs, vLLM rollouts):
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import os
 import random
 import sys
@@ -36,127 +33,76 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="GRPO for long-video VLMs on Megatron-Core")
-    p.add_argument("--config", help="JSON file of flag values (flag names with dashes or underscores); the command line wins")
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--context-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--cp-comm-type", default="all_gather", choices=["all_gather", "a2a", "p2p"])
-    g.add_argument("--encode-group", default="tp_cp", choices=["tp_cp", "cp"])
-    g.add_argument("--use-distributed-optimizer", action="store_true")
-    g = p.add_argument_group("model")
-    g.add_argument("--tiny", action="store_true", help="the CPU demo model (hidden 64, 2 layers; 32 px frames)")
-    g.add_argument("--num-layers", type=int, default=2)
-    g.add_argument("--hidden-size", type=int, default=64)
-    g.add_argument("--num-attention-heads", type=int, default=4)
-    g.add_argument("--num-query-groups", type=int, default=2)
-    g.add_argument("--ffn-hidden-size", type=int, default=128)
-    g.add_argument("--image-size", type=int, default=32)
-    g.add_argument("--patch-size", type=int, default=8)
-    g.add_argument("--vision-hidden-size", type=int, default=32)
-    g.add_argument("--vision-num-layers", type=int, default=2)
-    g.add_argument("--train-vision", action="store_true", help="train the ViT too (default: frozen, the usual RL setting)")
-    g.add_argument("--train-projector", action="store_true", help="train the projector (default: frozen)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data-path", required=False)
-    g.add_argument("--video-root", required=False)
-    g.add_argument("--tokenizer", required=False, help="sentencepiece .model or a Hugging Face tokenizer directory")
-    g.add_argument("--num-frames", type=int, default=8)
-    g.add_argument("--fps", type=float, default=None)
-    g.add_argument("--max-frames", type=int, default=512)
-    g.add_argument("--on-bad-input", default="skip", choices=["raise", "skip"])
-    g = p.add_argument_group("GRPO")
-    g.add_argument("--group-size", type=int, default=8)
-    g.add_argument("--prompts-per-step", type=int, default=4)
+def add_grpo_args(parser):
+    """The GRPO flags, on top of the shared Megatron-style ones (megatron_longvideo.training.args)."""
+    g = parser.add_argument_group("GRPO")
+    g.add_argument("--group-size", type=int, default=8, help="responses per prompt (G)")
+    g.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step on each data-parallel replica")
     g.add_argument("--max-new-tokens", type=int, default=16)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--kl-beta", type=float, default=0.0)
+    g.add_argument("--kl-beta", type=float, default=0.0, help="KL-to-reference weight; 0 skips the reference pass")
     g.add_argument("--kl-estimator", default="k3", choices=["k1", "k2", "k3"])
     g.add_argument("--clip-low", type=float, default=0.2)
-    g.add_argument("--clip-high", type=float, default=0.28)
+    g.add_argument("--clip-high", type=float, default=0.28, help="DAPO clip-higher")
     g.add_argument("--loss-aggregation", default="token_mean", choices=["token_mean", "seq_mean", "seq_sum_token_mean"])
-    g.add_argument("--advantage-scale", default="std", choices=["std", "none"])
+    g.add_argument("--advantage-scale", default="std", choices=["std", "none"], help="std: GRPO; none: Dr.GRPO")
     g.add_argument("--reward", action="append", default=None, metavar="NAME=WEIGHT",
-                   help="reward and weight, repeatable (default: accuracy=1.0, format=0.2)")
-    g.add_argument("--dynamic-sampling", action="store_true")
+                   help="reward (registered name or module:function) and weight, repeatable (default accuracy=1.0, format=0.2)")
+    g.add_argument("--dynamic-sampling", action="store_true", help="drop groups with equal rewards and refill (DAPO)")
     g.add_argument("--no-pack", action="store_true", help="disable shared-prefix packing")
     g.add_argument("--update-epochs", type=int, default=1)
-    g.add_argument("--num-minibatches", type=int, default=1)
-    g.add_argument("--engine", default="hf", choices=["hf", "vllm"])
+    g.add_argument("--num-minibatches", type=int, default=1, help="optimizer steps per GRPO step")
+    g.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="rollout engine")
     g.add_argument("--offload-reference", action="store_true", help="keep the reference model in CPU memory between its passes")
+    g.add_argument("--train-projector", action="store_true", help="train the projector too (default: frozen)")
+    g.add_argument("--on-bad-input", default="skip", choices=["raise", "skip"])
+    g.add_argument("--log-samples-every", type=int, default=10)
     g.add_argument("--sft-warmup-steps", type=int, default=0,
                    help="steps of format-only SFT before GRPO: targets '<think> </think><answer>X</answer>' with a random X")
-    g = p.add_argument_group("training")
-    g.add_argument("--train-iters", type=int, default=20)
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--save", default=None)
-    g.add_argument("--load", default=None)
-    g.add_argument("--save-interval", type=int, default=0)
-    g.add_argument("--tensorboard-dir", default=None)
-    g.add_argument("--log-samples-every", type=int, default=10)
-    args = p.parse_args(argv)
-    if args.config:
-        with open(args.config) as f:
-            values = json.load(f)
-        defaults = {a.dest: a.default for a in p._actions}
-        for key, value in values.items():
-            dest = key.replace("-", "_")
-            if dest not in defaults:
-                raise ValueError(f"{args.config}: unknown flag {key!r}")
-            if getattr(args, dest) == defaults[dest]:
-                setattr(args, dest, value)
+
+
+def parse_args(argv=None):
+    from megatron_longvideo.training.args import parse
+
+    args = parse(argv, description="GRPO for long-video VLMs on Megatron-Core",
+                 defaults={"train_iters": 20, "lr": 1e-3, "keep_checkpoints": 3}, extend=add_grpo_args)
+    if args.synthetic_data:
+        from megatron_longvideo.training.stage import ensure_synthetic_data
+
+        paths = ensure_synthetic_data(args.synthetic_data, seed=args.seed)
+        args.data_path = args.data_path or paths["qa"]
+        args.video_root = args.video_root or paths["video_root"]
+        args.tokenizer = args.tokenizer or paths["tokenizer"]
     for flag in ("data_path", "video_root", "tokenizer"):
         if not getattr(args, flag):
-            p.error(f"--{flag.replace('_', '-')} is required")
+            raise SystemExit(f"train_grpo.py: --{flag.replace('_', '-')} is required (or --synthetic-data DIR)")
     return args
 
 
 def build(args):
+    import dataclasses
+
     from megatron_longvideo.data.dataset import LongVideoDataset, VideoDatasetConfig
     from megatron_longvideo.data.sampler import DistributedVideoSampler
-    from megatron_longvideo.data.sampling import FrameSamplingConfig
     from megatron_longvideo.data.tokenizer import load_tokenizer
-    from megatron_longvideo.models.llm import LLMConfig
-    from megatron_longvideo.models.vision import VisionConfig
-    from megatron_longvideo.models.vlm import VLMConfig, build_vlm
-    from megatron_longvideo.parallel.groups import ParallelConfig, initialize_parallel
+    from megatron_longvideo.models.vlm import build_vlm
+    from megatron_longvideo.parallel.groups import initialize_parallel
     from megatron_longvideo.platform import enable_cpu_mode
     from megatron_longvideo.rl.prompt_stream import PromptStream
+    from megatron_longvideo.training.args import frame_sampling, model_config, parallel_config
 
     enable_cpu_mode()
-    parallel = ParallelConfig(
-        tensor_parallel_size=args.tensor_model_parallel_size, pipeline_parallel_size=args.pipeline_model_parallel_size,
-        context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
-        cp_comm_type=args.cp_comm_type, encode_group=args.encode_group,
-    )
-    groups = initialize_parallel(parallel, seed=args.seed)
+    groups = initialize_parallel(parallel_config(args), seed=args.seed)
     random.seed(args.seed)
     tok = load_tokenizer(args.tokenizer)
-    tp = args.tensor_model_parallel_size
-    vocab = math.ceil(tok.vocab_size / (2 * tp)) * 2 * tp
-    llm = LLMConfig(vocab_size=vocab, hidden_size=args.hidden_size, num_layers=args.num_layers,
-                    num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-                    ffn_hidden_size=args.ffn_hidden_size, init_std=0.05 if args.tiny else 0.02)
-    vision = VisionConfig(image_size=args.image_size, patch_size=args.patch_size, hidden_size=args.vision_hidden_size,
-                          num_layers=args.vision_num_layers, ffn_hidden_size=2 * args.vision_hidden_size,
-                          max_frames=min(args.max_frames, 8192), freeze=not args.train_vision,
-                          freeze_projector=not (args.train_projector or args.train_vision))
-    cfg = VLMConfig(llm=llm, vision=vision, video_token_id=tok.video_id)
+    cfg = model_config(args, tok)
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(
+        cfg.vision, freeze=not args.train_vision_tower, freeze_projector=not (args.train_projector or args.train_vision_tower)))
     torch.manual_seed(args.seed)
     policy = build_vlm(cfg, groups, seed=args.seed)
-    data_cfg = VideoDatasetConfig(
-        mode="rl", video_root=args.video_root, on_error=args.on_bad_input,
-        sampling=FrameSamplingConfig(num_frames=None if args.fps else args.num_frames, fps=args.fps,
-                                     max_frames=args.max_frames, image_size=args.image_size),
-    )
-    dataset = LongVideoDataset.from_file(args.data_path, tokenizer=tok, num_video_tokens=vision.num_video_tokens, config=data_cfg)
+    data_cfg = VideoDatasetConfig(mode="rl", video_root=args.video_root, on_error=args.on_bad_input, sampling=frame_sampling(args))
+    dataset = LongVideoDataset.from_file(args.data_path, tokenizer=tok, num_video_tokens=cfg.vision.num_video_tokens, config=data_cfg)
     sampler = DistributedVideoSampler(len(dataset), dp_rank=groups.dp_rank, dp_size=groups.dp_size, seed=args.seed)
     return groups, tok, cfg, policy, PromptStream(dataset, sampler)
 
@@ -216,16 +162,16 @@ def main(argv=None):
     from megatron_longvideo.rl.losses import GRPOLossConfig
     from megatron_longvideo.rl.rollout import is_replica_leader
     from megatron_longvideo.rl.trainer import GRPOConfig, GRPOTrainer
-    from megatron_longvideo.training.engine import OptimConfig, build_optimizer, wrap_ddp
+    from megatron_longvideo.training.args import optim_config
+    from megatron_longvideo.training.engine import build_optimizer, wrap_ddp
 
     groups, tok, cfg, policy, stream = build(args)
     rank0 = dist.get_rank() == 0
     log = print if rank0 else (lambda *a, **k: None)
     ddp = wrap_ddp(policy, groups, use_distributed_optimizer=args.use_distributed_optimizer)
-    optimizer = build_optimizer([ddp], OptimConfig(lr=args.lr, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
-                                                   use_distributed_optimizer=args.use_distributed_optimizer))
+    optimizer = build_optimizer([ddp], optim_config(args))
     checkpointing = _checkpointing(args, ddp, optimizer, stream, groups, log)
-    start = checkpointing.load() if args.load else 0
+    start = checkpointing.load() if checkpointing.resume_path() else 0
     if args.sft_warmup_steps and start == 0:
         sft_warmup(args, groups, tok, ddp, optimizer, stream, log)
     reference = None

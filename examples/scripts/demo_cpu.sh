@@ -5,6 +5,7 @@
 #
 #   bash examples/scripts/demo_cpu.sh            # set up (pip) and run
 #   SKIP_INSTALL=1 bash examples/scripts/demo_cpu.sh
+# A second run resumes from demo_out/ckpt (and has nothing left to do at step 300): delete demo_out to start over.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-demo_out}
@@ -17,6 +18,6 @@ fi
 torchrun --nproc-per-node 2 examples/train_grpo.py \
   --context-parallel-size 2 \
   --data-path "$OUT/data/qa.jsonl" --video-root "$OUT/data/videos" --tokenizer "$OUT/data/tokenizer.model" \
-  --tiny --num-frames 8 --sft-warmup-steps "${WARMUP:-100}" --train-iters "${ITERS:-300}" \
+  --num-frames 8 --sft-warmup-steps "${WARMUP:-100}" --train-iters "${ITERS:-300}" \
   --group-size 8 --prompts-per-step 8 --lr 1e-3 --dynamic-sampling \
   --tensorboard-dir "$OUT/tb" --save "$OUT/ckpt" --save-interval 100 --log-samples-every 50 "$@"

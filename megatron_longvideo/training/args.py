@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from megatron_longvideo.parallel.groups import ParallelConfig
 from megatron_longvideo.training.engine import OptimConfig
 
-__all__ = ["build_parser", "parse", "parallel_config", "optim_config", "train_config", "run_config"]
+__all__ = ["build_parser", "parse", "parallel_config", "optim_config", "train_config", "run_config", "model_config",
+           "frame_sampling"]
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -81,9 +82,14 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     return p
 
 
-def parse(argv: Optional[Sequence[str]] = None, *, description: str = "", defaults: Optional[dict] = None):
-    """Flags -> namespace: parser defaults < ``defaults`` (the stage's) < ``--config`` JSON < command line."""
+def parse(argv: Optional[Sequence[str]] = None, *, description: str = "", defaults: Optional[dict] = None,
+          extend: Optional[Callable[[argparse.ArgumentParser], None]] = None):
+    """Flags -> namespace: parser defaults < ``defaults`` (the stage's) < ``--config`` JSON < command line.
+
+    ``extend(parser)`` adds a script's own flags (the GRPO ones) to the shared ones."""
     parser = build_parser(description)
+    if extend is not None:
+        extend(parser)
     if defaults:
         parser.set_defaults(**defaults)
     known, _ = parser.parse_known_args(argv)
@@ -101,6 +107,31 @@ def parse(argv: Optional[Sequence[str]] = None, *, description: str = "", defaul
                 raise ValueError(f"{known.config}: unknown key {key!r} (keys are the flag names, e.g. 'micro-batch-size')")
         parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
     return parser.parse_args(argv)
+
+
+def model_config(args, tokenizer):
+    """The VLMConfig the model flags describe, for ``tokenizer`` (its vocabulary rounded up to a multiple
+    of TP, its video placeholder id). Every stage builds its model here, so a stage's checkpoint fits
+    the next stage given the same model flags."""
+    from megatron_longvideo.models.llm import LLMConfig
+    from megatron_longvideo.models.vision import VisionConfig
+    from megatron_longvideo.training.stage import vlm_config_for
+
+    vision = VisionConfig(image_size=args.image_size, patch_size=args.patch_size, hidden_size=args.vision_hidden_size,
+                          num_layers=args.vision_num_layers, num_attention_heads=args.vision_num_attention_heads,
+                          ffn_hidden_size=4 * args.vision_hidden_size, max_frames=args.max_frames)
+    llm = LLMConfig(hidden_size=args.hidden_size, num_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
+                    num_query_groups=args.num_query_groups or args.num_attention_heads,
+                    ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size)
+    return vlm_config_for(tokenizer, llm=llm, vision=vision, tensor_parallel_size=args.tensor_model_parallel_size)
+
+
+def frame_sampling(args):
+    """Frame sampling from the flags (uniform ``--num-frames``, or ``--fps`` capped by ``--max-frames``)."""
+    from megatron_longvideo.data.sampling import FrameSamplingConfig
+
+    return FrameSamplingConfig(num_frames=None if args.fps else args.num_frames, fps=args.fps,
+                               max_frames=args.max_frames, image_size=args.image_size)
 
 
 def parallel_config(args) -> ParallelConfig:

@@ -77,7 +77,14 @@ def run_stage(stage: str, args):
     from megatron_longvideo.data import load_tokenizer
     from megatron_longvideo.parallel.groups import destroy_parallel, initialize_parallel
     from megatron_longvideo.platform import enable_cpu_mode
-    from megatron_longvideo.training.args import optim_config, parallel_config, run_config, train_config
+    from megatron_longvideo.training.args import (
+        frame_sampling,
+        model_config,
+        optim_config,
+        parallel_config,
+        run_config,
+        train_config,
+    )
     from megatron_longvideo.training.loop import train
     from megatron_longvideo.training.vlm_step import vlm_loss_step
 
@@ -97,18 +104,9 @@ def run_stage(stage: str, args):
             if not getattr(args, flag):
                 raise ValueError(f"--{flag.replace('_', '-')} is required (or --synthetic-data DIR)")
         tokenizer = load_tokenizer(args.tokenizer)
-        vision = VisionConfig(image_size=args.image_size, patch_size=args.patch_size, hidden_size=args.vision_hidden_size,
-                              num_layers=args.vision_num_layers, num_attention_heads=args.vision_num_attention_heads,
-                              ffn_hidden_size=4 * args.vision_hidden_size, max_frames=args.max_frames)
-        llm = LLMConfig(hidden_size=args.hidden_size, num_layers=args.num_layers,
-                        num_attention_heads=args.num_attention_heads,
-                        num_query_groups=args.num_query_groups or args.num_attention_heads,
-                        ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size)
-        cfg = vlm_config_for(tokenizer, llm=llm, vision=vision, tensor_parallel_size=parallel.tensor_parallel_size)
-        sampling = FrameSamplingConfig(num_frames=None if args.fps else args.num_frames, fps=args.fps,
-                                       max_frames=args.max_frames, image_size=args.image_size)
+        cfg = model_config(args, tokenizer)
         loader = build_data_loader(mode=mode, data_path=args.data_path, video_root=args.video_root, tokenizer=tokenizer,
-                                   sampling=sampling, vision=vision, groups=groups,
+                                   sampling=frame_sampling(args), vision=cfg.vision, groups=groups,
                                    micro_batch_size=args.micro_batch_size, seed=args.seed, num_workers=args.num_workers)
         step = vlm_loss_step(groups, pad_id=tokenizer.pad_id, seq_length=args.seq_length)
         return train(train_config(args), optim_config(args),
