@@ -43,6 +43,11 @@ def _child(fn, rank, world_size, port, workdir, args):
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(workdir, f"rank{rank}.pt"))
         _close_checkpoint_writer()
+        open(os.path.join(workdir, f"rank{rank}.done"), "w").close()
+        if rank == 0:
+            # rank 0 hosts the TCP store: leaving while a peer still creates groups or meets at a
+            # barrier resets that peer's connection, so stay until every peer is done or failed
+            _wait_for_peers(workdir, world_size)
     except BaseException:
         with open(os.path.join(workdir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
@@ -50,6 +55,19 @@ def _child(fn, rank, world_size, port, workdir, args):
         os._exit(1)
     log.flush()
     os._exit(0)
+
+
+def _wait_for_peers(workdir: str, world_size: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    pending = set(range(1, world_size))
+    while pending and time.monotonic() < deadline:
+        pending = {
+            r for r in pending
+            if not os.path.exists(os.path.join(workdir, f"rank{r}.done"))
+            and not os.path.exists(os.path.join(workdir, f"rank{r}.err"))
+        }
+        if pending:
+            time.sleep(0.02)
 
 
 def _close_checkpoint_writer():
