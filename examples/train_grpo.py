@@ -100,7 +100,7 @@ def build(args):
     cfg = dataclasses.replace(cfg, vision=dataclasses.replace(
         cfg.vision, freeze=not args.train_vision_tower, freeze_projector=not (args.train_projector or args.train_vision_tower)))
     torch.manual_seed(args.seed)
-    policy = build_vlm(cfg, groups, seed=args.seed)
+    policy = build_vlm(cfg, groups, seed=args.seed, recompute_activations=args.recompute_activations)
     data_cfg = VideoDatasetConfig(mode="rl", video_root=args.video_root, on_error=args.on_bad_input, sampling=frame_sampling(args))
     dataset = LongVideoDataset.from_file(args.data_path, tokenizer=tok, num_video_tokens=cfg.vision.num_video_tokens, config=data_cfg)
     sampler = DistributedVideoSampler(len(dataset), dp_rank=groups.dp_rank, dp_size=groups.dp_size, seed=args.seed)

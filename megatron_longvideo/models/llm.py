@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from megatron_longvideo.parallel.context import SequenceContext
 from megatron_longvideo.parallel.groups import ParallelConfig, ParallelGroups
 
-__all__ = ["LLMConfig", "transformer_config", "qwen2_layer_spec", "qwen2_block_spec", "build_llm", "lm_forward", "unwrap"]
+__all__ = ["LLMConfig", "transformer_config", "qwen2_layer_spec", "qwen2_block_spec", "build_llm", "enable_recompute", "lm_forward", "unwrap"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -169,12 +169,14 @@ def build_llm(
     post_process: Optional[bool] = None,
     params_dtype=torch.float32,
     core_attention: str = "cp",
+    recompute_activations: bool = False,
     **config_overrides,
 ):
     """Build the Qwen2-style GPTModel for this rank's pipeline stage.
 
     Returns the model; its :class:`SequenceContext` is ``model.sequence_context``. The rotary
     module reads explicit positions from it (see :mod:`megatron_longvideo.models.rotary`).
+    ``recompute_activations``: see :func:`enable_recompute`.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -214,7 +216,44 @@ def build_llm(
         sequence_context=context,
     )
     model.sequence_context = context
+    if recompute_activations:
+        enable_recompute(model)
     return model
+
+
+def enable_recompute(model) -> None:
+    """Full activation recompute, one transformer layer at a time.
+
+    Under grad mode each layer keeps only its input for backward and runs its forward again there,
+    trading one extra forward of the layers for activation memory that no longer grows with depth
+    (what long sequences need). The layer's :class:`SequenceContext` (positions, packed segments) is
+    captured at forward time and set again for the recompute, so packing and CP sharding stay exact.
+    Non-reentrant ``torch.utils.checkpoint``; dropout inside the layers must be 0 (our configs).
+    Megatron's own ``recompute_granularity`` is not used: its re-entrant recompute would run the
+    layers after the context was reset.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    inner = unwrap(model)
+    context = inner.sequence_context
+    for layer in inner.decoder.layers:
+        if getattr(layer, "_mlv_recompute", False):
+            continue
+        forward = layer.forward
+
+        def recomputed(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            captured = (context.position_ids, context.segment_ids)
+
+            def run(*a, **k):
+                with context.use(position_ids=captured[0], segment_ids=captured[1]):
+                    return _forward(*a, **k)
+
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = recomputed
+        layer._mlv_recompute = True
 
 
 def unwrap(model):

@@ -43,6 +43,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--vision-num-layers", type=int, default=2)
     g.add_argument("--vision-num-attention-heads", type=int, default=2)
     g.add_argument("--train-vision-tower", action="store_true", help="also train the ViT (frozen by default)")
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="recompute each transformer layer in backward: activation memory stops growing with depth")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", help="records file (.jsonl / .json)")
     g.add_argument("--video-root", help="folder the records' video paths are relative to")

@@ -55,7 +55,8 @@ def build_data_loader(*, mode: str, data_path: str, video_root: str, tokenizer, 
     return ResumableDataLoader(dataset, sampler, micro_batch_size=micro_batch_size, num_workers=num_workers)
 
 
-def build_stage_model(cfg: VLMConfig, groups: ParallelGroups, *, trained: tuple[str, ...], seed: int = 0):
+def build_stage_model(cfg: VLMConfig, groups: ParallelGroups, *, trained: tuple[str, ...], seed: int = 0,
+                      recompute_activations: bool = False):
     """The model of this rank with everything but ``trained`` (of llm, vision, projector) frozen."""
     import dataclasses
 
@@ -66,7 +67,7 @@ def build_stage_model(cfg: VLMConfig, groups: ParallelGroups, *, trained: tuple[
         raise ValueError(f"trained: unknown parts {sorted(unknown)}; known: llm, vision, projector")
     vision = dataclasses.replace(cfg.vision, freeze="vision" not in trained, freeze_projector="projector" not in trained)
     torch.manual_seed(seed)
-    model = build_vlm(dataclasses.replace(cfg, vision=vision), groups, seed=seed)
+    model = build_vlm(dataclasses.replace(cfg, vision=vision), groups, seed=seed, recompute_activations=recompute_activations)
     if "llm" not in trained:
         model.llm.requires_grad_(False)
     return model
@@ -110,7 +111,8 @@ def run_stage(stage: str, args):
                                    micro_batch_size=args.micro_batch_size, seed=args.seed, num_workers=args.num_workers)
         step = vlm_loss_step(groups, pad_id=tokenizer.pad_id, seq_length=args.seq_length)
         return train(train_config(args), optim_config(args),
-                     model_provider=lambda: build_stage_model(cfg, groups, trained=trained, seed=args.seed),
+                     model_provider=lambda: build_stage_model(cfg, groups, trained=trained, seed=args.seed,
+                                                                  recompute_activations=args.recompute_activations),
                      groups=groups, loader=loader, forward_step=step, run_config=run_config(args, stage))
     finally:
         destroy_parallel()

@@ -22,7 +22,7 @@ def test_pretrain_then_sft_lowers_the_response_loss(tmp_path):
     assert sorted(out["losses"]) == [1, 2, 3]
     sft = list(common)
     sft[3] = data["qa"]
-    sft += ["--train-iters", "12", "--lr", "3e-3", "--lr-decay-style", "constant", "--global-batch-size", "2",
+    sft += ["--train-iters", "12", "--lr", "3e-3", "--recompute-activations", "--lr-decay-style", "constant", "--global-batch-size", "2",
             "--load", str(tmp_path / "pretrain"), "--finetune", "--save", str(tmp_path / "sft"),
             "--tensorboard-dir", str(tmp_path / "tb")]
     out = run_ranks(run_example, 2, "sft", sft)[0]

@@ -1,7 +1,7 @@
 """MR-SP stage 2 invariance: sharded prefill and shared-prefix packing equal the unsharded single rank.
 
 Two groups (prefixes of 17 and 15 tokens with 3- and 2-frame videos, odd lengths) of G=3 responses
-of unequal lengths. For every layout, per-token log-probs and entropies of all response tokens and
+of unequal lengths. For every layout (activation recompute on or off), per-token log-probs and entropies of all response tokens and
 the gradients of a loss over both (every LLM, projector and newline parameter) must equal world=1
 without packing within 1e-5 relative; packing on or off must not matter.
 """
@@ -55,7 +55,10 @@ def _run(layout, full_weights, pack):
     torch.manual_seed(3)
     # a larger init than the default gives peaked next-token distributions, so entropies carry signal
     llm = LLMConfig.tiny(vocab_size=VOCAB, init_std=0.3)
-    model = build_vlm(VLMConfig(llm=llm, vision=vcfg, video_token_id=VIDEO_ID), groups)
+    model = build_vlm(VLMConfig(llm=llm, vision=vcfg, video_token_id=VIDEO_ID), groups,
+                      recompute_activations=layout.get("recompute", False))
+    attention_calls = []  # the first layer's attention runs twice per step under recompute
+    model.llm.decoder.layers[0].self_attention.register_forward_hook(lambda *a: attention_calls.append(1))
     if full_weights is not None:
         load_full_state(model, full_weights, groups)
     weights = gather_full_state(model, groups)
@@ -82,7 +85,7 @@ def _run(layout, full_weights, pack):
     destroy_parallel()
     assert restored, "unshard_sequence did not restore the original order"
     return {"logp": reports[0]["logp"], "entropy": reports[0]["entropy"], "grads": grads, "weights": weights,
-            "total_len": batch.input_ids.shape[1]}
+            "total_len": batch.input_ids.shape[1], "attention_calls": len(attention_calls)}
 
 
 def _rel(a, b):
@@ -101,6 +104,8 @@ def _worker(rank, world_size, layouts):
             "entropy": _rel(got["entropy"], ref["entropy"]),
             "grad": max(_rel(got["grads"][k], ref["grads"][k]) for k in trained),
         }
+        expected_calls = 2 if layout.get("recompute") else 1
+        assert got["attention_calls"] == expected_calls, (name, got["attention_calls"])
     zero = [k for k, g in ref["grads"].items() if g.abs().max() == 0 and "vision.vit." not in k]
     return {"results": out, "zero": zero, "ref_len": ref["total_len"]}
 
@@ -120,6 +125,8 @@ def test_prefill_two_ranks():
         "cp2_a2a_packed": ({"cp": 2, "cp_comm": "a2a"}, True),
         "cp2_p2p_packed": ({"cp": 2, "cp_comm": "p2p"}, True),
         "tp2_sp_packed": ({"tp": 2, "sp": True}, True),
+        "cp1_packed_recompute": ({"recompute": True}, True),
+        "cp2_p2p_packed_recompute": ({"cp": 2, "cp_comm": "p2p", "recompute": True}, True),
     }
     _check(run_ranks(_worker, 2, layouts)[0])
 
@@ -130,6 +137,7 @@ def test_prefill_four_ranks():
         "cp4_packed": ({"cp": 4}, True),
         "tp2_cp2_packed": ({"tp": 2, "cp": 2}, True),
         "tp2_sp_cp2": ({"tp": 2, "cp": 2, "sp": True}, False),
+        "tp2_cp2_packed_recompute": ({"tp": 2, "cp": 2, "recompute": True}, True),
     }
     _check(run_ranks(_worker, 4, layouts)[0])
 
