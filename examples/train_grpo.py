@@ -53,6 +53,8 @@ def add_grpo_args(parser):
     g.add_argument("--no-pack", action="store_true", help="disable shared-prefix packing")
     g.add_argument("--update-epochs", type=int, default=1)
     g.add_argument("--num-minibatches", type=int, default=1, help="optimizer steps per GRPO step")
+    g.add_argument("--responses-per-microbatch", type=int, default=None,
+                   help="split each group into micro-batches of this many responses (default: whole groups)")
     g.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="rollout engine")
     g.add_argument("--offload-reference", action="store_true", help="keep the reference model in CPU memory between its passes")
     g.add_argument("--train-projector", action="store_true", help="train the projector too (default: frozen)")
@@ -190,7 +192,7 @@ def main(argv=None):
                             norm_len=args.max_new_tokens if args.loss_aggregation == "seq_sum_token_mean" else None),
         advantage_scale=args.advantage_scale, rewards=rewards, dynamic_sampling=args.dynamic_sampling,
         num_minibatches=args.num_minibatches, update_epochs=args.update_epochs, log_samples_every=args.log_samples_every,
-        offload_reference=args.offload_reference,
+        offload_reference=args.offload_reference, responses_per_microbatch=args.responses_per_microbatch,
     )
     engine = build_engine(args.engine, cfg, tokenizer=tok, pad_token_id=tok.pad_id) if is_replica_leader(groups) else None
     writer = None

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import dataclasses
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -24,7 +27,26 @@ from megatron_longvideo.models.video_cache import VideoEmbeddingCache
 from megatron_longvideo.parallel import collectives
 from megatron_longvideo.parallel.groups import ParallelGroups
 
-__all__ = ["encode_videos", "reduce_encode_replica_grads", "split_frames"]
+__all__ = ["encode_videos", "reduce_encode_replica_grads", "split_frames", "EncodeStats", "encode_stats"]
+
+
+@dataclasses.dataclass
+class EncodeStats:
+    """What this process's :func:`encode_videos` calls encoded (cache misses only), cumulative."""
+
+    seconds: float = 0.0
+    """Wall time of the tower + projector + all-gather (on CUDA: synchronised before and after)."""
+    frames: int = 0
+    """Frames of the videos encoded (each rank counts the whole videos, not its slice)."""
+    calls: int = 0
+
+
+_STATS = EncodeStats()
+
+
+def encode_stats() -> EncodeStats:
+    """The process-wide :class:`EncodeStats` (read a field before and after a phase for its share)."""
+    return _STATS
 
 
 def split_frames(num_frames: int, group_size: int, rank: int) -> tuple[int, int, int]:
@@ -75,7 +97,11 @@ def encode_videos(
     hits = _agree_on_hits([t is not None for t in tokens], groups.encode) if use_cache else [False] * len(videos)
     todo = [i for i, hit in enumerate(hits) if not hit]
     if todo:
+        start = _now(videos[0].device)
         encoded = _encode_parallel(encoder, [videos[i] for i in todo], groups)
+        _STATS.seconds += _now(videos[0].device) - start
+        _STATS.frames += sum(videos[i].shape[0] for i in todo)
+        _STATS.calls += 1
         for i, t in zip(todo, encoded):
             tokens[i] = t
             if use_cache:
@@ -86,6 +112,12 @@ def encode_videos(
             t = torch.cat([t, encoder.image_newline[None].to(t.dtype)], dim=0)
         out.append(t)
     return out
+
+
+def _now(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _per_frame_params(encoder):

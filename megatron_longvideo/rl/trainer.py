@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longvideo.checkpoint.full_state import gather_full_state
+from megatron_longvideo.models.encode import encode_stats
 from megatron_longvideo.models.llm import unwrap
 from megatron_longvideo.models.prefill import dense_values, prefill_step
 from megatron_longvideo.models.video_cache import VideoEmbeddingCache, cache_key, weights_version
@@ -65,6 +66,10 @@ class GRPOConfig:
     """Passes over the step's groups (PPO epochs)."""
     groups_per_microbatch: int = 1
     """Groups per micro-batch of the prefill and update passes."""
+    responses_per_microbatch: Optional[int] = None
+    """Split each group into micro-batches of this many responses (packed: the prefix and these
+    responses in one row; unpacked: this many rows), bounding activation memory per micro-batch.
+    None: whole groups, ``groups_per_microbatch`` of them."""
     pack: bool = True
     """Shared-prefix packing of each group's responses (off: G separate sequences)."""
     offload_reference: bool = False
@@ -87,6 +92,8 @@ class GRPOConfig:
             raise ValueError(f"update_epochs: must be >= 1, got {self.update_epochs}")
         if self.groups_per_microbatch < 1:
             raise ValueError(f"groups_per_microbatch: must be >= 1, got {self.groups_per_microbatch}")
+        if self.responses_per_microbatch is not None and self.responses_per_microbatch < 1:
+            raise ValueError(f"responses_per_microbatch: must be >= 1 or None, got {self.responses_per_microbatch}")
         object.__setattr__(self, "sampling", dataclasses.replace(self.sampling, n=self.group_size))
 
 
@@ -154,20 +161,32 @@ class GRPOTrainer:
 
     def rollout(self, prompts: Sequence[RLPrompt]) -> Rollouts:
         """Generate G responses per prompt with the current policy and score them."""
+        return self.score(prompts, self.generate(prompts))
+
+    def generate(self, prompts: Sequence[RLPrompt]) -> list[list[list[int]]]:
+        """G sampled responses (token ids, ``[prompt][response]``) per prompt, on every rank of the replica."""
         cfg = self.cfg
         with torch.no_grad():
             embeds = prompt_embeddings(self.policy, self.groups, prompts, cache=self.cache, cache_keys=self._keys(prompts, self.policy))
         sampling = cfg.sampling.for_rank(self.groups.dp_rank * 100003 + self.step_count) if cfg.sampling.seed is not None else cfg.sampling
         token_groups = generate_groups(self.engine, self.groups, embeds, sampling)
         eos = self.tokenizer.eos_id
-        token_groups = [[nonempty(r, eos) for r in g] for g in token_groups]
+        return [[nonempty(r, eos) for r in g] for g in token_groups]
+
+    def score(self, prompts: Sequence[RLPrompt], token_groups: list[list[list[int]]]) -> Rollouts:
+        """Rewards and group advantages of generated responses."""
+        cfg = self.cfg
         texts = [self._decode(r) for g in token_groups for r in g]
         truths = [p.ground_truth for p in prompts for _ in range(cfg.group_size)]
         total, parts = compute_rewards(texts, truths, self.reward_spec)
         g = cfg.group_size
         rewards = total.view(-1, g).float()
-        advantages = group_advantages(rewards, scale=cfg.advantage_scale)
+        advantages = self.advantages(rewards)
         return Rollouts(list(prompts), token_groups, rewards, {k: v.view(-1, g).float() for k, v in parts.items()}, advantages)
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """``[groups, G]`` advantages of ``[groups, G]`` rewards."""
+        return group_advantages(rewards, scale=self.cfg.advantage_scale)
 
     def _decode(self, ids: list[int]) -> str:
         """Response text for the rewards: without the stop token that ended it (it stays in the token
@@ -178,17 +197,23 @@ class GRPOTrainer:
         return self.tokenizer.decode([t for t in ids if t < vocab])
 
     # ------------------------------------------------------------------------------------------ #
+    def _pieces(self, ro: Rollouts, idx: Sequence[int]) -> list[list[tuple[int, int, int]]]:
+        """The micro-batches of the groups ``idx``: lists of (group, first response, end response)."""
+        m = self.cfg.responses_per_microbatch
+        if m is None:
+            k = self.cfg.groups_per_microbatch
+            return [[(i, 0, len(ro.responses[i])) for i in idx[s : s + k]] for s in range(0, len(idx), k)]
+        return [[(i, a, min(a + m, len(ro.responses[i])))] for i in idx for a in range(0, len(ro.responses[i]), m)]
+
     def _batches(self, ro: Rollouts, idx: Sequence[int], model):
-        """Prefill micro-batches of the groups ``idx`` for ``model``: (batch, videos, keys, group ids)."""
+        """Prefill micro-batches of the groups ``idx`` for ``model``: (batch, videos, keys, pieces)."""
         out = []
-        k = self.cfg.groups_per_microbatch
-        for start in range(0, len(idx), k):
-            chunk = list(idx[start : start + k])
-            prompts = [ro.prompts[i] for i in chunk]
+        for piece in self._pieces(ro, idx):
+            prompts = [ro.prompts[i] for i, _, _ in piece]
             batch = build_prefill_batch([p.prompt_ids for p in prompts],
-                                        [[torch.tensor(r) for r in ro.responses[i]] for i in chunk],
+                                        [[torch.tensor(r) for r in ro.responses[i][a:b]] for i, a, b in piece],
                                         pack=self.cfg.pack, pad_id=self.pad_id)
-            out.append((batch, [[p.frames] for p in prompts], [[key] for key in self._keys(prompts, model)], chunk))
+            out.append((batch, [[p.frames] for p in prompts], [[key] for key in self._keys(prompts, model)], piece))
         return out
 
     def _logprobs(self, model, ro: Rollouts, idx: Sequence[int]) -> list[torch.Tensor]:
@@ -243,8 +268,8 @@ class GRPOTrainer:
         self.policy.zero_grad_buffer()
         self.optimizer.zero_grad()
         steps = []
-        for j, (batch, videos, keys, chunk) in enumerate(batches):
-            adv = ro.advantages[chunk].reshape(-1)  # [R] in (group, response) order, as the batch
+        for j, (batch, videos, keys, piece) in enumerate(batches):
+            adv = torch.cat([ro.advantages[i, a:b] for i, a, b in piece])  # [R] in (group, response) order, as the batch
             steps.append(prefill_step(self.groups, batch, videos=videos, cache=self.cache, cache_keys=keys, pad_id=self.pad_id,
                                       loss_fn=self._loss_fn(batch, adv, old[j], None if ref is None else ref[j])))
         # one schedule call over all micro-batches: megatron reduces and normalises the gradients once
@@ -305,6 +330,7 @@ class GRPOTrainer:
         """One GRPO step; ``draw(k)`` returns k new prompts for this replica. Returns the metrics."""
         cfg, times = self.cfg, {}
         t0 = time.perf_counter()
+        encode_before = encode_stats().seconds
         hits_before = self.cache.stats.hits + self.cache.stats.disk_hits
         if self.engine is not None:
             self.engine.wake()
@@ -339,6 +365,7 @@ class GRPOTrainer:
                 updates.append(self.update(ro, idx, o, r))
         times["time/update"] = time.perf_counter() - t4
         times["time/step"] = time.perf_counter() - t0
+        times["time/encode"] = encode_stats().seconds - encode_before  # inside the phases above
         self.step_count += 1
         metrics = self._metrics(ro, updates, sample_stats, times, hits_before)
         self._report(ro, metrics)

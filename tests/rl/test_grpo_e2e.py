@@ -1,4 +1,5 @@
-"""End to end: two GRPO steps on 2 gloo ranks (CP=2, shared-prefix packing) equal world=1 unpacked.
+"""End to end: two GRPO steps on 2 gloo ranks (CP=2, shared-prefix packing; or CP=2 unpacked with each
+group split into micro-batches of 3 and 1 responses) equal world=1 unpacked whole groups.
 
 Same seeds give the same rollouts (the HF engine on the replica's first rank); then the old-policy
 and reference passes, the GRPO loss with KL and the optimizer steps must give the same losses and
@@ -20,7 +21,7 @@ def text_length_reward(inp) -> float:
     return len(inp.response) / 10.0
 
 
-def _setup(tok_path, cp, pack):
+def _setup(tok_path, cp, pack, split=None):
     from megatron_longvideo.data.tokenizer import load_tokenizer
     from megatron_longvideo.models.llm import LLMConfig
     from megatron_longvideo.models.video_cache import content_id_of_frames
@@ -57,7 +58,7 @@ def _setup(tok_path, cp, pack):
         prompts.append(RLPrompt(frames=frames, prompt_ids=ids, ground_truth=GroundTruth(answer="A", options=("red", "blue")),
                                 content_id=content_id_of_frames(frames), sample_id=f"p{i}"))
     grpo = GRPOConfig(
-        group_size=4, prompts_per_step=2, pack=pack,
+        group_size=4, prompts_per_step=2, pack=pack, responses_per_microbatch=split,
         sampling=SamplingConfig(max_new_tokens=6, temperature=1.0, seed=11),
         loss=GRPOLossConfig(kl_beta=0.05, clip_eps_high=0.28),
         rewards=((f"{__name__}:text_length_reward", 1.0), ("format", 0.1)),
@@ -69,12 +70,12 @@ def _setup(tok_path, cp, pack):
     return trainer, prompts, ddp, groups
 
 
-def _worker(rank, world_size, tok_path, pack):
+def _worker(rank, world_size, tok_path, pack, split=None):
     init_cpu_dist()
     from megatron_longvideo.checkpoint.full_state import gather_full_state
     from megatron_longvideo.parallel.groups import destroy_parallel
 
-    trainer, prompts, ddp, groups = _setup(tok_path, world_size, pack)
+    trainer, prompts, ddp, groups = _setup(tok_path, world_size, pack, split)
     queue = list(prompts)
     draw = lambda k: [queue.pop(0) for _ in range(k)]  # noqa: E731
     losses, rewards, responses = [], [], []
@@ -93,6 +94,8 @@ def test_two_grpo_steps_cp2_packed_equal_world1_unpacked(tmp_path):
     tok_path = train_sentencepiece(VOCAB_TEXTS, str(tmp_path / "tok"), vocab_size=300)
     ref = run_ranks(_worker, 1, tok_path, False)[0]
     got = run_ranks(_worker, 2, tok_path, True)
+    # and with each group split into micro-batches of 3 + 1 responses, unpacked
+    got += run_ranks(_worker, 2, tok_path, False, 3)
     for r in got:
         assert r["rewards"] == ref["rewards"], "rollouts differ: the engines did not sample the same responses"
         for a, b in zip(r["losses"], ref["losses"]):
@@ -102,6 +105,7 @@ def test_two_grpo_steps_cp2_packed_equal_world1_unpacked(tmp_path):
             assert err <= 1e-5, f"{k}: updated weights differ by {err:.2e} (relative)"
     m = ref["metrics"]
     assert m["train/loss"] != 0.0 and m["train/kl_ref"] >= 0.0 and m["reward/std"] > 0
+    assert m["time/encode"] > 0, "the step encoded new videos"
     assert m["cache/hits_this_step"] > 0, "the old-policy, reference and update passes should reuse the cached video"
     # the weights moved: the comparison is not between two untouched models
     assert any(m[k] > 0 for k in ("train/grad_norm",))
