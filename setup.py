@@ -86,7 +86,7 @@ setup(
         "einops",
     ],
     extras_require={
-        "test": ["pytest>=8", "decord"],
+        "test": ["pytest>=8", "decord", "matplotlib"],
         "gpu": ["transformer-engine[pytorch]"],
         "vllm": ["vllm"],
         "dali": ["nvidia-dali-cuda130"],

@@ -8,7 +8,7 @@ import time
 import psutil
 import torch
 
-__all__ = ["PeakMemory"]
+__all__ = ["PeakMemory", "current_memory_mb"]
 
 
 class PeakMemory:
@@ -20,7 +20,7 @@ class PeakMemory:
     """
 
     def __init__(self, interval: float = 0.002):
-        self.interval, self.peak_mb = interval, 0.0
+        self.interval, self.peak_mb, self.peak_abs_mb = interval, 0.0, 0.0
 
     def __enter__(self):
         if torch.cuda.is_available():
@@ -45,10 +45,20 @@ class PeakMemory:
     def __exit__(self, *exc):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-            self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+            self.peak_abs_mb = torch.cuda.max_memory_allocated() / 2**20
+            self.peak_mb = self.peak_abs_mb - self._base / 2**20
             return False
         self._stop.set()
         self._thread.join()
         self._peak = max(self._peak, self._proc.memory_info().rss)
         self.peak_mb = (self._peak - self._base) / 2**20
+        self.peak_abs_mb = self._peak / 2**20
         return False
+
+
+def current_memory_mb() -> float:
+    """What :class:`PeakMemory` measures from: CUDA memory allocated, or this process's RSS, in MB."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated() / 2**20
+    return psutil.Process().memory_info().rss / 2**20

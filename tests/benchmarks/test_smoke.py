@@ -23,3 +23,24 @@ def test_benchmark_smoke(script, headers, tmp_path):
         assert header in report, report
     rows = [line for line in report.splitlines() if line.startswith("| ") and "---" not in line]
     assert all("nan" not in row for row in rows), report
+
+
+def test_grpo_step_smoke(tmp_path):
+    """The four-mode GRPO step benchmark at smoke size: every mode runs every frame count, the report,
+    results and plot are written and well formed (no timing asserted)."""
+    import json
+
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "grpo_step.py"), "--quick", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (tmp_path / "report.md").read_text()
+    for header in ("| frames | baseline (s) |", "| mode | frames | encode | rollout | old log-probs |", "Memory model check"):
+        assert header in report, report
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert set(results) == {"baseline", "stage1", "stage12", "stage12_packed"}
+    for mode, per_frames in results.items():
+        assert set(per_frames) == {"4", "8"}, (mode, per_frames)
+        for row in per_frames.values():
+            assert row["measured"] and row["step"] > 0 and row["peak_mb"] >= 0, (mode, row)
+            assert row["rollout"] > 0 and row["update"] > 0 and row["old"] > 0 and row["ref"] > 0, (mode, row)
+    assert (tmp_path / "step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,67 @@
+"""The memory model: parameter counts equal the built models', and predictions move the way the
+layouts do (the check against measured peaks is in ``benchmarks/grpo_step.py``'s report)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.dist import init_cpu_dist, run_ranks
+
+
+def _count_worker(rank, world_size, configs):
+    init_cpu_dist()
+    from megatron_longvideo.models.vlm import VLMConfig, build_vlm
+    from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
+
+    groups = initialize_parallel(ParallelConfig())
+    out = []
+    for llm, vision in configs:
+        model = build_vlm(VLMConfig(llm=llm, vision=vision, video_token_id=3), groups)
+        out.append((sum(p.numel() for p in model.llm.parameters()), sum(p.numel() for p in model.vision.parameters())))
+    destroy_parallel()
+    return out
+
+
+def test_param_counts_match_built_models():
+    from megatron_longvideo.memory_model import llm_param_count, vision_param_count
+    from megatron_longvideo.models.llm import LLMConfig
+    from megatron_longvideo.models.vision import VisionConfig
+
+    configs = [
+        (LLMConfig.tiny(vocab_size=304), VisionConfig()),
+        (LLMConfig.tiny(vocab_size=304, hidden_size=128, ffn_hidden_size=512, num_layers=3, tie_word_embeddings=True),
+         VisionConfig(pooling="merge2x2", image_size=64, hidden_size=64, ffn_hidden_size=96, newline=False)),
+    ]
+    built = run_ranks(_count_worker, 1, configs)[0]
+    for (llm, vision), (n_llm, n_vis) in zip(configs, built):
+        assert llm_param_count(llm) == n_llm
+        assert vision_param_count(vision, llm.hidden_size) == n_vis
+
+
+def test_predictions_follow_the_layouts():
+    from megatron_longvideo.memory_model import StepLayout, max_frames, predict_step_memory
+    from megatron_longvideo.models.llm import LLMConfig
+    from megatron_longvideo.models.vision import VisionConfig
+
+    llm, vision = LLMConfig.qwen2_7b(), VisionConfig.siglip_so400m()
+    gpu = dict(ranks=8, group_size=8, response_len=512, act_bytes=2, param_bytes=2, grad_bytes=2, optimizer_bytes=12,
+               distributed_optimizer=True, attention="flash", recompute=True, reference="offloaded", engine="sleep",
+               engine_prefix_sharing=True, engine_bytes=2)
+    est = {m: predict_step_memory(llm, vision, 512, StepLayout(mode=m, **gpu)) for m in
+           ("baseline", "stage1", "stage12", "stage12_packed")}
+    # sharding the sequence over 8 CP ranks cuts the update pass's activations
+    assert est["stage12"].phases["update"] < est["stage1"].phases["update"] / 4
+    # the cache keeps one copy of the embeddings; the baseline re-encodes (more encode work, not memory)
+    assert est["stage1"].static == est["baseline"].static
+    # more frames never need less memory
+    layout = StepLayout(mode="stage12_packed", **gpu)
+    peaks = [predict_step_memory(llm, vision, f, layout).peak for f in (64, 256, 1024, 4096)]
+    assert peaks == sorted(peaks)
+    # max_frames is the boundary of the prediction
+    cap = 80 * 2**30
+    n = max_frames(llm, vision, layout, cap)
+    assert 0 < n < 8192
+    assert predict_step_memory(llm, vision, n, layout).peak <= cap < predict_step_memory(llm, vision, n + 1, layout).peak
+    with pytest.raises(ValueError, match="group_size"):
+        StepLayout(mode="baseline", ranks=3, group_size=8, response_len=4)
