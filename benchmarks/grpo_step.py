@@ -59,8 +59,10 @@ def _trainer_class(mode):
     from megatron_longvideo.rl.trainer import GRPOTrainer
 
     class Measured(GRPOTrainer):
-        phases: dict = {}
-        step_base_mb: float = 0.0
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.phases: dict = {}  # {phase: time, encode time, peak MB over step_base_mb}, reset per step
+            self.step_base_mb = 0.0
 
         def _measure(self, name, fn, *args):
             enc = encode_stats().seconds
@@ -123,7 +125,6 @@ def _worker(rank, world_size, mode, frame_counts, opts):
     import torch.distributed as dist
 
     from megatron_longvideo.data.tokenizer import load_tokenizer
-    from megatron_longvideo.models.llm import LLMConfig  # noqa: F401
     from megatron_longvideo.models.video_cache import VideoEmbeddingCache
     from megatron_longvideo.models.vision import VisionConfig
     from megatron_longvideo.models.vlm import VLMConfig, build_vlm

@@ -40,7 +40,6 @@ __all__ = ["MODES", "StepLayout", "MemoryEstimate", "llm_param_count", "vision_p
            "max_frames"]
 
 MODES = ("baseline", "stage1", "stage12", "stage12_packed")
-GIB = 2**30
 
 
 def llm_param_count(llm: LLMConfig) -> int:
@@ -180,13 +179,13 @@ def predict_step_memory(llm: LLMConfig, vision: VisionConfig, frames: int, layou
     video = vision.num_video_tokens(frames)
     prefix = video + L.text_len
     g_rank = L.responses_per_rank
-    m = L.responses_per_microbatch or g_rank
-    if L.packed:
-        rows, row_len, targets = 1, prefix + min(m, g_rank) * L.response_len, min(m, g_rank) * L.response_len
+    per_mb = min(L.responses_per_microbatch or g_rank, g_rank)  # responses in one micro-batch
+    if L.packed:  # one row: the prefix, then the responses
+        rows, row_len = 1, prefix + per_mb * L.response_len
     else:
-        rows, row_len, targets = min(m, g_rank), prefix + L.response_len, min(m, g_rank) * L.response_len
+        rows, row_len = per_mb, prefix + L.response_len
     tokens = rows * row_len / cp  # this rank's tokens in one micro-batch
-    targets = targets / cp
+    targets = per_mb * L.response_len / cp
     embeds = video * h * a * L.prompts  # one video's embeddings, all-gathered to every rank
     frame_bytes = frames * 3 * vision.image_size**2 * 4 * L.prompts
 
@@ -222,8 +221,7 @@ def predict_step_memory(llm: LLMConfig, vision: VisionConfig, frames: int, layou
         kv_tokens = prefix + copies * L.response_len
     else:
         kv_tokens = copies * (prefix + L.response_len)
-    head_dim = llm.head_dim
-    kv_cache = kv_tokens * llm.num_layers * 2 * llm.num_query_groups * head_dim * L.engine_bytes
+    kv_cache = kv_tokens * llm.num_layers * 2 * llm.num_query_groups * llm.head_dim * L.engine_bytes
     prefill_tokens = prefix if L.engine_prefix_sharing else copies * prefix
     if L.engine_prefill_chunk:
         prefill_tokens = min(prefill_tokens, L.engine_prefill_chunk)

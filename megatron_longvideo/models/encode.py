@@ -35,17 +35,23 @@ class EncodeStats:
     """What this process's :func:`encode_videos` calls encoded (cache misses only), cumulative."""
 
     seconds: float = 0.0
-    """Wall time of the tower + projector + all-gather (on CUDA: synchronised before and after)."""
+    """Time of the tower + projector + all-gather (on CUDA: between events recorded around them, read
+    when :func:`encode_stats` is called, so encoding itself never waits for the device)."""
     frames: int = 0
     """Frames of the videos encoded (each rank counts the whole videos, not its slice)."""
     calls: int = 0
 
 
 _STATS = EncodeStats()
+_PENDING: list = []  # (start, end) CUDA events not yet added to _STATS.seconds
 
 
 def encode_stats() -> EncodeStats:
     """The process-wide :class:`EncodeStats` (read a field before and after a phase for its share)."""
+    while _PENDING:
+        start, end = _PENDING.pop()
+        end.synchronize()
+        _STATS.seconds += start.elapsed_time(end) / 1000.0
     return _STATS
 
 
@@ -97,9 +103,19 @@ def encode_videos(
     hits = _agree_on_hits([t is not None for t in tokens], groups.encode) if use_cache else [False] * len(videos)
     todo = [i for i, hit in enumerate(hits) if not hit]
     if todo:
-        start = _now(videos[0].device)
+        on_cuda = videos[0].device.type == "cuda"
+        if on_cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            start = time.perf_counter()
         encoded = _encode_parallel(encoder, [videos[i] for i in todo], groups)
-        _STATS.seconds += _now(videos[0].device) - start
+        if on_cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            _PENDING.append((start, end))
+        else:
+            _STATS.seconds += time.perf_counter() - start
         _STATS.frames += sum(videos[i].shape[0] for i in todo)
         _STATS.calls += 1
         for i, t in zip(todo, encoded):
@@ -112,12 +128,6 @@ def encode_videos(
             t = torch.cat([t, encoder.image_newline[None].to(t.dtype)], dim=0)
         out.append(t)
     return out
-
-
-def _now(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _per_frame_params(encoder):
