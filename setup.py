@@ -88,6 +88,9 @@ setup(
     extras_require={
         "test": ["pytest>=8", "decord", "matplotlib"],
         "gpu": ["transformer-engine[pytorch]"],
+        # the attention engine's fastest CUDA tile kernel (optional; torch's own flash / memory-efficient /
+        # cuDNN kernels are used without it). Built against the installed CUDA torch: --no-build-isolation.
+        "flash": ["flash-attn>=2.6,<3"],
         "vllm": ["vllm"],
         "dali": ["nvidia-dali-cuda130"],
         "plot": ["matplotlib"],

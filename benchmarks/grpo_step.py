@@ -312,8 +312,9 @@ GPU_7B = dict(ranks=8, group_size=8, response_len=512, text_len=64, act_bytes=2,
 
 
 def capacity_report(gpu_gib: float = 80.0, usable: float = 0.9) -> str:
-    """Largest frame count per mode on 8 GPUs of ``gpu_gib`` for a Qwen2-7B + SigLIP-so400m shape,
-    from the memory model (with this library's attention, and with a fused one)."""
+    """Largest frame count per mode (and CP schedule) on 8 GPUs of ``gpu_gib`` for a Qwen2-7B +
+    SigLIP-so400m shape, from the memory model: with the tile engine, and with the dense attention
+    this library had before it; and what then binds."""
     from megatron_longvideo.memory_model import StepLayout, max_frames, predict_step_memory
     from megatron_longvideo.models.llm import LLMConfig
     from megatron_longvideo.models.vision import VisionConfig
@@ -326,15 +327,20 @@ def capacity_report(gpu_gib: float = 80.0, usable: float = 0.9) -> str:
              f"activation recompute, reference offloaded between its passes, rollout engine (vLLM: prefill chunks of 8,192 "
              f"tokens; one KV copy of a prompt for its samples, except in the baseline) asleep outside the rollout; "
              f"{usable:.0%} of each GPU usable.", "",
-             "| mode | attention | largest frame count | peak at 1,024 frames (GiB) | phase that limits |", "|---|---|---:|---:|---|"]
+             "| mode | CP schedule | before: dense scores | tile engine | GiB at 1,024 frames | phase that limits | its largest term |",
+             "|---|---|---:|---:|---:|---|---|"]
     for mode in MODES:
-        for attention in ("unfused", "flash"):
-            layout = StepLayout(mode=mode, attention=attention, engine_prefix_sharing=mode != "baseline",
-                                responses_per_microbatch=None if mode == "stage12_packed" else 1, **GPU_7B)
+        for comm in ("all_gather", "a2a", "p2p") if mode.startswith("stage12") else ("-",):
+            common = dict(mode=mode, engine_prefix_sharing=mode != "baseline",
+                          responses_per_microbatch=None if mode == "stage12_packed" else 1,
+                          cp_comm_type="all_gather" if comm == "-" else comm, **GPU_7B)
+            before = max_frames(llm, vision, StepLayout(attention="dense", **common), cap)
+            layout = StepLayout(attention="engine", **common)
             n = max_frames(llm, vision, layout, cap)
-            est = predict_step_memory(llm, vision, 1024, layout)
-            name = "this library's (scores materialised)" if attention == "unfused" else "fused (flash)"
-            lines.append(f"| {LABELS[mode]} | {name} | {n} | {est.peak / 2**30:.0f} | {est.peak_phase} |")
+            at_limit = predict_step_memory(llm, vision, min(n + 1, 8192), layout)
+            at_1024 = predict_step_memory(llm, vision, 1024, layout)
+            lines.append(f"| {LABELS[mode]} | {comm} | {before:,} | {n:,}{'+' if n == 8192 else ''} | "
+                         f"{at_1024.peak / 2**30:.0f} | {at_limit.peak_phase} | {at_limit.binding_term} |")
     return "\n".join(lines)
 
 

@@ -92,8 +92,11 @@ def build(args):
     from megatron_longvideo.parallel.groups import initialize_parallel
     from megatron_longvideo.platform import enable_cpu_mode
     from megatron_longvideo.rl.prompt_stream import PromptStream
-    from megatron_longvideo.training.args import frame_sampling, model_config, parallel_config
+    from megatron_longvideo.models.llm import check_layout_supported
+    from megatron_longvideo.training.args import attention_options, frame_sampling, model_config, parallel_config
 
+    if not args.no_pack:  # refuse at start-up what the first packed forward would refuse
+        check_layout_supported(args.core_attention, packed=True)
     enable_cpu_mode()
     groups = initialize_parallel(parallel_config(args), seed=args.seed)
     random.seed(args.seed)
@@ -102,7 +105,8 @@ def build(args):
     cfg = dataclasses.replace(cfg, vision=dataclasses.replace(
         cfg.vision, freeze=not args.train_vision_tower, freeze_projector=not (args.train_projector or args.train_vision_tower)))
     torch.manual_seed(args.seed)
-    policy = build_vlm(cfg, groups, seed=args.seed, recompute_activations=args.recompute_activations)
+    policy = build_vlm(cfg, groups, seed=args.seed, recompute_activations=args.recompute_activations,
+                       **attention_options(args))
     data_cfg = VideoDatasetConfig(mode="rl", video_root=args.video_root, on_error=args.on_bad_input, sampling=frame_sampling(args))
     dataset = LongVideoDataset.from_file(args.data_path, tokenizer=tok, num_video_tokens=cfg.vision.num_video_tokens, config=data_cfg)
     sampler = DistributedVideoSampler(len(dataset), dp_rank=groups.dp_rank, dp_size=groups.dp_size, seed=args.seed)
@@ -164,7 +168,7 @@ def main(argv=None):
     from megatron_longvideo.rl.losses import GRPOLossConfig
     from megatron_longvideo.rl.rollout import is_replica_leader
     from megatron_longvideo.rl.trainer import GRPOConfig, GRPOTrainer
-    from megatron_longvideo.training.args import optim_config
+    from megatron_longvideo.training.args import attention_options, optim_config
     from megatron_longvideo.training.engine import build_optimizer, wrap_ddp
 
     groups, tok, cfg, policy, stream = build(args)
@@ -179,7 +183,7 @@ def main(argv=None):
     reference = None
     if args.kl_beta > 0:
         torch.manual_seed(args.seed)
-        reference = build_vlm(cfg, groups, seed=args.seed)
+        reference = build_vlm(cfg, groups, seed=args.seed, **attention_options(args))
         load_full_state(reference, gather_full_state(ddp, groups), groups)
         reference.requires_grad_(False)
     rewards = tuple((k, float(v)) for k, v in (r.split("=") for r in (args.reward or ["accuracy=1.0", "format=0.2"])))

@@ -9,11 +9,16 @@ alive, phase by phase, and takes the largest phase:
   reference model, and the rollout engine's weights when it stays resident (the CPU ``hf`` engine);
 * **rollout**: the engine's weights when it wakes for the phase (vLLM), its KV cache, the transient
   activations of its prefill, the raw frames and the ViT's activations of the frames this rank encodes;
-* **old / reference log-probs** (no grad): one micro-batch's largest layer transient, the attention
-  scores (unfused attention only) and the log-softmax over the vocabulary at the targets;
+* **old / reference log-probs** (no grad): one micro-batch's largest layer transient, the attention's
+  working memory (:func:`attention_terms`) and the log-softmax over the vocabulary at the targets;
 * **update** (forward + backward): what autograd saves per layer for one micro-batch (all layers, or
-  each layer's input plus one layer's activations under recompute), the attention probabilities
-  (unfused attention only) and the vocabulary-sized tensors at the targets.
+  each layer's input plus one layer's activations under recompute), what the attention keeps for its
+  backward and its backward's working memory, and the vocabulary-sized tensors at the targets.
+
+The attention terms are those of the library's tile engine (per CP mode), fitted to what
+``megatron_longvideo.memory_meter`` measures on one layer (``tests/test_memory_model.py`` checks them
+within 25%; most configurations agree within 10%); ``attention="dense"`` gives the attention this
+library had before (scores materialised), for comparison.
 
 The video embeddings of a step's prompts are held from encode to update with the cache (stage 1), and
 per pass without it (baseline). Working memory is what the step adds to the static part; the
@@ -37,7 +42,7 @@ from megatron_longvideo.models.llm import LLMConfig
 from megatron_longvideo.models.vision import VisionConfig
 
 __all__ = ["MODES", "StepLayout", "MemoryEstimate", "llm_param_count", "vision_param_count", "predict_step_memory",
-           "max_frames"]
+           "max_frames", "attention_terms"]
 
 MODES = ("baseline", "stage1", "stage12", "stage12_packed")
 
@@ -77,8 +82,11 @@ class StepLayout:
     responses_per_microbatch: Optional[int] = 1
     """Unpacked modes: sequences per micro-batch (None: a whole group). Packed: responses per packed row."""
     recompute: bool = False
-    attention: str = "unfused"
-    """'unfused' (our CPU attention: scores materialised) or 'flash' (fused kernels on GPU)."""
+    attention: str = "engine"
+    """'engine' (the tile engine: fused kernels, no scores) or 'dense' (scores materialised: the attention
+    before the engine, kept for comparison)."""
+    cp_comm_type: str = "all_gather"
+    """The CP attention schedule: 'all_gather', 'a2a' or 'p2p' (see megatron_longvideo.attention.core)."""
     act_bytes: int = 4
     param_bytes: int = 4
     grad_bytes: int = 4
@@ -102,8 +110,10 @@ class StepLayout:
             raise ValueError(f"mode: must be one of {MODES}, got {self.mode!r}")
         if self.mode in ("baseline", "stage1") and self.group_size % self.ranks:
             raise ValueError(f"group_size={self.group_size} must be divisible by ranks={self.ranks} in mode {self.mode}")
-        if self.attention not in ("unfused", "flash"):
-            raise ValueError(f"attention: 'unfused' or 'flash', got {self.attention!r}")
+        if self.attention not in ("engine", "dense"):
+            raise ValueError(f"attention: 'engine' or 'dense', got {self.attention!r}")
+        if self.cp_comm_type not in ("all_gather", "a2a", "p2p"):
+            raise ValueError(f"cp_comm_type: 'all_gather', 'a2a' or 'p2p', got {self.cp_comm_type!r}")
         if self.reference not in ("resident", "offloaded", "none"):
             raise ValueError(f"reference: 'resident', 'offloaded' or 'none', got {self.reference!r}")
         if self.engine not in ("resident", "sleep"):
@@ -129,6 +139,14 @@ class MemoryEstimate:
     static: float
     phases: dict
     """{phase: working bytes} for rollout, old, ref, update."""
+    parts: dict = dataclasses.field(default_factory=dict)
+    """{phase: {term: bytes}}: what each phase's working memory is made of (sums to ``phases``)."""
+
+    @property
+    def binding_term(self) -> str:
+        """The largest term of the phase that sets the peak (what to shrink to fit more frames)."""
+        terms = self.parts.get(self.peak_phase, {})
+        return max(terms, key=terms.get) if terms else self.peak_phase
 
     @property
     def working(self) -> float:
@@ -155,6 +173,49 @@ def _layer_transient(llm: LLMConfig, tp: int) -> float:
     """Elements per token alive at once inside one layer's forward without grad."""
     h, f, kv = llm.hidden_size, llm.ffn_hidden_size, llm.num_query_groups * llm.head_dim
     return 3 * h + max((h + 2 * kv) * 2, 3 * f) / tp
+
+
+def attention_terms(llm: LLMConfig, tokens: float, *, cp: int, mode: str = "all_gather", tp: int = 1,
+                    act_bytes: int = 4) -> tuple[float, float, float]:
+    """Bytes per layer of the tile engine for ``tokens`` local tokens: ``(saved, forward, backward)``.
+
+    ``saved``: what it keeps for the backward besides its output (which the layer's output projection
+    keeps anyway): the fp32 lse, and the gathered K/V (all_gather), this rank's stacked K/V block (p2p)
+    or the head-sharded q/k/v/out (a2a). ``forward`` / ``backward``: the working memory on top while the
+    forward runs (fp32 output accumulator, one tile's output, the gather buffers or travelling K/V
+    blocks) or the backward runs (fp32 dq/dk/dv accumulators, one tile's gradients, the dK/dV
+    accumulators travelling the ring, the all-to-all of the gradients). Per local token, with H and K
+    the query and K/V widths per TP rank and a the activation bytes; measured against
+    ``megatron_longvideo.memory_meter`` on one layer at CP 1/2/4, fp32 and bf16 (within 25%; gloo's
+    buffer lifetimes make the a2a / p2p measurement itself vary by up to about 20%).
+    """
+    heads = llm.num_attention_heads / tp
+    H = heads * llm.head_dim
+    groups = llm.num_query_groups / tp
+    K = groups * llm.head_dim
+    a, lse = act_bytes, 4 * heads
+    acc, tile = 4 * H + lse, a * H + lse  # fp32 output accumulator + lse; the largest tile's output
+    if cp == 1:
+        mode = "all_gather"
+    if mode == "all_gather":
+        saved = (cp * 2 * K * a if cp > 1 else 0) + lse
+        forward = max(acc + tile, cp * K * a)  # tiles, or the gather's buffers
+        backward = 4 * H + cp * 2 * K * 4 + a * H + cp * 2 * K * a
+    elif mode == "p2p":
+        saved = 2 * K * a + lse
+        forward = acc + tile + 2 * K * a * (2 if cp > 2 else 1)  # the arriving block (and the one in use)
+        backward = 4 * H + 2 * 2 * K * 4 + 2 * 2 * K * a + a * H + 2 * K * a
+    elif mode == "a2a":
+        rep = 1
+        while (groups * rep) % cp:  # KV groups repeated until CP divides them
+            rep += 1
+        K2 = K * rep
+        saved = (2 * H + 2 * K2) * a + lse
+        forward = acc + tile
+        backward = 4 * H + 2 * K2 * 4 + a * H + 2 * K2 * a + a * H
+    else:
+        raise ValueError(f"mode: 'all_gather', 'a2a' or 'p2p', got {mode!r}")
+    return saved * tokens, forward * tokens, backward * tokens
 
 
 def predict_step_memory(llm: LLMConfig, vision: VisionConfig, frames: int, layout: StepLayout) -> MemoryEstimate:
@@ -194,14 +255,15 @@ def predict_step_memory(llm: LLMConfig, vision: VisionConfig, frames: int, layou
     vis_frames = -(-frames // encode_group)
     patches = vision.grid**2 + 1
     vit = vis_frames * patches * (4 * vision.hidden_size + vision.ffn_hidden_size) * a
-    if L.attention == "unfused":
+    if L.attention == "dense":
         vit += vis_frames * vision.num_attention_heads * patches**2 * a * 2
     encode = frame_bytes + vit + embeds
 
     # attention core, per layer: (saved for backward, transient on top while it runs)
-    if L.attention == "flash":
-        attn_saved = tokens * (heads * llm.head_dim + 2 * kv_dim * cp) * a  # q, gathered k/v, output
-        attn_forward = attn_backward = tokens * 2 * kv_dim * cp * a
+    if L.attention == "engine":
+        attn_saved, attn_forward, attn_backward = attention_terms(llm, tokens, cp=cp, mode=L.cp_comm_type, tp=tp,
+                                                                  act_bytes=a)
+        attn_forward += attn_saved  # without grad nothing is kept, but the gathered K/V live while it runs
     else:
         # scores of local queries against the whole row ([b, heads, s/cp, s], fp32): the softmax output
         # is saved; two more such tensors live while a layer runs forward (scores, masked scores) or
@@ -226,21 +288,25 @@ def predict_step_memory(llm: LLMConfig, vision: VisionConfig, frames: int, layou
     if L.engine_prefill_chunk:
         prefill_tokens = min(prefill_tokens, L.engine_prefill_chunk)
     engine_act = prefill_tokens * (_layer_transient(llm, 1) + 2 * h) * L.engine_bytes  # + the prompt embeddings
-    rollout = encode + kv_cache + engine_act + (0 if L.engine == "resident" else engine_weights)
 
-    forward = tokens * (_layer_transient(llm, tp) + h) * a + attn_forward + vocab
-    passes = held_embeds + (encode if L.mode == "baseline" else 0.0) + frame_bytes
-    old = passes + forward
-    ref = old + (((p_llm + p_vis) * L.param_bytes) if L.reference == "offloaded" else 0.0)
+    passes = {"video embeddings": held_embeds + (encode if L.mode == "baseline" else 0.0), "frames": frame_bytes}
+    old = dict(passes, **{"layer activations": tokens * (_layer_transient(llm, tp) + h) * a,
+                          "attention": attn_forward, "vocabulary at the targets": vocab})
+    ref = dict(old, **{"reference weights": (p_llm + p_vis) * L.param_bytes if L.reference == "offloaded" else 0.0})
     if L.recompute:  # every layer's input, and one layer recomputed at a time
-        update_act = tokens * h * a * llm.num_layers + layer_saved + attn_saved + attn_backward
+        saved_act = tokens * h * a * llm.num_layers + layer_saved
+        attn_update = attn_saved + max(attn_forward, attn_backward)
     else:
-        update_act = llm.num_layers * (layer_saved + attn_saved) + attn_backward
-    update = passes + update_act + vocab + tokens * h * a * 2
-    phases = {"rollout": rollout, "old": old, "update": update}
+        saved_act = llm.num_layers * layer_saved
+        attn_update = llm.num_layers * attn_saved + max(attn_forward, attn_backward)
+    update = dict(passes, **{"layer activations": saved_act + tokens * h * a * 2, "attention": attn_update,
+                             "vocabulary at the targets": vocab})
+    parts = {"rollout": {"encode": encode, "engine KV cache": kv_cache, "engine prefill": engine_act,
+                         "engine weights": 0.0 if L.engine == "resident" else engine_weights},
+             "old": old, "update": update}
     if L.reference != "none":
-        phases["ref"] = ref
-    return MemoryEstimate(static=static, phases=phases)
+        parts["ref"] = ref
+    return MemoryEstimate(static=static, phases={k: sum(v.values()) for k, v in parts.items()}, parts=parts)
 
 
 def max_frames(llm: LLMConfig, vision: VisionConfig, layout: StepLayout, capacity_bytes: float,

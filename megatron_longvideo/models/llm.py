@@ -3,8 +3,14 @@
 Qwen2: RMSNorm, SwiGLU MLP without biases, rotary embeddings, grouped-query attention with a bias on
 Q/K/V only, untied or tied input/output embeddings. The layer spec is megatron's local one with two
 slots swapped: the norms (:class:`RMSNorm`, which accepts Megatron sequence parallelism) and the core
-attention (:class:`CPCoreAttention`, context parallelism without TransformerEngine). On a machine with
-TransformerEngine, ``use_te=True`` keeps megatron's TE spec instead.
+attention, one of :data:`CORE_ATTENTIONS`:
+
+* ``"engine"`` (default): :class:`~megatron_longvideo.attention.core.TileCoreAttention`, exact
+  attention by tiles on fused kernels for every CP mode and for shared-prefix packing;
+* ``"te"``: TransformerEngine's ``TEDotProductAttention`` (needs TE; its own CP). Plain causal rows
+  only: a packed layout is refused (:func:`check_layout_supported`);
+* ``"megatron"``: megatron-core's local ``DotProductAttention`` (dense scores, no CP, no packing), kept
+  as a reference.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ import torch.nn.functional as F
 from megatron_longvideo.parallel.context import SequenceContext
 from megatron_longvideo.parallel.groups import ParallelConfig, ParallelGroups
 
-__all__ = ["LLMConfig", "transformer_config", "qwen2_layer_spec", "qwen2_block_spec", "build_llm", "enable_recompute", "lm_forward", "unwrap"]
+__all__ = ["LLMConfig", "CORE_ATTENTIONS", "transformer_config", "qwen2_layer_spec", "qwen2_block_spec", "build_llm",
+           "enable_recompute", "lm_forward", "unwrap", "check_layout_supported"]
+
+CORE_ATTENTIONS = ("engine", "te", "megatron")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -118,23 +127,24 @@ def transformer_config(llm: LLMConfig, parallel: ParallelConfig, *, params_dtype
     return TransformerConfig(**kwargs)
 
 
-def qwen2_layer_spec(sequence_context: SequenceContext, *, use_te: bool = False, core_attention: str = "cp"):
-    """Megatron layer spec for a Qwen2 layer (see module docstring).
+def qwen2_layer_spec(sequence_context: SequenceContext, *, use_te: bool = False, core_attention: str = "engine",
+                     attention_kernel: str = "auto"):
+    """Megatron layer spec for a Qwen2 layer (see module docstring for ``core_attention``).
 
-    ``core_attention="megatron"`` keeps megatron's own ``DotProductAttention`` (no CP, no packing),
-    which the tests use as the oracle for ours.
+    ``attention_kernel``: the tile engine's kernel backend (``"auto"``; see
+    :func:`megatron_longvideo.attention.backends.get_backend`). ``use_te=True`` returns megatron's full
+    TransformerEngine layer spec instead (TE norms and linears too).
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnMaskType
 
+    from megatron_longvideo.attention.core import TileCoreAttention
     from megatron_longvideo.models.norm import RMSNorm
-    from megatron_longvideo.parallel.cp_attention import CPCoreAttention
 
+    if core_attention not in CORE_ATTENTIONS:
+        raise ValueError(f"core_attention must be one of {CORE_ATTENTIONS}, got {core_attention!r}")
     if use_te:
-        try:
-            import transformer_engine  # noqa: F401
-        except ImportError as err:
-            raise ImportError("use_te=True needs TransformerEngine: pip install 'megatron_longvideo[gpu]'") from err
+        _require_te("use_te=True")
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
@@ -143,14 +153,42 @@ def qwen2_layer_spec(sequence_context: SequenceContext, *, use_te: bool = False,
     sub.input_layernorm = RMSNorm
     sub.pre_mlp_layernorm = RMSNorm
     sub.self_attention.params = {"attn_mask_type": AttnMaskType.causal}
-    if core_attention == "cp":
-        sub.self_attention.submodules.core_attention = functools.partial(CPCoreAttention, sequence_context=sequence_context)
-    elif core_attention != "megatron":
-        raise ValueError(f"core_attention must be 'cp' or 'megatron', got {core_attention!r}")
+    if core_attention == "engine":
+        sub.self_attention.submodules.core_attention = functools.partial(
+            TileCoreAttention, sequence_context=sequence_context, kernel=attention_kernel)
+    elif core_attention == "te":
+        _require_te("core_attention='te' (--core-attention te)")
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        sub.self_attention.submodules.core_attention = TEDotProductAttention
     return spec
 
 
-def qwen2_block_spec(config, sequence_context: SequenceContext, *, pp_rank: int = 0, core_attention: str = "cp"):
+def _require_te(what: str) -> None:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"{what} needs TransformerEngine: pip install 'megatron_longvideo[gpu]' on a CUDA machine, "
+                          f"or use the default core_attention='engine'") from err
+
+
+def check_layout_supported(core_attention: str, *, packed: bool) -> None:
+    """Raise ValueError when ``core_attention`` cannot express a ``packed`` layout.
+
+    TransformerEngine's and megatron's attentions see plain causal rows only: a shared-prefix packed
+    layout (segment ids, or a layout with rows) would be attended as one causal sequence, silently
+    wrong, so it is refused.
+    """
+    if packed and core_attention != "engine":
+        raise ValueError(
+            f"core_attention={core_attention!r} (--core-attention {core_attention}) attends plain causal rows only; "
+            f"this forward is packed (segment ids: shared-prefix packing). Use --core-attention engine, or turn "
+            f"packing off (--no-pack)"
+        )
+
+
+def qwen2_block_spec(config, sequence_context: SequenceContext, *, pp_rank: int = 0, core_attention: str = "engine",
+                     attention_kernel: str = "auto"):
     """Block spec: this pipeline stage's Qwen2 layers and a final RMSNorm that accepts sequence
     parallelism (megatron's default final norm for a layer spec is the TP-only torch norm)."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -158,7 +196,8 @@ def qwen2_block_spec(config, sequence_context: SequenceContext, *, pp_rank: int 
     from megatron_longvideo.models.norm import RMSNorm
 
     num_layers = get_num_layers_to_build(config, vp_stage=None, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[qwen2_layer_spec(sequence_context, core_attention=core_attention)] * num_layers, layer_norm=RMSNorm)
+    layer = qwen2_layer_spec(sequence_context, core_attention=core_attention, attention_kernel=attention_kernel)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)
 
 
 def build_llm(
@@ -168,7 +207,8 @@ def build_llm(
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
     params_dtype=torch.float32,
-    core_attention: str = "cp",
+    core_attention: str = "engine",
+    attention_kernel: str = "auto",
     recompute_activations: bool = False,
     **config_overrides,
 ):
@@ -176,6 +216,7 @@ def build_llm(
 
     Returns the model; its :class:`SequenceContext` is ``model.sequence_context``. The rotary
     module reads explicit positions from it (see :mod:`megatron_longvideo.models.rotary`).
+    ``core_attention`` / ``attention_kernel``: see the module docstring and :func:`qwen2_layer_spec`.
     ``recompute_activations``: see :func:`enable_recompute`.
     """
     from megatron.core import parallel_state as ps
@@ -196,7 +237,8 @@ def build_llm(
         post_process = ps.is_pipeline_last_stage() if parallel.pipeline_parallel_size > 1 else True
     model = GPTModel(
         config=config,
-        transformer_layer_spec=qwen2_block_spec(config, context, pp_rank=groups.rank(groups.pp), core_attention=core_attention),
+        transformer_layer_spec=qwen2_block_spec(config, context, pp_rank=groups.rank(groups.pp), core_attention=core_attention,
+                                                attention_kernel=attention_kernel),
         vocab_size=llm.vocab_size,
         max_sequence_length=llm.max_position_embeddings,
         pre_process=pre_process,
@@ -216,6 +258,7 @@ def build_llm(
         sequence_context=context,
     )
     model.sequence_context = context
+    model.core_attention_kind = core_attention
     if recompute_activations:
         enable_recompute(model)
     return model
@@ -244,10 +287,10 @@ def enable_recompute(model) -> None:
         def recomputed(*args, _forward=forward, **kwargs):
             if not torch.is_grad_enabled():
                 return _forward(*args, **kwargs)
-            captured = (context.position_ids, context.segment_ids)
+            captured = context.state()
 
             def run(*a, **k):
-                with context.use(position_ids=captured[0], segment_ids=captured[1]):
+                with context.use(**captured):
                     return _forward(*a, **k)
 
             return checkpoint(run, *args, use_reentrant=False, **kwargs)
@@ -271,16 +314,22 @@ def lm_forward(
     decoder_input: Optional[torch.Tensor] = None,
     labels: Optional[torch.Tensor] = None,
     segment_ids: Optional[torch.Tensor] = None,
+    layout=None,
 ):
     """Run the (possibly DDP-wrapped) LM on this rank's tokens with explicit positions.
 
     ``input_ids``/``position_ids``/``labels``/``segment_ids`` are ``[b, s_local]`` (this CP rank's
     shard); ``decoder_input`` ``[s_local, b, h]`` replaces the embedding lookup (merged video+text
     embeddings). With ``labels`` the result is the per-token loss ``[b, s_local]``; else logits
-    (``[b, s_local, vocab / tp]``) or, on non-last pipeline stages, the hidden states.
+    (``[b, s_local, vocab / tp]``) or, on non-last pipeline stages, the hidden states. ``layout``: the
+    batch's :class:`~megatron_longvideo.attention.layout.SequenceLayout` (global, host-side), which
+    saves the attention deriving it from ``segment_ids``.
     """
-    context = unwrap(model).sequence_context
-    with context.use(position_ids=position_ids, segment_ids=segment_ids):
+    inner = unwrap(model)
+    kind = getattr(getattr(inner, "llm", inner), "core_attention_kind", "engine")
+    check_layout_supported(kind, packed=segment_ids is not None or (layout is not None and layout.rows is not None))
+    context = inner.sequence_context
+    with context.use(position_ids=position_ids, segment_ids=segment_ids, layout=layout):
         return model(
             input_ids=input_ids,
             position_ids=position_ids,

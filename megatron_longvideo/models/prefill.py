@@ -13,8 +13,8 @@ per-row positions and segments, and the next-token targets a pass needs), each C
    materialised, and per-token log-probs and entropies come from sharded logits.
 
 Rows of unequal length are padded per sample to a common length (``[b, S]``), not packed THD-style
-with cumulative lengths: our CP attention without TransformerEngine works on dense ``[s, b, h]``
-shards with masks built from global positions, and right-padding is exact under the causal mask (no
+with cumulative lengths: the attention engine works on dense ``[s, b, h]`` shards and a host-side
+layout of the rows (:func:`prefill_layout`), and right-padding is exact under the causal mask (no
 real token ever sees a later padding token). Shared-prefix packing puts a whole group in one row.
 
 Each target is computed on the CP rank holding its source position. The update pass sums its loss
@@ -37,7 +37,7 @@ from megatron_longvideo.parallel import collectives
 from megatron_longvideo.parallel.groups import ParallelGroups
 from megatron_longvideo.rl.packing import PrefillBatch
 
-__all__ = ["ShardPlan", "plan_shard", "prefill_forward", "token_logprobs", "dense_values", "prefill_step",
+__all__ = ["ShardPlan", "plan_shard", "prefill_forward", "prefill_layout", "token_logprobs", "dense_values", "prefill_step",
            "vocab_parallel_entropy", "unshard_sequence"]
 
 
@@ -155,7 +155,19 @@ def prefill_forward(
         if groups.config.sequence_parallel:
             decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input, group=groups.tp)
     with _only_rows(model, plan.rows, groups):
-        return lm_forward(model, decoder_input=decoder_input, position_ids=pos_local, segment_ids=seg_local)
+        return lm_forward(model, decoder_input=decoder_input, position_ids=pos_local, segment_ids=seg_local,
+                          layout=prefill_layout(batch, groups))
+
+
+def prefill_layout(batch: PrefillBatch, groups: ParallelGroups):
+    """The batch's attention layout over the padded global rows, built on the host from the batch's own
+    segment ids (packed) or as plain causal rows (unpacked): the attention then needs no device sync."""
+    from megatron_longvideo.attention.layout import SequenceLayout
+
+    padded = kernels.padded_length(batch.input_ids.shape[1], groups.cp_size, _multiple(groups))
+    if batch.segment_ids is None:
+        return SequenceLayout.plain(padded)
+    return SequenceLayout.from_segments(batch.segment_ids, seq_len=padded)
 
 
 def vocab_parallel_entropy(logits: torch.Tensor, tp_group) -> torch.Tensor:

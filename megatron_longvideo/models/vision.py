@@ -1,8 +1,10 @@
 """Vision side of the video-language model: SigLIP ViT + token merge/pooling + MLP projector.
 
 Built from megatron-core parts: ``CLIPViTModel(model_subtype="siglip")`` with the local ViT layer
-spec made bidirectional (megatron's local ViT spec is causal), and ``MultimodalProjector`` (linear,
-exact GELU, linear). The tower and projector are replicated on every rank (tensor-parallel group of
+spec made bidirectional (megatron's local ViT spec is causal) and its core attention replaced by the
+tile engine (:class:`~megatron_longvideo.attention.core.TileCoreAttention`: one full tile per frame
+batch on a fused kernel, so no ``[patches, patches]`` score tensor is built for any frame), and
+``MultimodalProjector`` (linear, exact GELU, linear). The tower and projector are replicated on every rank (tensor-parallel group of
 one rank), because MR-SP splits a video's *frames* over ranks rather than the tower's weights.
 
 Per frame: ViT features of the last layer, without the post-layernorm (as LLaVA-OneVision takes
@@ -153,8 +155,12 @@ def _projector_config(vcfg: VisionConfig, llm_hidden: int, params_dtype):
 class VisionEncoder(torch.nn.Module):
     """Frames ``[n, 3, H, W]`` -> LLM-space tokens ``[n, tokens_per_frame, llm_hidden]``."""
 
-    def __init__(self, vcfg: VisionConfig, llm_hidden: int, groups, *, params_dtype=torch.float32):
+    def __init__(self, vcfg: VisionConfig, llm_hidden: int, groups, *, params_dtype=torch.float32,
+                 attention_kernel: str = "auto"):
         super().__init__()
+        import functools
+
+        from megatron_longvideo.attention.core import TileCoreAttention
         from megatron.core.models.vision.clip_vit_model import CLIPViTModel
         from megatron.core.models.vision.multimodal_projector import MultimodalProjector
         from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
@@ -168,6 +174,7 @@ class VisionEncoder(torch.nn.Module):
         pgs = _solo_collection(groups)
         spec = get_vit_layer_with_local_spec()
         spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.no_mask}  # the local ViT spec is causal
+        spec.submodules.self_attention.submodules.core_attention = functools.partial(TileCoreAttention, kernel=attention_kernel)
         self.vit = CLIPViTModel(
             _vit_config(vcfg, params_dtype),
             spec,
@@ -242,9 +249,10 @@ class VisionEncoder(torch.nn.Module):
         return x.transpose(0, 1)
 
 
-def build_vision_encoder(vcfg: VisionConfig, llm_hidden: int, groups, *, params_dtype=torch.float32, seed: int = 0) -> VisionEncoder:
+def build_vision_encoder(vcfg: VisionConfig, llm_hidden: int, groups, *, params_dtype=torch.float32, seed: int = 0,
+                         attention_kernel: str = "auto") -> VisionEncoder:
     """The replicated vision encoder, initialised from ``seed`` alone so that every rank (whatever
     its pipeline stage or TP layout consumed from the RNG before) holds the same weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return VisionEncoder(vcfg, llm_hidden, groups, params_dtype=params_dtype)
+        return VisionEncoder(vcfg, llm_hidden, groups, params_dtype=params_dtype, attention_kernel=attention_kernel)

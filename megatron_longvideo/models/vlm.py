@@ -56,7 +56,9 @@ class VideoLanguageModel(MegatronModule):
         self.model_type = llm.model_type
         self.llm = llm
         self.tp_group = groups.tp  # the vision tower is replicated over it (see sharded_state_dict)
-        self.vision = build_vision_encoder(cfg.vision, cfg.llm.hidden_size, groups, seed=seed + 1) if llm.pre_process else None
+        kernel = llm_kwargs.get("attention_kernel", "auto")
+        self.vision = (build_vision_encoder(cfg.vision, cfg.llm.hidden_size, groups, seed=seed + 1, attention_kernel=kernel)
+                       if llm.pre_process else None)
 
     @property
     def sequence_context(self):

@@ -1,8 +1,8 @@
-"""Parallel layout: process groups, autograd collectives, context-parallel attention.
+"""Parallel layout: process groups, autograd collectives, the per-forward sequence context.
 
 Submodules: ``groups`` (ParallelConfig, ParallelGroups, initialize_parallel), ``collectives``
 (autograd all-gather / reduce-scatter / all-to-all / split / ring shift), ``context``
-(SequenceContext, zigzag_index), ``cp_attention`` (CPCoreAttention; imports megatron-core).
+(SequenceContext, zigzag_index). Context-parallel attention lives in :mod:`megatron_longvideo.attention`.
 """
 
 from megatron_longvideo.parallel.context import SequenceContext, zigzag_index

@@ -11,6 +11,11 @@ What it carries, for the tokens this rank holds (its CP shard, in Megatron's loa
 * ``segment_ids`` ``[b, s_local]``: 0 for the shared prefix, k > 0 for packed response k. A query
   sees a key when the key comes no later in the sequence and the key is in the prefix or in the
   query's own segment. ``None`` means plain causal attention.
+* ``layout``: the same pattern for the whole (unsharded) batch as a host-side
+  :class:`~megatron_longvideo.attention.layout.SequenceLayout`, from which the attention derives its
+  tiles. When only ``segment_ids`` are given, the first attention layer derives it (gathering the ids
+  over CP, one device-to-host copy) and the other layers reuse it; callers that know the layout (the
+  prefill builds it from the batch on the host) pass it and save that copy.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class SequenceContext:
     def __init__(self):
         self.position_ids: Optional[torch.Tensor] = None
         self.segment_ids: Optional[torch.Tensor] = None
+        self.layout = None
+        self._derived: dict = {}
 
     @contextlib.contextmanager
     def use(
@@ -54,15 +61,32 @@ class SequenceContext:
         *,
         position_ids: Optional[torch.Tensor] = None,
         segment_ids: Optional[torch.Tensor] = None,
+        layout=None,
+        derived: Optional[dict] = None,
     ) -> Iterator["SequenceContext"]:
-        """Set the layout for the forward (and backward graph construction) inside the block."""
+        """Set the layout for the forward (and backward graph construction) inside the block.
+
+        ``derived``: what an earlier use of the same inputs derived (see :meth:`state`; recompute)."""
         if position_ids is not None and position_ids.dim() != 2:
             raise ValueError(f"position_ids must be [batch, local_seq], got shape {tuple(position_ids.shape)}")
         if segment_ids is not None and segment_ids.dim() != 2:
             raise ValueError(f"segment_ids must be [batch, local_seq], got shape {tuple(segment_ids.shape)}")
-        saved = (self.position_ids, self.segment_ids)
-        self.position_ids, self.segment_ids = position_ids, segment_ids
+        saved = (self.position_ids, self.segment_ids, self.layout, self._derived)
+        self.position_ids, self.segment_ids, self.layout = position_ids, segment_ids, layout
+        self._derived = {} if derived is None else derived
         try:
             yield self
         finally:
-            self.position_ids, self.segment_ids = saved
+            self.position_ids, self.segment_ids, self.layout, self._derived = saved
+
+    def state(self) -> dict:
+        """The current settings, as keyword arguments for :meth:`use` (a recomputed layer sets them again)."""
+        return {"position_ids": self.position_ids, "segment_ids": self.segment_ids, "layout": self.layout,
+                "derived": self._derived}
+
+    def derived(self, key, build):
+        """A value derived from this forward's settings (the layout from segment ids), built once per
+        :meth:`use` block and shared by every layer."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]

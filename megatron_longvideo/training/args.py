@@ -16,7 +16,18 @@ from megatron_longvideo.parallel.groups import ParallelConfig
 from megatron_longvideo.training.engine import OptimConfig
 
 __all__ = ["build_parser", "parse", "parallel_config", "optim_config", "train_config", "run_config", "model_config",
-           "frame_sampling"]
+           "frame_sampling", "attention_options"]
+
+
+def _kernels() -> tuple:
+    from megatron_longvideo.attention.backends import KERNELS
+
+    return KERNELS
+
+
+def attention_options(args) -> dict:
+    """``build_llm`` / ``build_vlm`` keyword arguments of the attention flags."""
+    return {"core_attention": args.core_attention, "attention_kernel": args.attention_kernel}
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -45,6 +56,12 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--train-vision-tower", action="store_true", help="also train the ViT (frozen by default)")
     g.add_argument("--recompute-activations", action="store_true",
                    help="recompute each transformer layer in backward: activation memory stops growing with depth")
+    g.add_argument("--core-attention", default="engine", choices=("engine", "te", "megatron"),
+                   help="the LLM's core attention: 'engine' (tiles on fused kernels, every CP mode and packing), "
+                        "'te' (TransformerEngine's, plain causal rows only), 'megatron' (dense reference, no CP)")
+    g.add_argument("--attention-kernel", default="auto", choices=_kernels(),
+                   help="fused kernel the attention engine runs its tiles on ('auto': cpu_flash on CPU; flash_attn, "
+                        "torch_flash or torch_efficient on CUDA)")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", help="records file (.jsonl / .json)")
     g.add_argument("--video-root", help="folder the records' video paths are relative to")

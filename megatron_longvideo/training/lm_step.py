@@ -53,9 +53,14 @@ def lm_loss_step(groups: ParallelGroups):
             position_ids = torch.arange(batch["tokens"].shape[1], device=tokens.device).expand_as(batch["tokens"])
         position_ids = cp_shard(position_ids, groups)
         segment_ids: Optional[torch.Tensor] = batch.get("segment_ids")
+        layout = None
         if segment_ids is not None:
+            from megatron_longvideo.attention.layout import SequenceLayout
+
+            layout = SequenceLayout.from_segments(segment_ids)  # global, on the host: no sync in the attention
             segment_ids = cp_shard(segment_ids, groups)
-        output = lm_forward(model, input_ids=tokens, position_ids=position_ids, labels=labels, segment_ids=segment_ids)
+        output = lm_forward(model, input_ids=tokens, position_ids=position_ids, labels=labels, segment_ids=segment_ids,
+                            layout=layout)
 
         def loss_func(losses: torch.Tensor):
             loss_sum = (losses.float() * mask).sum()

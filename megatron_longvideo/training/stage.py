@@ -56,8 +56,10 @@ def build_data_loader(*, mode: str, data_path: str, video_root: str, tokenizer, 
 
 
 def build_stage_model(cfg: VLMConfig, groups: ParallelGroups, *, trained: tuple[str, ...], seed: int = 0,
-                      recompute_activations: bool = False):
-    """The model of this rank with everything but ``trained`` (of llm, vision, projector) frozen."""
+                      recompute_activations: bool = False, **attention):
+    """The model of this rank with everything but ``trained`` (of llm, vision, projector) frozen.
+
+    ``attention``: ``core_attention`` / ``attention_kernel`` (see :func:`megatron_longvideo.models.llm.build_llm`)."""
     import dataclasses
 
     from megatron_longvideo.models.vlm import build_vlm
@@ -67,7 +69,8 @@ def build_stage_model(cfg: VLMConfig, groups: ParallelGroups, *, trained: tuple[
         raise ValueError(f"trained: unknown parts {sorted(unknown)}; known: llm, vision, projector")
     vision = dataclasses.replace(cfg.vision, freeze="vision" not in trained, freeze_projector="projector" not in trained)
     torch.manual_seed(seed)
-    model = build_vlm(dataclasses.replace(cfg, vision=vision), groups, seed=seed, recompute_activations=recompute_activations)
+    model = build_vlm(dataclasses.replace(cfg, vision=vision), groups, seed=seed, recompute_activations=recompute_activations,
+                      **attention)
     if "llm" not in trained:
         model.llm.requires_grad_(False)
     return model
@@ -79,6 +82,7 @@ def run_stage(stage: str, args):
     from megatron_longvideo.parallel.groups import destroy_parallel, initialize_parallel
     from megatron_longvideo.platform import enable_cpu_mode
     from megatron_longvideo.training.args import (
+        attention_options,
         frame_sampling,
         model_config,
         optim_config,
@@ -112,7 +116,8 @@ def run_stage(stage: str, args):
         step = vlm_loss_step(groups, pad_id=tokenizer.pad_id, seq_length=args.seq_length)
         return train(train_config(args), optim_config(args),
                      model_provider=lambda: build_stage_model(cfg, groups, trained=trained, seed=args.seed,
-                                                                  recompute_activations=args.recompute_activations),
+                                                                  recompute_activations=args.recompute_activations,
+                                                                  **attention_options(args)),
                      groups=groups, loader=loader, forward_step=step, run_config=run_config(args, stage))
     finally:
         destroy_parallel()

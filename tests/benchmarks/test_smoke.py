@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.mark.parametrize("script, headers", [
     ("encode.py", ["| frames | encode world=1 (s) |"]),
     ("prefill.py", ["| log-prob pass (forward) |", "| merge |", "| CP | max over ranks | vs CP=1 |"]),
+    ("attention.py", ["| layout | CP | mode | kernel calls |", "| packed | 2 | p2p |", "dense (oracle)"]),
 ])
 def test_benchmark_smoke(script, headers, tmp_path):
     out = tmp_path / "report.md"

@@ -138,6 +138,10 @@ def test_prefill_four_ranks():
         "tp2_cp2_packed": ({"tp": 2, "cp": 2}, True),
         "tp2_sp_cp2": ({"tp": 2, "cp": 2, "sp": True}, False),
         "tp2_cp2_packed_recompute": ({"tp": 2, "cp": 2, "recompute": True}, True),
+        "cp4_p2p_packed": ({"cp": 4, "cp_comm": "p2p"}, True),
+        "cp4_a2a_packed": ({"cp": 4, "cp_comm": "a2a"}, True),
+        "tp2_sp_cp2_p2p_packed_recompute": ({"tp": 2, "cp": 2, "sp": True, "cp_comm": "p2p", "recompute": True}, True),
+        "tp2_sp_cp2_a2a": ({"tp": 2, "cp": 2, "sp": True, "cp_comm": "a2a"}, False),
     }
     _check(run_ranks(_worker, 4, layouts)[0])
 

@@ -52,7 +52,7 @@ def _run_layout(layout: dict, full_weights, batches, *, opt_step: bool = False):
     groups = initialize_parallel(config, seed=1234)
     torch.manual_seed(1234)
     llm = LLMConfig.tiny(vocab_size=VOCAB)
-    model = build_llm(llm, groups, core_attention=layout.get("core_attention", "cp"))
+    model = build_llm(llm, groups, core_attention=layout.get("core_attention", "engine"))
     if full_weights is not None:
         load_full_state(model, full_weights, groups)
     weights = gather_full_state(model, groups)
@@ -131,6 +131,8 @@ LAYOUTS_4 = {
     "tp2_sp_cp2_a2a": {"tp": 2, "sp": True, "cp": 2, "cp_comm": "a2a"},
     "cp4_all_gather": {"cp": 4},
     "cp4_p2p": {"cp": 4, "cp_comm": "p2p"},
+    "cp4_a2a": {"cp": 4, "cp_comm": "a2a"},  # 2 KV groups repeated to 4 for Ulysses
+    "tp2_sp_cp2_p2p": {"tp": 2, "sp": True, "cp": 2, "cp_comm": "p2p"},
     "pp2_tp2": {"pp": 2, "tp": 2},
 }
 

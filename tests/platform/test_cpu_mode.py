@@ -37,8 +37,10 @@ def _scenario(rank, world_size, skip):
         from megatron_longvideo.training.lm_step import lm_loss_step
 
         groups = initialize_parallel(ParallelConfig(pipeline_parallel_size=2), seed=5)
-        # dropout and init on the "device" go through megatron's model-parallel RNG tracker
-        llm = build_llm(LLMConfig.tiny(vocab_size=128), groups, attention_dropout=0.1, use_cpu_initialization=False)
+        # dropout (megatron's own attention: the tile engine has none) and init on the "device" go through
+        # megatron's model-parallel RNG tracker
+        llm = build_llm(LLMConfig.tiny(vocab_size=128), groups, attention_dropout=0.1, core_attention="megatron",
+                        use_cpu_initialization=False)
         model = wrap_ddp(llm, groups, use_distributed_optimizer=True)
         optimizer = build_optimizer([model], OptimConfig(lr=1e-3, clip_grad=1e-3, use_distributed_optimizer=True))
         tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
