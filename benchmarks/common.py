@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 
-import psutil
 import torch
 
 __all__ = ["PeakMemory", "current_memory_mb"]
@@ -28,6 +27,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
             return self
+        import psutil  # CPU sampling only (a GPU machine may not have it)
+
         self._proc = psutil.Process()
         self._base = self._proc.memory_info().rss
         self._peak = self._base
@@ -61,4 +62,6 @@ def current_memory_mb() -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         return torch.cuda.memory_allocated() / 2**20
+    import psutil
+
     return psutil.Process().memory_info().rss / 2**20

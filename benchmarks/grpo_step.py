@@ -334,9 +334,13 @@ def capacity_report(gpu_gib: float = 80.0, usable: float = 0.9) -> str:
             common = dict(mode=mode, engine_prefix_sharing=mode != "baseline",
                           responses_per_microbatch=None if mode == "stage12_packed" else 1,
                           cp_comm_type="all_gather" if comm == "-" else comm, **GPU_7B)
-            before = max_frames(llm, vision, StepLayout(attention="dense", **common), cap)
             layout = StepLayout(attention="engine", **common)
-            n = max_frames(llm, vision, layout, cap)
+            try:
+                n = max_frames(llm, vision, layout, cap)
+            except ValueError as e:  # Ulysses needs the heads divisible by CP
+                lines.append(f"| {LABELS[mode]} | {comm} | n/a | n/a | - | - | {e} |")
+                continue
+            before = max_frames(llm, vision, StepLayout(attention="dense", **common), cap)
             at_limit = predict_step_memory(llm, vision, min(n + 1, 8192), layout)
             at_1024 = predict_step_memory(llm, vision, 1024, layout)
             lines.append(f"| {LABELS[mode]} | {comm} | {before:,} | {n:,}{'+' if n == 8192 else ''} | "

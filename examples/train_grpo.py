@@ -93,7 +93,7 @@ def build(args):
     from megatron_longvideo.platform import enable_cpu_mode
     from megatron_longvideo.rl.prompt_stream import PromptStream
     from megatron_longvideo.models.llm import check_layout_supported
-    from megatron_longvideo.training.args import attention_options, frame_sampling, model_config, parallel_config
+    from megatron_longvideo.training.args import frame_sampling, model_config, model_options, parallel_config
 
     if not args.no_pack:  # refuse at start-up what the first packed forward would refuse
         check_layout_supported(args.core_attention, packed=True)
@@ -106,7 +106,7 @@ def build(args):
         cfg.vision, freeze=not args.train_vision_tower, freeze_projector=not (args.train_projector or args.train_vision_tower)))
     torch.manual_seed(args.seed)
     policy = build_vlm(cfg, groups, seed=args.seed, recompute_activations=args.recompute_activations,
-                       **attention_options(args))
+                       **model_options(args))
     data_cfg = VideoDatasetConfig(mode="rl", video_root=args.video_root, on_error=args.on_bad_input, sampling=frame_sampling(args))
     dataset = LongVideoDataset.from_file(args.data_path, tokenizer=tok, num_video_tokens=cfg.vision.num_video_tokens, config=data_cfg)
     sampler = DistributedVideoSampler(len(dataset), dp_rank=groups.dp_rank, dp_size=groups.dp_size, seed=args.seed)
@@ -168,8 +168,8 @@ def main(argv=None):
     from megatron_longvideo.rl.losses import GRPOLossConfig
     from megatron_longvideo.rl.rollout import is_replica_leader
     from megatron_longvideo.rl.trainer import GRPOConfig, GRPOTrainer
-    from megatron_longvideo.training.args import attention_options, optim_config
-    from megatron_longvideo.training.engine import build_optimizer, wrap_ddp
+    from megatron_longvideo.training.args import model_options, optim_config, params_dtype
+    from megatron_longvideo.training.engine import build_optimizer, mixed_precision, wrap_ddp
 
     groups, tok, cfg, policy, stream = build(args)
     rank0 = dist.get_rank() == 0
@@ -183,7 +183,7 @@ def main(argv=None):
     reference = None
     if args.kl_beta > 0:
         torch.manual_seed(args.seed)
-        reference = build_vlm(cfg, groups, seed=args.seed, **attention_options(args))
+        reference = mixed_precision(build_vlm(cfg, groups, seed=args.seed, **model_options(args)))
         load_full_state(reference, gather_full_state(ddp, groups), groups)
         reference.requires_grad_(False)
     rewards = tuple((k, float(v)) for k, v in (r.split("=") for r in (args.reward or ["accuracy=1.0", "format=0.2"])))
@@ -198,7 +198,12 @@ def main(argv=None):
         num_minibatches=args.num_minibatches, update_epochs=args.update_epochs, log_samples_every=args.log_samples_every,
         offload_reference=args.offload_reference, responses_per_microbatch=args.responses_per_microbatch,
     )
-    engine = build_engine(args.engine, cfg, tokenizer=tok, pad_token_id=tok.pad_id) if is_replica_leader(groups) else None
+    engine = None
+    if is_replica_leader(groups):  # rollouts in the policy's precision (vLLM: bf16 unless the policy is 16-bit)
+        dtype = params_dtype(args)
+        if args.engine == "vllm" and dtype == torch.float32:
+            dtype = torch.bfloat16
+        engine = build_engine(args.engine, cfg, tokenizer=tok, pad_token_id=tok.pad_id, dtype=dtype)
     writer = None
     if rank0 and args.tensorboard_dir:
         from torch.utils.tensorboard import SummaryWriter

@@ -11,4 +11,4 @@ torchrun --nnodes "$NNODES" --nproc-per-node "${NPROC:-8}" \
   examples/train_grpo.py \
   --tensor-model-parallel-size "${TP:-1}" --context-parallel-size "${CP:-1}" \
   --data-path "$DATA" --video-root "$VIDEOS" --tokenizer "$TOKENIZER" \
-  --num-frames "${FRAMES:-512}" --group-size "${G:-8}" --train-iters "${ITERS:-1000}" "$@"
+  --num-frames "${FRAMES:-512}" --group-size "${G:-8}" --train-iters "${ITERS:-1000}" ${PRECISION---bf16} "$@"

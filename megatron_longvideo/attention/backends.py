@@ -61,6 +61,11 @@ class Backend:
             return f"takes head dims up to {self.max_head_dim}, got {q.shape[-1]}"
         return None
 
+    def for_tile(self, num_keys: int) -> "Backend":
+        """The kernel that runs a tile of ``num_keys`` keys: this one, or a fallback for shapes it
+        cannot take (the engine records which, so the tile's backward uses the same kernel)."""
+        return self
+
     def forward(self, q, k, v, causal: bool, scale: float):
         raise NotImplementedError
 
@@ -121,8 +126,19 @@ class TorchEfficient(Backend):
 
 
 class TorchCudnn(Backend):
+    """cuDNN's fused attention. It takes head dims that are multiples of 8 and tiles of more than one
+    key; a one-key tile (a one-token packed response, one padding token in a chunk) runs on the
+    memory-efficient kernel instead."""
+
     name, native_gqa, device_type = "torch_cudnn", True, "cuda"
     dtypes, max_head_dim = (torch.bfloat16, torch.float16), 128
+
+    def unsupported(self, q):
+        reason = super().unsupported(q)
+        return reason or (f"takes head dims that are multiples of 8, got {q.shape[-1]}" if q.shape[-1] % 8 else None)
+
+    def for_tile(self, num_keys):
+        return BACKENDS["torch_efficient"] if num_keys == 1 else self
 
     def forward(self, q, k, v, causal, scale):
         out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
@@ -252,27 +268,42 @@ class Recompute(Backend):
 
 
 class Flex(Recompute):
+    """FlexAttention, compiled with dynamic shapes (tiles of a packed layout come in many sizes, and a
+    static compile would recompile per size until torch's recompile limit, then run the unfused path
+    that builds the scores). Explicitly chosen only; its CUDA numerics are checked by
+    ``python -m megatron_longvideo.attention.check``."""
+
     name, native_gqa, device_type = "flex", True, "cuda"
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
 
-    def _run(self, q, k, v, causal, scale):
-        from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+    def unsupported(self, q):
+        reason = super().unsupported(q)
+        if reason:
+            return reason
+        try:
+            from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+        except ImportError:
+            return f"needs torch.nn.attention.flex_attention (torch {torch.__version__} has none)"
+        return None
 
-        mask = None
-        if causal:
-            mask = _flex_causal_mask(q.shape[2], q.device)
+    def _run(self, q, k, v, causal, scale):
+        from torch.nn.attention import flex_attention as fa
+
+        mask = _flex_causal_mask(q.shape[2], q.device) if causal else None
         # uncompiled, flex_attention materialises the scores: on CUDA it runs compiled (its fused kernel)
-        run = _compiled_flex() if q.is_cuda else flex_attention
-        out, aux = run(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-                       return_aux=AuxRequest(lse=True))
-        return out, aux.lse
+        run = _compiled_flex() if q.is_cuda else fa.flex_attention
+        kwargs = dict(block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        if hasattr(fa, "AuxRequest"):
+            out, aux = run(q, k, v, return_aux=fa.AuxRequest(lse=True), **kwargs)
+            return out, aux.lse
+        return run(q, k, v, return_lse=True, **kwargs)  # torch before AuxRequest
 
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=True)
 
 
 @functools.lru_cache(maxsize=32)

@@ -36,6 +36,7 @@ def check_backend(name: str, dtype: torch.dtype, device: str, *, seq_len: int = 
     for r in range(3):
         seg[:, prefix + r * n : prefix + (r + 1) * n] = r + 1
     seg[1, prefix - 7 : prefix] = 1  # a second row with another layout
+    seg[1, prefix + 3 * n] = 4  # and a one-token response: a one-key diagonal tile
     layout = SequenceLayout.from_segments(seg)
     s_local = seq_len // 2
     qc, kc = rank_chunks(s_local, 2, 1), gathered_chunks(s_local, 2)

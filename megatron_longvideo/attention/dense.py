@@ -26,11 +26,19 @@ def chunk_index(chunks: Sequence[Chunk], device=None) -> torch.Tensor:
     return out.to(device)
 
 
-def visible_mask(layout: SequenceLayout, batch: int, q_index: torch.Tensor, k_index: torch.Tensor) -> torch.Tensor:
-    """Bool ``[batch, 1, sq, sk]``: True where local query row i may attend local key row j."""
+def visible_mask(layout: SequenceLayout, batch: int, q_index: torch.Tensor, k_index: torch.Tensor,
+                 segments: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Bool ``[batch, 1, sq, sk]``: True where local query row i may attend local key row j.
+
+    ``segments``: the raw per-position segment ids ``[batch, seq_len]`` the layout was made from
+    (tests pass them, so the oracle does not share the layout's run encoding with the planner);
+    default: the layout's own."""
     rows = []
     for b in range(batch):
-        seg = layout.segment_ids(0 if layout.rows is None else b)
+        if segments is not None:
+            seg = segments[b].cpu()
+        else:
+            seg = layout.segment_ids(0 if layout.rows is None else b)
         qs, ks = seg[q_index.cpu()], seg[k_index.cpu()]
         ok = ks[None, :] == qs[:, None]
         if layout.shared_segment is not None:

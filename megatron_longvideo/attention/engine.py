@@ -90,21 +90,23 @@ def tile_forward(q, k, v, plan: TilePlan, scale: float, backend: Backend, out: t
     """Run every tile of ``plan`` and merge it into the accumulators ``out`` / ``lse`` (in place).
 
     q ``[b, h, sq, d]``, k/v ``[b, hk, sk, d]`` (any strides). ``fresh``: the accumulators hold nothing
-    yet (each query range's first tile is then copied, not merged). Returns the backend's per-tile
-    auxiliary outputs (what its backward needs besides the merged ``out``/``lse``; ``None`` for most).
+    yet (each query range's first tile is then copied, not merged). Returns, per tile, the kernel that
+    ran it (``backend`` or its fallback for that shape) and that kernel's auxiliary outputs (what its
+    backward needs besides the merged ``out``/``lse``; ``None`` for most).
     """
     heads = q.shape[1]
     coverage = _Coverage(fresh)
     aux = []
     for rows, tiles in plan.groups:
         for t in tiles:
+            kernel = backend.for_tile(t.k1 - t.k0)
             qt = q[rows, :, t.q0 : t.q1]
             kt, vt = k[rows, :, t.k0 : t.k1], v[rows, :, t.k0 : t.k1]
-            if not backend.native_gqa:
+            if not kernel.native_gqa:
                 kt, vt = _expand(kt, heads), _expand(vt, heads)
-            o, l, a = backend.forward(qt, kt, vt, t.causal, scale)
+            o, l, a = kernel.forward(qt, kt, vt, t.causal, scale)
             _merge_into(out[rows, :, t.q0 : t.q1], lse[rows, :, t.q0 : t.q1], o, l, coverage.first(rows, t.q0, t.q1))
-            aux.append(a)
+            aux.append((kernel, a))
     return aux
 
 
@@ -116,16 +118,17 @@ def tile_backward(dout, q, k, v, out, lse, plan: TilePlan, scale: float, backend
     i = 0
     for rows, tiles in plan.groups:
         for t in tiles:
+            kernel, a = aux[i]  # the kernel that ran the tile's forward
+            i += 1
             qs, ks = slice(t.q0, t.q1), slice(t.k0, t.k1)
             kt, vt = k[rows, :, ks], v[rows, :, ks]
-            if not backend.native_gqa:
+            if not kernel.native_gqa:
                 kt, vt = _expand(kt, heads), _expand(vt, heads)
-            gq, gk, gv = backend.backward(dout[rows, :, qs], q[rows, :, qs], kt, vt, out[rows, :, qs], lse[rows, :, qs],
-                                          aux[i], t.causal, scale)
-            i += 1
+            gq, gk, gv = kernel.backward(dout[rows, :, qs], q[rows, :, qs], kt, vt, out[rows, :, qs], lse[rows, :, qs],
+                                         a, t.causal, scale)
             dq[rows, :, qs] += gq
-            dk[rows, :, ks] += _fold(gk, groups) if not backend.native_gqa else gk
-            dv[rows, :, ks] += _fold(gv, groups) if not backend.native_gqa else gv
+            dk[rows, :, ks] += gk if kernel.native_gqa else _fold(gk, groups)
+            dv[rows, :, ks] += gv if kernel.native_gqa else _fold(gv, groups)
 
 
 class _TileAttention(torch.autograd.Function):

@@ -10,8 +10,9 @@ step ``t`` rank ``r`` recomputes its queries' tiles against block ``r - t`` (the
 backward from the merged ``out``/``lse``), adds its share of that block's dK/dV to the accumulator it
 received from ``r - 1``, and sends it on to ``r + 1``, which holds the same block next; after the last
 step each accumulator arrives back at the block's owner, complete. No forward graph is kept, so a
-rank holds, besides its own saved block, at most two travelling K/V blocks (in use, arriving) and two
-dK/dV accumulators (in use, arriving) at a time.
+rank holds, besides its own saved block, at most two travelling K/V blocks (in use, arriving) and three
+fp32 dK/dV accumulators (this step's, the previous step's while it is still being sent, the one
+arriving): O(S / cp) in all.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from megatron_longvideo.parallel.groups import ParallelGroups
 
-__all__ = ["gather_full_state", "load_full_state", "global_name"]
+__all__ = ["gather_full_state", "load_full_state", "global_name", "canonical_name"]
 
 def _layer_offsets(model) -> dict[str, int]:
     """``"<block>.layers.<local>."`` -> global layer index, for every transformer block of ``model``."""
@@ -48,6 +48,22 @@ def global_name(name: str, offsets: dict[str, int]) -> str:
     if key not in offsets:
         return name
     return f"{m.group(1)}{offsets[key]}{m.group(3)}"
+
+
+# TransformerEngine's layer spec fuses each pre-norm into the linear after it; full states (and through
+# them the Hugging Face map, the rollout engines and the converter) always use the local spec's names
+_TE_NAMES = ((".self_attention.linear_qkv.layer_norm_weight", ".input_layernorm.weight"),
+             (".self_attention.linear_qkv.layer_norm_bias", ".input_layernorm.bias"),
+             (".mlp.linear_fc1.layer_norm_weight", ".pre_mlp_layernorm.weight"),
+             (".mlp.linear_fc1.layer_norm_bias", ".pre_mlp_layernorm.bias"))
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name in the local layer spec's terms (TE's fused norm names mapped back)."""
+    for te, local in _TE_NAMES:
+        if name.endswith(te):
+            return name[: -len(te)] + local
+    return name
 
 
 def _is_swiglu_fc1(name: str, model) -> bool:
@@ -117,9 +133,12 @@ def gather_full_state(
         t = param.detach() if what == "param" else _grad_of(param)
         if t is None:
             t = torch.zeros_like(param)
-        local[global_name(name, offsets)] = _tp_gather(t.detach().float().clone(), param, name, model, groups.tp)
+        local[canonical_name(global_name(name, offsets))] = _tp_gather(t.detach().float().clone(), param, name, model,
+                                                                       groups.tp)
     if groups.size(groups.pp) == 1:
         return local
+    # pickled CUDA tensors would land on the sender's device index on the receiver: exchange host copies
+    local = {k: v.cpu() for k, v in local.items()}
     stages: list = [None] * groups.size(groups.pp)
     dist.all_gather_object(stages, local, group=groups.pp)
     full: dict[str, torch.Tensor] = {}
@@ -139,7 +158,7 @@ def load_full_state(model, full: dict[str, torch.Tensor], groups: ParallelGroups
     offsets = _layer_offsets(model)
     missing = []
     for name, param in model.named_parameters():
-        key = global_name(name, offsets)
+        key = canonical_name(global_name(name, offsets))
         if key not in full:
             missing.append(key)
             continue
@@ -147,6 +166,6 @@ def load_full_state(model, full: dict[str, torch.Tensor], groups: ParallelGroups
         if shard.shape != param.shape:
             raise ValueError(f"{key}: full tensor {tuple(full[key].shape)} gives a shard {tuple(shard.shape)}, "
                              f"but this rank's parameter is {tuple(param.shape)}")
-        param.copy_(shard.to(param.dtype))
+        param.copy_(shard.to(device=param.device, dtype=param.dtype))
     if strict and missing:
         raise KeyError(f"full state has no entry for {missing[:5]}{' ...' if len(missing) > 5 else ''}")

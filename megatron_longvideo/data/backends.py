@@ -104,7 +104,9 @@ def iter_frames_dali(info, indices: list[int], *, chunk_size: int = 32,
     """Decode with NVIDIA DALI: GPU (``mixed``) where CUDA exists, else its CPU decoder.
 
     ``device`` forces ``"cpu"`` or ``"mixed"``. The CPU decoder reads only ``DALI_CPU_CODECS``; any
-    other codec is refused up front with a message naming the file and codec.
+    other codec is refused up front with a message naming the file and codec. GPU-decoded frames stay
+    on the GPU (copied device to device into a torch tensor on the current stream), so the resize,
+    the normalisation and the encoder read them where they are.
     """
     try:
         import numpy as np
@@ -135,5 +137,16 @@ def iter_frames_dali(info, indices: list[int], *, chunk_size: int = 32,
             reason = next((ln for ln in str(e).splitlines() if ln.startswith("[")), str(e).splitlines()[0])
             raise VideoDecodeError(info.path, f"DALI failed on frames {chunk[0]}..{chunk[-1]}: {reason}") from None
         if device == "mixed":
-            out = out.as_cpu()
-        yield torch.from_numpy(np.array(out[0]))  # [n, H, W, 3]
+            yield _dali_to_torch_cuda(out[0], device_id)  # [n, H, W, 3] uint8 on the GPU
+        else:
+            yield torch.from_numpy(np.array(out[0]))  # [n, H, W, 3]
+
+
+def _dali_to_torch_cuda(tensor, device_id: int) -> torch.Tensor:
+    """A DALI ``TensorGPU`` as a torch CUDA tensor (``feed_ndarray``: a device-to-device copy on torch's
+    current stream, so later torch work on that stream is ordered after it)."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    out = torch.empty(tuple(tensor.shape()), dtype=torch.uint8, device=torch.device("cuda", device_id))
+    feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device_id))
+    return out

@@ -141,8 +141,8 @@ class LongVideoDataset(torch.utils.data.Dataset):
             "sample_id": getattr(record, "problem_id", None) or record.id,
             "video_path": os.path.join(self.config.video_root, record.video),
             "frames": frames,
-            "frame_indices": torch.tensor(indices, dtype=torch.long),  # [T]
-            "timestamps": torch.tensor(timestamps, dtype=torch.float64),  # [T]
+            "frame_indices": torch.tensor(indices, dtype=torch.long, device="cpu"),  # [T]
+            "timestamps": torch.tensor(timestamps, dtype=torch.float64, device="cpu"),  # [T]
             "input_ids": example.input_ids,  # [S]
             "labels": example.labels,  # [S] or None
             "video_start": example.video_start,

@@ -30,10 +30,10 @@ class VideoBatchCollator:
     def __call__(self, samples: list[dict]) -> dict:
         lengths = [s["input_ids"].numel() for s in samples]
         batch_size, max_len = len(samples), max(lengths)
-        input_ids = torch.full((batch_size, max_len), self.pad_id, dtype=torch.long)  # [B, S_max]
-        attention_mask = torch.zeros(batch_size, max_len, dtype=torch.bool)  # [B, S_max]
+        input_ids = torch.full((batch_size, max_len), self.pad_id, dtype=torch.long, device="cpu")  # [B, S_max]
+        attention_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device="cpu")  # [B, S_max]
         has_labels = samples[0]["labels"] is not None
-        labels = torch.full((batch_size, max_len), IGNORE_INDEX, dtype=torch.long) if has_labels else None
+        labels = torch.full((batch_size, max_len), IGNORE_INDEX, dtype=torch.long, device="cpu") if has_labels else None
         for b, (s, n) in enumerate(zip(samples, lengths)):
             input_ids[b, :n] = s["input_ids"]
             attention_mask[b, :n] = True
@@ -46,9 +46,9 @@ class VideoBatchCollator:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "video_start": torch.tensor([s["video_start"] for s in samples], dtype=torch.long),  # [B]
-            "num_video_tokens": torch.tensor([s["num_video_tokens"] for s in samples], dtype=torch.long),
-            "num_prompt_tokens": torch.tensor([s["num_prompt_tokens"] for s in samples], dtype=torch.long),
+            "video_start": torch.tensor([s["video_start"] for s in samples], dtype=torch.long, device="cpu"),  # [B]
+            "num_video_tokens": torch.tensor([s["num_video_tokens"] for s in samples], dtype=torch.long, device="cpu"),
+            "num_prompt_tokens": torch.tensor([s["num_prompt_tokens"] for s in samples], dtype=torch.long, device="cpu"),
             "ground_truth": [s["ground_truth"] for s in samples],
             "sample_id": [s["sample_id"] for s in samples],
             "index": [s["index"] for s in samples],

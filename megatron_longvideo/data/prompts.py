@@ -136,10 +136,10 @@ def _tokenize_prompt(tokenizer: Tokenizer, text: str, num_video_tokens: int) -> 
 
 
 def _example(prompt_ids, target_ids, start, n, ground_truth=None) -> TokenizedExample:
-    input_ids = torch.tensor(prompt_ids + target_ids, dtype=torch.long)  # [S]
+    input_ids = torch.tensor(prompt_ids + target_ids, dtype=torch.long, device="cpu")  # [S]
     labels = None
     if target_ids is not None and ground_truth is None:
-        labels = torch.tensor([IGNORE_INDEX] * len(prompt_ids) + target_ids, dtype=torch.long)  # [S]
+        labels = torch.tensor([IGNORE_INDEX] * len(prompt_ids) + target_ids, dtype=torch.long, device="cpu")  # [S]
     return TokenizedExample(input_ids=input_ids, labels=labels, video_start=start, num_video_tokens=n,
                             num_prompt_tokens=len(prompt_ids), ground_truth=ground_truth)
 

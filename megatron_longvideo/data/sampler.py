@@ -51,7 +51,7 @@ class DistributedVideoSampler(torch.utils.data.Sampler):
         """The global order of ``epoch`` (all ranks), after dropping or filling the tail."""
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(self.num_samples, generator=gen).tolist()
+            order = torch.randperm(self.num_samples, generator=gen, device="cpu").tolist()
         else:
             order = list(range(self.num_samples))
         total = self.samples_per_epoch

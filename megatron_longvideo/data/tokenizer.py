@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Iterable
 
 
@@ -176,8 +177,51 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes (ids 0-255) and the special tokens after them: needs no file and no package.
+
+    For checks and smoke runs on machines without sentencepiece or a tokenizer folder (the GPU check);
+    ``load_tokenizer("bytes")`` builds it. Undecodable byte runs decode with replacement characters.
+    """
+
+    def __init__(self, *, special: SpecialTokens | None = None):
+        self.source = "bytes"
+        self.special = special or SpecialTokens()
+        self._specials = {tok: 256 + i for i, tok in enumerate(self.special.all())}
+        self._by_id = {i: tok for tok, i in self._specials.items()}
+        self.vocab_size = 256 + len(self._specials)
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in sorted(self._specials, key=len, reverse=True)) + ")")
+
+    def _id(self, token: str) -> int | None:
+        return self._specials.get(token)
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for part in self._split.split(text):
+            if part in self._specials:
+                ids.append(self._specials[part])
+            elif part:
+                ids.extend(part.encode("utf-8"))
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out, run = [], bytearray()
+        for i in (int(i) for i in ids):
+            if 0 <= i < 256:
+                run.append(i)
+                continue
+            out.append(run.decode("utf-8", errors="replace"))
+            run = bytearray()
+            out.append(self._by_id.get(i, ""))
+        out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
 def load_tokenizer(path: str, *, special: SpecialTokens | None = None) -> Tokenizer:
-    """A sentencepiece ``.model`` file, or a folder holding one HF tokenizer (or one ``.model``)."""
+    """A sentencepiece ``.model`` file, or a folder holding one HF tokenizer (or one ``.model``), or
+    ``"bytes"`` (:class:`ByteTokenizer`)."""
+    if path == "bytes":
+        return ByteTokenizer(special=special)
     path = os.fspath(path)
     if os.path.isfile(path):
         return SentencePieceTokenizer(path, special=special)

@@ -128,14 +128,24 @@ def resize_frames(rgb: torch.Tensor, size: int) -> torch.Tensor:
     """
     x = rgb.permute(0, 3, 1, 2)  # [n, 3, H, W], a channels-last view
     if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        if x.device.type == "cpu":
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        else:  # GPU-decoded frames: torch's antialiased resize takes floats on CUDA
+            x = resize_uint8_via_float(x, size)
     return x
+
+
+def resize_uint8_via_float(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``[n, 3, H, W]`` uint8 -> ``[n, 3, size, size]`` uint8 through a float resize, rounded (the path of
+    frames decoded on a GPU; on the CPU it agrees with the uint8 kernel to one grey level)."""
+    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def normalize_frames(frames: torch.Tensor, config: FrameSamplingConfig) -> torch.Tensor:
     """In place: [T, 3, S, S] on the 0..255 scale -> (x / 255 - mean) / std, float32."""
-    mean = torch.tensor(config.mean, dtype=frames.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(config.std, dtype=frames.dtype).view(1, 3, 1, 1)
+    mean = torch.tensor(config.mean, dtype=frames.dtype, device=frames.device).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, dtype=frames.dtype, device=frames.device).view(1, 3, 1, 1)
     return frames.div_(255.0).sub_(mean).div_(std)
 
 
@@ -186,10 +196,14 @@ def _decode(path, config: FrameSamplingConfig, backend: str, dtype: torch.dtype)
 
 
 def _fill(backend: str, info: VideoInfo, indices: list[int], size: int, dtype: torch.dtype):
-    out = torch.empty(len(indices), 3, size, size, dtype=dtype)  # [T, 3, S, S]
+    out = None  # [T, 3, S, S], on the device the backend decodes to (the host, or the GPU for DALI's NVDEC)
     pos = 0
     for chunk in _iter_backend(backend, info, indices):  # [n, H, W, 3] uint8
+        if out is None:
+            out = torch.empty(len(indices), 3, size, size, dtype=dtype, device=chunk.device)
         n = chunk.shape[0]
         out[pos : pos + n] = resize_frames(chunk, size)
         pos += n
+    if out is None:
+        out = torch.empty(len(indices), 3, size, size, dtype=dtype, device="cpu")
     return out, pos

@@ -94,7 +94,7 @@ def _empty(out, shape, like, name="out"):
 
 
 def _pad(pad_value, dtype):
-    return torch.tensor([pad_value], dtype=dtype).view(torch.uint8)  # one element's bytes
+    return torch.tensor([pad_value], dtype=dtype, device="cpu").view(torch.uint8)  # one element's bytes, read on the host
 
 
 def _shard(x, positions, dim, pad_value, out=None):

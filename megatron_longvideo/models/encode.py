@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megatron_longvideo.models.video_cache import VideoEmbeddingCache
 from megatron_longvideo.parallel import collectives
 from megatron_longvideo.parallel.groups import ParallelGroups
+from megatron_longvideo.platform.device import device_of
 
 __all__ = ["encode_videos", "reduce_encode_replica_grads", "split_frames", "EncodeStats", "encode_stats"]
 
@@ -62,11 +63,14 @@ def split_frames(num_frames: int, group_size: int, rank: int) -> tuple[int, int,
     return padded, rank * per_rank, (rank + 1) * per_rank
 
 
-def _agree_on_hits(hits: list[bool], group) -> list[bool]:
-    """Every rank of ``group`` must take the same cache decisions, or the gather would hang."""
+def _agree_on_hits(hits: list[bool], group, device) -> list[bool]:
+    """Every rank of ``group`` must take the same cache decisions, or the gather would hang.
+
+    One small all-reduce and a device-to-host read per encode call (the decisions steer Python control
+    flow, so they are needed on the host)."""
     if group is None or dist.get_world_size(group) == 1 or not hits:
         return hits
-    flags = torch.tensor([1 if h else 0 for h in hits], dtype=torch.int32)
+    flags = torch.tensor([1 if h else 0 for h in hits], dtype=torch.int32, device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
     return [bool(f) for f in flags.tolist()]
 
@@ -97,13 +101,14 @@ def encode_videos(
         raise ValueError(f"keys: got {len(keys)} keys for {len(videos)} videos")
     trainable = torch.is_grad_enabled() and any(p.requires_grad for p in _per_frame_params(encoder))
     use_cache = cache is not None and keys is not None and not trainable
+    device = device_of(encoder)
     tokens: list[Optional[torch.Tensor]] = [None] * len(videos)
     if use_cache:
-        tokens = [cache.get(k, device=v.device) for k, v in zip(keys, videos)]
-    hits = _agree_on_hits([t is not None for t in tokens], groups.encode) if use_cache else [False] * len(videos)
+        tokens = [cache.get(k, device=device) for k in keys]
+    hits = _agree_on_hits([t is not None for t in tokens], groups.encode, device) if use_cache else [False] * len(videos)
     todo = [i for i, hit in enumerate(hits) if not hit]
     if todo:
-        on_cuda = videos[0].device.type == "cuda"
+        on_cuda = device.type == "cuda"
         if on_cuda:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -135,13 +140,21 @@ def _per_frame_params(encoder):
 
 
 def _encode_parallel(encoder, videos: Sequence[torch.Tensor], groups: ParallelGroups) -> list[torch.Tensor]:
-    frames = torch.cat(list(videos), dim=0)  # [N, 3, H, W]
-    total = frames.shape[0]
+    total = sum(v.shape[0] for v in videos)
     size, rank = groups.encode_size, groups.encode_rank
     padded, start, stop = split_frames(total, size, rank)
-    if padded > total:
-        frames = torch.cat([frames, frames.new_zeros(padded - total, *frames.shape[1:])])
-    local = encoder(frames[start:stop])  # [N / E, t, h]
+    # only this rank's slice of the frames goes to the device (decoded frames usually arrive on the host)
+    pieces, offset = [], 0
+    for video in videos:
+        a, b = max(start - offset, 0), min(stop - offset, video.shape[0])
+        if a < b:
+            pieces.append(video[a:b])
+        offset += video.shape[0]
+    if padded > total and stop > total:  # blank frames pad the last slices
+        blank = stop - max(start, total)
+        pieces.append(videos[0].new_zeros(blank, *videos[0].shape[1:]))
+    local_frames = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # [N / E, 3, H, W]
+    local = encoder(local_frames.to(device_of(encoder), non_blocking=True))  # [N / E, t, h]
     replicas = groups.tp_size if groups.encode_includes_tp else 1
     gathered = collectives.all_gather(local, 0, groups.encode, grad_scale=1.0 / replicas)  # [N_padded, t, h]
     gathered = gathered[:total]

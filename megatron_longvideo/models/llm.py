@@ -11,6 +11,14 @@ attention, one of :data:`CORE_ATTENTIONS`:
   only: a packed layout is refused (:func:`check_layout_supported`);
 * ``"megatron"``: megatron-core's local ``DotProductAttention`` (dense scores, no CP, no packing), kept
   as a reference.
+
+``transformer_impl`` (Megatron's ``--transformer-impl``): ``"local"`` (megatron-core's own linears and
+our RMSNorm, the default, and the only one on CPU) or ``"transformer_engine"`` (TE's layer spec: fused
+norm + linear modules, with the core attention above still in its slot, so packing and every CP mode
+stay exact). Models are built on the CPU (megatron's ``use_cpu_initialization``, identical weights for
+every layout) and moved to the rank's compute device once. ``params_dtype=torch.bfloat16`` /
+``torch.float16`` builds a 16-bit model (megatron's ``bf16`` / ``fp16``; wrap it with
+:func:`megatron_longvideo.training.engine.mixed_precision`, which DDP wrapping does).
 """
 
 from __future__ import annotations
@@ -24,11 +32,13 @@ import torch.nn.functional as F
 
 from megatron_longvideo.parallel.context import SequenceContext
 from megatron_longvideo.parallel.groups import ParallelConfig, ParallelGroups
+from megatron_longvideo.platform.device import to_compute_device
 
-__all__ = ["LLMConfig", "CORE_ATTENTIONS", "transformer_config", "qwen2_layer_spec", "qwen2_block_spec", "build_llm",
+__all__ = ["LLMConfig", "CORE_ATTENTIONS", "TRANSFORMER_IMPLS", "transformer_config", "qwen2_layer_spec", "qwen2_block_spec", "build_llm",
            "enable_recompute", "lm_forward", "unwrap", "check_layout_supported"]
 
 CORE_ATTENTIONS = ("engine", "te", "megatron")
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -120,6 +130,8 @@ def transformer_config(llm: LLMConfig, parallel: ParallelConfig, *, params_dtype
         cp_comm_type=parallel.cp_comm_type,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
         use_cpu_initialization=True,
         calculate_per_token_loss=True,
     )
@@ -127,31 +139,40 @@ def transformer_config(llm: LLMConfig, parallel: ParallelConfig, *, params_dtype
     return TransformerConfig(**kwargs)
 
 
-def qwen2_layer_spec(sequence_context: SequenceContext, *, use_te: bool = False, core_attention: str = "engine",
-                     attention_kernel: str = "auto"):
-    """Megatron layer spec for a Qwen2 layer (see module docstring for ``core_attention``).
+def qwen2_layer_spec(sequence_context: SequenceContext, *, core_attention: str = "engine", attention_kernel: str = "auto",
+                     transformer_impl: str = "local", use_te: bool = False):
+    """Megatron layer spec for a Qwen2 layer (see module docstring for ``core_attention`` and
+    ``transformer_impl``; ``use_te=True`` is ``transformer_impl="transformer_engine"``).
 
     ``attention_kernel``: the tile engine's kernel backend (``"auto"``; see
-    :func:`megatron_longvideo.attention.backends.get_backend`). ``use_te=True`` returns megatron's full
-    TransformerEngine layer spec instead (TE norms and linears too).
+    :func:`megatron_longvideo.attention.backends.get_backend`).
     """
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_longvideo.attention.core import TileCoreAttention
-    from megatron_longvideo.models.norm import RMSNorm
 
     if core_attention not in CORE_ATTENTIONS:
         raise ValueError(f"core_attention must be one of {CORE_ATTENTIONS}, got {core_attention!r}")
     if use_te:
-        _require_te("use_te=True")
+        transformer_impl = "transformer_engine"
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {transformer_impl!r}")
+    if transformer_impl == "transformer_engine":
+        _require_te("transformer_impl='transformer_engine' (--transformer-impl transformer_engine)")
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    sub = spec.submodules
-    sub.input_layernorm = RMSNorm
-    sub.pre_mlp_layernorm = RMSNorm
+        # TE's fused norm + linear modules; its core attention is replaced below unless asked for
+        spec = get_gpt_layer_with_transformer_engine_spec()
+        sub = spec.submodules
+    else:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        from megatron_longvideo.models.norm import RMSNorm
+
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        sub = spec.submodules
+        sub.input_layernorm = RMSNorm
+        sub.pre_mlp_layernorm = RMSNorm
     sub.self_attention.params = {"attn_mask_type": AttnMaskType.causal}
     if core_attention == "engine":
         sub.self_attention.submodules.core_attention = functools.partial(
@@ -161,6 +182,10 @@ def qwen2_layer_spec(sequence_context: SequenceContext, *, use_te: bool = False,
         from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
         sub.self_attention.submodules.core_attention = TEDotProductAttention
+    else:
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        sub.self_attention.submodules.core_attention = DotProductAttention
     return spec
 
 
@@ -188,16 +213,20 @@ def check_layout_supported(core_attention: str, *, packed: bool) -> None:
 
 
 def qwen2_block_spec(config, sequence_context: SequenceContext, *, pp_rank: int = 0, core_attention: str = "engine",
-                     attention_kernel: str = "auto"):
+                     attention_kernel: str = "auto", transformer_impl: str = "local"):
     """Block spec: this pipeline stage's Qwen2 layers and a final RMSNorm that accepts sequence
-    parallelism (megatron's default final norm for a layer spec is the TP-only torch norm)."""
+    parallelism (megatron's default final norm for a layer spec is the TP-only torch norm; with TE,
+    TE's norm)."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    from megatron_longvideo.models.norm import RMSNorm
-
     num_layers = get_num_layers_to_build(config, vp_stage=None, pp_rank=pp_rank)
-    layer = qwen2_layer_spec(sequence_context, core_attention=core_attention, attention_kernel=attention_kernel)
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)
+    layer = qwen2_layer_spec(sequence_context, core_attention=core_attention, attention_kernel=attention_kernel,
+                             transformer_impl=transformer_impl)
+    if transformer_impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        from megatron_longvideo.models.norm import RMSNorm as final_norm
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)
 
 
 def build_llm(
@@ -209,15 +238,18 @@ def build_llm(
     params_dtype=torch.float32,
     core_attention: str = "engine",
     attention_kernel: str = "auto",
+    transformer_impl: str = "local",
     recompute_activations: bool = False,
+    device=None,
     **config_overrides,
 ):
     """Build the Qwen2-style GPTModel for this rank's pipeline stage.
 
     Returns the model; its :class:`SequenceContext` is ``model.sequence_context``. The rotary
     module reads explicit positions from it (see :mod:`megatron_longvideo.models.rotary`).
-    ``core_attention`` / ``attention_kernel``: see the module docstring and :func:`qwen2_layer_spec`.
-    ``recompute_activations``: see :func:`enable_recompute`.
+    ``core_attention`` / ``attention_kernel`` / ``transformer_impl``: see the module docstring and
+    :func:`qwen2_layer_spec`. ``recompute_activations``: see :func:`enable_recompute`. ``device``: where
+    the model lives (default: the rank's compute device, :func:`~megatron_longvideo.platform.device.compute_device`).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -227,6 +259,12 @@ def build_llm(
 
     parallel = groups.config
     parallel.check_model(num_attention_heads=llm.num_attention_heads, num_query_groups=llm.num_query_groups)
+    if config_overrides.get("recompute_granularity") is not None:
+        raise ValueError(
+            "recompute_granularity: megatron's own recompute re-runs layers after the forward's SequenceContext "
+            "(packed segments, positions) is gone, so a packed batch would be recomputed as plain causal; use "
+            "recompute_activations=True (--recompute-activations), which captures it"
+        )
     if llm.vocab_size % parallel.tensor_parallel_size != 0:
         raise ValueError(f"vocab_size={llm.vocab_size} is not divisible by tensor_parallel_size={parallel.tensor_parallel_size}")
     config = transformer_config(llm, parallel, params_dtype=params_dtype, **config_overrides)
@@ -238,7 +276,7 @@ def build_llm(
     model = GPTModel(
         config=config,
         transformer_layer_spec=qwen2_block_spec(config, context, pp_rank=groups.rank(groups.pp), core_attention=core_attention,
-                                                attention_kernel=attention_kernel),
+                                                attention_kernel=attention_kernel, transformer_impl=transformer_impl),
         vocab_size=llm.vocab_size,
         max_sequence_length=llm.max_position_embeddings,
         pre_process=pre_process,
@@ -261,7 +299,7 @@ def build_llm(
     model.core_attention_kind = core_attention
     if recompute_activations:
         enable_recompute(model)
-    return model
+    return to_compute_device(model, device)
 
 
 def enable_recompute(model) -> None:

@@ -45,7 +45,7 @@ def merge_video_tokens(
     if len(videos) != b:
         raise ValueError(f"videos: got video lists for {len(videos)} samples, the batch has {b}")
     mask = input_ids == video_token_id  # [b, S]
-    counts = mask.sum(dim=1).tolist()
+    counts = mask.sum(dim=1).tolist()  # a device sync per micro-batch: the check below needs the counts
     rows = []
     for i in range(b):
         given = sum(int(v.shape[0]) for v in videos[i])

@@ -35,6 +35,7 @@ from megatron_longvideo.models.encode import encode_videos
 from megatron_longvideo.models.llm import lm_forward, unwrap
 from megatron_longvideo.parallel import collectives
 from megatron_longvideo.parallel.groups import ParallelGroups
+from megatron_longvideo.platform.device import compute_device
 from megatron_longvideo.rl.packing import PrefillBatch
 
 __all__ = ["ShardPlan", "plan_shard", "prefill_forward", "prefill_layout", "token_logprobs", "dense_values", "prefill_step",
@@ -43,14 +44,19 @@ __all__ = ["ShardPlan", "plan_shard", "prefill_forward", "prefill_layout", "toke
 
 @dataclasses.dataclass
 class ShardPlan:
-    """This CP rank's view of a prefill batch (index math only, no model)."""
+    """This CP rank's view of a prefill batch (index math only, no model).
+
+    Computed on the host from the host-side batch; what meets activations is moved to the compute
+    device once, here."""
 
     positions: torch.Tensor
-    """``[s_local]`` global position of each local slot (-1: padding)."""
+    """``[s_local]`` global position of each local slot (-1: padding); host (it shards host tensors)."""
     owned: torch.Tensor
-    """``[n_local]`` indices of the targets whose source position this rank holds."""
+    """``[n_local]`` indices of the targets whose source position this rank holds (compute device)."""
     rows: torch.Tensor
-    """``[n_local]`` row of each owned target's source in the flattened ``[s_local * b]`` output."""
+    """``[n_local]`` row of each owned target's source in the flattened ``[s_local * b]`` output (device)."""
+    targets: torch.Tensor
+    """``[n_local]`` the owned targets' token ids (device)."""
     seq_len: int
     """Unpadded row length S."""
 
@@ -59,15 +65,18 @@ def _multiple(groups: ParallelGroups) -> int:
     return groups.tp_size if groups.config.sequence_parallel else 1
 
 
-def plan_shard(batch: PrefillBatch, groups: ParallelGroups) -> ShardPlan:
-    """Which positions and targets this CP rank holds."""
+def plan_shard(batch: PrefillBatch, groups: ParallelGroups, device=None) -> ShardPlan:
+    """Which positions and targets this CP rank holds (``device``: default the compute device)."""
+    device = compute_device() if device is None else device
     b, s = batch.input_ids.shape
-    positions = kernels.shard_positions(s, groups.cp_size, groups.cp_rank, _multiple(groups))  # [s_local]
+    positions = kernels.shard_positions(s, groups.cp_size, groups.cp_rank, _multiple(groups), device="cpu")  # [s_local]
     local_of = kernels.inverse_index(positions, s)  # [S] -> local slot or -1
-    row, pos = batch.sources // s, batch.sources % s
+    sources = batch.sources.cpu()
+    row, pos = sources // s, sources % s
     slot = local_of[pos]
-    owned = torch.nonzero(slot >= 0).flatten()
-    return ShardPlan(positions=positions, owned=owned, rows=slot[owned] * b + row[owned], seq_len=s)
+    owned = torch.nonzero(slot >= 0).flatten()  # host index math: no device sync
+    return ShardPlan(positions=positions, owned=owned.to(device), rows=(slot[owned] * b + row[owned]).to(device),
+                     targets=batch.targets.cpu()[owned].to(device), seq_len=s)
 
 
 @contextlib.contextmanager
@@ -128,10 +137,14 @@ def prefill_forward(
     from megatron.core import tensor_parallel
 
     inner = unwrap(model)
+    device = plan.rows.device
     multiple = _multiple(groups)
-    ids_local = kernels.shard(batch.input_ids, plan.positions, dim=1, pad_value=pad_id)  # [b, s_local]
-    pos_local = kernels.shard(batch.position_ids, plan.positions, dim=1, pad_value=0)
-    seg_local = None if batch.segment_ids is None else kernels.shard(batch.segment_ids, plan.positions, dim=1, pad_value=-1)
+    # sharded on the host (index data), then one host-to-device copy each
+    ids_local = kernels.shard(batch.input_ids, plan.positions, dim=1, pad_value=pad_id).to(device)  # [b, s_local]
+    pos_local = kernels.shard(batch.position_ids, plan.positions, dim=1, pad_value=0).to(device)
+    seg_local = None
+    if batch.segment_ids is not None:
+        seg_local = kernels.shard(batch.segment_ids, plan.positions, dim=1, pad_value=-1).to(device)
     decoder_input = None
     if inner.pre_process:
         from megatron_longvideo.models.vlm import text_embeddings
@@ -140,8 +153,8 @@ def prefill_forward(
         video_token = getattr(getattr(inner, "cfg", None), "video_token_id", None)
         if videos is not None and video_token is not None:
             per_row = _video_embeddings(model, batch, videos, groups, cache, cache_keys)
-            in_prefix = torch.arange(batch.input_ids.shape[1])[None, :] < batch.prefix_lens[:, None]
-            mask = (batch.input_ids == video_token) & in_prefix  # [b, S]
+            in_prefix = torch.arange(batch.input_ids.shape[1], device="cpu")[None, :] < batch.prefix_lens[:, None]
+            mask = (batch.input_ids == video_token) & in_prefix  # [b, S] (host)
             counts = mask.sum(1).tolist()
             for i, row in enumerate(per_row):
                 given = sum(int(v.shape[0]) for v in row)
@@ -150,7 +163,7 @@ def prefill_forward(
             flat = [v for row in per_row for v in row]
             video = torch.cat(flat).to(text.dtype) if flat else text.new_zeros(0, text.shape[-1])  # [V_total, h]
             src = kernels.merge_source_index_batched(mask, groups.cp_size, groups.cp_rank, multiple, num_video=video.shape[0])
-            text = kernels.merge_shard(text, video, src)  # [b, s_local, h]
+            text = kernels.merge_shard(text, video, src.to(text.device))  # [b, s_local, h]
         decoder_input = text.transpose(0, 1).contiguous()  # [s_local, b, h]
         if groups.config.sequence_parallel:
             decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input, group=groups.tp)
@@ -197,7 +210,7 @@ def token_logprobs(logits: torch.Tensor, batch: PrefillBatch, plan: ShardPlan, g
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     logits = logits.float().transpose(0, 1)  # [n_local, 1, v/tp]
-    target = batch.targets[plan.owned][:, None]  # [n_local, 1]
+    target = plan.targets[:, None]  # [n_local, 1]
     entropy = vocab_parallel_entropy(logits[:, 0], groups.tp)
     # megatron's cross entropy works in place on its input (fp32 .float() is no copy): give it its own
     logp = -vocab_parallel_cross_entropy(logits.clone(), target)[:, 0]
@@ -255,7 +268,7 @@ def prefill_step(
                 "logp": dense_values(logp.detach(), plan, batch.num_targets, groups),
                 "entropy": dense_values(entropy.detach(), plan, batch.num_targets, groups),
             }
-            return logp.sum() * 0.0, torch.tensor(plan.owned.numel(), dtype=torch.int), report
+            return logp.sum() * 0.0, torch.tensor(plan.owned.numel(), dtype=torch.int, device=logp.device), report
 
         return output, loss_func
 

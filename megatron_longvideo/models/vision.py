@@ -197,7 +197,9 @@ class VisionEncoder(torch.nn.Module):
             input_size=proj_in,
             tp_group=pgs.tp,
         )
-        self.image_newline = torch.nn.Parameter(torch.randn(llm_hidden, dtype=params_dtype) * 0.02) if vcfg.newline else None
+        self.image_newline = None
+        if vcfg.newline:  # initialised on the CPU like the rest, moved with the module
+            self.image_newline = torch.nn.Parameter(torch.randn(llm_hidden, dtype=params_dtype, device="cpu") * 0.02)
         # Parameters applied to each rank's own frames: their gradients are partial per rank.
         for p in list(self.vit.parameters()) + list(self.projector.parameters()):
             p.encode_replica = True
@@ -250,9 +252,13 @@ class VisionEncoder(torch.nn.Module):
 
 
 def build_vision_encoder(vcfg: VisionConfig, llm_hidden: int, groups, *, params_dtype=torch.float32, seed: int = 0,
-                         attention_kernel: str = "auto") -> VisionEncoder:
-    """The replicated vision encoder, initialised from ``seed`` alone so that every rank (whatever
-    its pipeline stage or TP layout consumed from the RNG before) holds the same weights."""
+                         attention_kernel: str = "auto", device=None) -> VisionEncoder:
+    """The replicated vision encoder, initialised on the CPU from ``seed`` alone so that every rank
+    (whatever its pipeline stage or TP layout consumed from the RNG before) holds the same weights, then
+    moved to ``device`` (default: the rank's compute device)."""
+    from megatron_longvideo.platform.device import to_compute_device
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return VisionEncoder(vcfg, llm_hidden, groups, params_dtype=params_dtype, attention_kernel=attention_kernel)
+        encoder = VisionEncoder(vcfg, llm_hidden, groups, params_dtype=params_dtype, attention_kernel=attention_kernel)
+    return to_compute_device(encoder, device)

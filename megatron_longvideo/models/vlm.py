@@ -21,6 +21,7 @@ from megatron_longvideo.models.llm import LLMConfig, build_llm, lm_forward, unwr
 from megatron_longvideo.models.merge import merge_video_tokens
 from megatron_longvideo.models.vision import VisionConfig, build_vision_encoder
 from megatron_longvideo.parallel.groups import ParallelGroups
+from megatron_longvideo.platform.device import device_of
 
 __all__ = ["VLMConfig", "VideoLanguageModel", "build_vlm", "vlm_forward", "text_embeddings"]
 
@@ -56,9 +57,12 @@ class VideoLanguageModel(MegatronModule):
         self.model_type = llm.model_type
         self.llm = llm
         self.tp_group = groups.tp  # the vision tower is replicated over it (see sharded_state_dict)
-        kernel = llm_kwargs.get("attention_kernel", "auto")
-        self.vision = (build_vision_encoder(cfg.vision, cfg.llm.hidden_size, groups, seed=seed + 1, attention_kernel=kernel)
-                       if llm.pre_process else None)
+        self.vision = None
+        if llm.pre_process:  # the tower takes the LLM's kernel, dtype and device
+            self.vision = build_vision_encoder(cfg.vision, cfg.llm.hidden_size, groups, seed=seed + 1,
+                                               attention_kernel=llm_kwargs.get("attention_kernel", "auto"),
+                                               params_dtype=llm_kwargs.get("params_dtype", torch.float32),
+                                               device=llm_kwargs.get("device"))
 
     @property
     def sequence_context(self):
@@ -138,6 +142,9 @@ def vlm_forward(
     from megatron_longvideo.training.lm_step import cp_shard
 
     inner = unwrap(model)
+    device = device_of(inner)  # collated batches arrive on the host: one copy of the ids per micro-batch
+    input_ids = input_ids.to(device, non_blocking=True)
+    labels = None if labels is None else labels.to(device, non_blocking=True)
     decoder_input, merged = None, None
     if inner.pre_process:
         if video_embeds is None:

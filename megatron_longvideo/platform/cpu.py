@@ -270,7 +270,8 @@ def _patch_tensor_type_name():
     def type_(self, dtype=None, non_blocking=False, **kwargs):
         if dtype is None and not kwargs and self.device.type == "cpu":
             name = _REAL_TENSOR_TYPE(self)
-            return name.replace("torch.", "torch.cuda.", 1)
+            # (a torch function mode dispatches the real method back through this one: rename once)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         return _REAL_TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
 
     torch.Tensor.type = type_

@@ -23,6 +23,8 @@ import torch
 
 __all__ = ["PrefillBatch", "build_prefill_batch"]
 
+_HOST = "cpu"  # batches are index data built on the host; the prefill moves what it needs to the device once
+
 
 @dataclasses.dataclass
 class PrefillBatch:
@@ -74,6 +76,7 @@ def build_prefill_batch(
     sources, targets, owners = [], [], []
     response_id = 0
     for g, (prefix, group) in enumerate(zip(prefixes, responses)):
+        prefix, group = prefix.cpu(), [r.cpu() for r in group]
         p = int(prefix.numel())
         if p == 0:
             raise ValueError(f"group {g}: empty prefix (the first response token needs a prefix position to predict it)")
@@ -84,17 +87,17 @@ def build_prefill_batch(
                 raise ValueError(f"group {g} response {k}: expected a non-empty 1-D id tensor, got shape {tuple(r.shape)}")
         if pack:
             row = len(rows)
-            parts, pos, seg = [prefix], [torch.arange(p)], [torch.zeros(p, dtype=torch.long)]
+            parts, pos, seg = [prefix], [torch.arange(p, device=_HOST)], [torch.zeros(p, dtype=torch.long, device=_HOST)]
             start = p
             for k, r in enumerate(group):
                 n = r.numel()
                 parts.append(r)
-                pos.append(torch.arange(p, p + n))
-                seg.append(torch.full((n,), k + 1, dtype=torch.long))
-                src = torch.cat([torch.tensor([p - 1]), torch.arange(start, start + n - 1)])
+                pos.append(torch.arange(p, p + n, device=_HOST))
+                seg.append(torch.full((n,), k + 1, dtype=torch.long, device=_HOST))
+                src = torch.cat([torch.tensor([p - 1], device=_HOST), torch.arange(start, start + n - 1, device=_HOST)])
                 sources.append((row, src))
                 targets.append(r)
-                owners.append(torch.full((n,), response_id, dtype=torch.long))
+                owners.append(torch.full((n,), response_id, dtype=torch.long, device=_HOST))
                 response_id += 1
                 start += n
             rows.append(torch.cat(parts))
@@ -108,17 +111,17 @@ def build_prefill_batch(
                 n = r.numel()
                 rows.append(torch.cat([prefix, r]))
                 prefix_lens.append(p)
-                positions.append(torch.arange(p + n))
-                sources.append((row, torch.arange(p - 1, p + n - 1)))
+                positions.append(torch.arange(p + n, device=_HOST))
+                sources.append((row, torch.arange(p - 1, p + n - 1, device=_HOST)))
                 targets.append(r)
-                owners.append(torch.full((n,), response_id, dtype=torch.long))
+                owners.append(torch.full((n,), response_id, dtype=torch.long, device=_HOST))
                 response_id += 1
                 row_group.append(g)
     seq = max(int(r.numel()) for r in rows)
     num_rows = len(rows)
-    input_ids = torch.full((num_rows, seq), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((num_rows, seq), dtype=torch.long)
-    segment_ids = torch.full((num_rows, seq), -1, dtype=torch.long) if pack else None
+    input_ids = torch.full((num_rows, seq), pad_id, dtype=torch.long, device=_HOST)
+    position_ids = torch.zeros((num_rows, seq), dtype=torch.long, device=_HOST)
+    segment_ids = torch.full((num_rows, seq), -1, dtype=torch.long, device=_HOST) if pack else None
     for i, r in enumerate(rows):
         input_ids[i, : r.numel()] = r
         position_ids[i, : r.numel()] = positions[i]
@@ -129,8 +132,8 @@ def build_prefill_batch(
         input_ids=input_ids,
         position_ids=position_ids,
         segment_ids=segment_ids,
-        seq_lens=torch.tensor([r.numel() for r in rows]),
-        prefix_lens=torch.tensor(prefix_lens),
+        seq_lens=torch.tensor([r.numel() for r in rows], device=_HOST),
+        prefix_lens=torch.tensor(prefix_lens, device=_HOST),
         sources=flat_sources,
         targets=torch.cat(targets).long(),
         response_index=torch.cat(owners),

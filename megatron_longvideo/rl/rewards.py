@@ -321,7 +321,7 @@ def compute_rewards(
     if not spec:
         raise ValueError("spec: at least one reward is required")
     parts: dict[str, torch.Tensor] = {}
-    total = torch.zeros(len(responses), dtype=torch.float64)  # [n]
+    total = torch.zeros(len(responses), dtype=torch.float64, device="cpu")  # [n] host: rewards score text
     for name, weight in spec.items():
         if not math.isfinite(weight):
             raise ValueError(f"spec[{name!r}]: weight {weight} is not finite")
@@ -330,7 +330,7 @@ def compute_rewards(
         bad = [v for v in values if not math.isfinite(v)]
         if bad:
             raise ValueError(f"reward {name!r} returned a non-finite value {bad[0]}")
-        part = torch.tensor(values, dtype=torch.float64)  # [n]
+        part = torch.tensor(values, dtype=torch.float64, device="cpu")  # [n]
         total += weight * part
         parts[name] = part.to(dtype)
     return total.to(dtype), parts

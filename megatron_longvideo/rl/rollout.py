@@ -19,6 +19,7 @@ from megatron_longvideo.models.llm import unwrap
 from megatron_longvideo.models.merge import merge_video_tokens
 from megatron_longvideo.models.vlm import text_embeddings
 from megatron_longvideo.parallel.groups import ParallelGroups
+from megatron_longvideo.platform.device import device_of
 
 __all__ = ["RLPrompt", "prompt_embeddings", "is_replica_leader", "generate_groups"]
 
@@ -48,9 +49,10 @@ def prompt_embeddings(model, groups: ParallelGroups, prompts: Sequence[RLPrompt]
     """``[P_i, h]`` merged video+text embeddings of each prompt, on every rank of the replica."""
     inner = unwrap(model)
     videos = encode_videos(inner.vision, [p.frames for p in prompts], groups, cache=cache, keys=cache_keys)
+    device = videos[0].device if videos else device_of(inner)
     out = []
     for p, video in zip(prompts, videos):
-        ids = p.prompt_ids[None]  # [1, P]
+        ids = p.prompt_ids[None].to(device)  # [1, P]
         merged = merge_video_tokens(text_embeddings(model, ids), ids, [[video]], inner.cfg.video_token_id)
         out.append(merged.embeds[0])
     return out

@@ -28,6 +28,7 @@ from megatron_longvideo.models.llm import unwrap
 from megatron_longvideo.models.prefill import dense_values, prefill_step
 from megatron_longvideo.models.video_cache import VideoEmbeddingCache, cache_key, weights_version
 from megatron_longvideo.parallel.groups import ParallelGroups
+from megatron_longvideo.platform.device import compute_device
 from megatron_longvideo.rl.advantages import group_advantages
 from megatron_longvideo.rl.engines.base import SamplingConfig
 from megatron_longvideo.rl.losses import GRPOLossConfig, grpo_loss, needs_reference
@@ -147,6 +148,8 @@ class GRPOTrainer:
         self.cache = cache if cache is not None else VideoEmbeddingCache()
         self.writer, self.log = writer, log
         self.step_count = 0
+        self.device = compute_device()
+        """Where the passes compute; rewards and advantages are scored on the host and moved here."""
         self.pad_id = tokenizer.pad_id
         self.reward_spec = dict(cfg.rewards)
         self._versions: dict[int, str] = {}
@@ -211,7 +214,7 @@ class GRPOTrainer:
         for piece in self._pieces(ro, idx):
             prompts = [ro.prompts[i] for i, _, _ in piece]
             batch = build_prefill_batch([p.prompt_ids for p in prompts],
-                                        [[torch.tensor(r) for r in ro.responses[i][a:b]] for i, a, b in piece],
+                                        [[torch.tensor(r, device="cpu") for r in ro.responses[i][a:b]] for i, a, b in piece],
                                         pack=self.cfg.pack, pad_id=self.pad_id)
             out.append((batch, [[p.frames] for p in prompts], [[key] for key in self._keys(prompts, model)], piece))
         return out
@@ -228,14 +231,18 @@ class GRPOTrainer:
         return [r["logp"] for r in reports]
 
     def _loss_fn(self, batch, advantages, old, ref):
-        cfg, groups = self.cfg, self.groups
-        lengths = batch.response_lengths.float()  # [R]
-        position = torch.cat([torch.arange(int(n)) for n in batch.response_lengths])  # [n] index in its response
+        cfg, groups, device = self.cfg, self.groups, self.device
+        lengths = batch.response_lengths.float()  # [R] (host)
+        max_len = int(lengths.max())
+        position = torch.cat([torch.arange(int(n), device="cpu") for n in batch.response_lengths])  # [n] index in its response
+        # what meets the log-probs, on their device (one copy each per micro-batch)
+        response_index, position = batch.response_index.to(device), position.to(device)
+        lengths_d, advantages = lengths.to(device), advantages.to(device)
         seq_level = cfg.loss.aggregation != "token_mean"
 
         def loss_fn(logp, entropy, plan):
-            rows, cols = batch.response_index[plan.owned], position[plan.owned]
-            shape = (batch.num_responses, int(lengths.max()))
+            rows, cols = response_index[plan.owned], position[plan.owned]
+            shape = (batch.num_responses, max_len)
 
             def grid(values):  # owned targets -> [responses, max_len]
                 return values.new_zeros(shape).index_put((rows, cols), values)
@@ -244,21 +251,21 @@ class GRPOTrainer:
             loss, metrics = grpo_loss(
                 grid(logp), grid(old[plan.owned]), None if ref is None else grid(ref[plan.owned]),
                 advantages, mask, cfg.loss, entropy=grid(entropy.detach()),
-                num_global_tokens=1.0, num_global_sequences=1.0, seq_num_tokens=lengths,
+                num_global_tokens=1.0, num_global_sequences=1.0, seq_num_tokens=lengths_d,
             )
             # per-token loss normalisation by megatron: count each target (or each sequence) once
             if seq_level:
                 count = batch.num_responses if groups.cp_rank == 0 else 0
             else:
                 count = int(plan.owned.numel())
-            zero = torch.zeros(())
+            zero = torch.zeros((), device=logp.device)
             report = {
-                "token_sums": torch.stack([metrics.get(k, zero) for k in _TOKEN_METRICS]),
-                "loss_sums": torch.stack([metrics.get(k, zero) for k in _LOSS_METRICS]),
-                "tokens": torch.tensor(float(plan.owned.numel())),
-                "count": torch.tensor(float(count)),
+                "token_sums": torch.stack([metrics.get(k, zero).float() for k in _TOKEN_METRICS]),
+                "loss_sums": torch.stack([metrics.get(k, zero).float() for k in _LOSS_METRICS]),
+                "tokens": torch.tensor(float(plan.owned.numel()), device=logp.device),
+                "count": torch.tensor(float(count), device=logp.device),
             }
-            return loss, torch.tensor(count, dtype=torch.int), report
+            return loss, torch.tensor(count, dtype=torch.int, device=logp.device), report
 
         return loss_fn
 
@@ -279,11 +286,13 @@ class GRPOTrainer:
         totals = torch.stack([torch.cat([r["token_sums"], r["loss_sums"], r["tokens"][None], r["count"][None]])
                               for r in reports]).sum(0)
         dist.all_reduce(totals, group=self.groups.dp_cp)
+        # the step's one device-to-host read of its metrics (the NaN check below steers control flow)
+        totals = totals.cpu()
         tokens, count = totals[-2].clamp(min=1), totals[-1].clamp(min=1)
         nt = len(_TOKEN_METRICS)
         metrics = {k: (v / tokens).item() for k, v in zip(_TOKEN_METRICS, totals[:nt])}
         metrics.update({k: (v / count).item() for k, v in zip(_LOSS_METRICS, totals[nt : nt + len(_LOSS_METRICS)])})
-        finite = torch.tensor([1.0 if math.isfinite(metrics["loss"]) else 0.0])
+        finite = torch.tensor([1.0 if math.isfinite(metrics["loss"]) else 0.0], device=self.device)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if finite.item() == 0:
             warnings.warn(f"GRPO step {self.step_count}: non-finite loss {metrics['loss']}; the update is skipped")
@@ -353,7 +362,7 @@ class GRPOTrainer:
         ref = [None] * len(minibatches)
         if self.reference is not None:
             t3 = time.perf_counter()
-            self._reference_to(torch.device("cuda") if torch.cuda.is_available() else None)
+            self._reference_to(self.device if self.device.type != "cpu" else None)
             ref = [self._logprobs(self.reference, ro, idx) for idx in minibatches]
             self._reference_to(torch.device("cpu") if cfg.offload_reference else None)
             times["time/ref_logprobs"] = time.perf_counter() - t3
@@ -378,11 +387,13 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------------ #
     def _metrics(self, ro: Rollouts, updates: list[dict], sample_stats: dict, times: dict, hits_before: int) -> dict:
         frames = sum(p.frames.shape[0] for p in ro.prompts)
-        lengths = torch.tensor([len(r) for g in ro.responses for r in g], dtype=torch.float64)
+        lengths = torch.tensor([len(r) for g in ro.responses for r in g], dtype=torch.float64, device="cpu")
         rewards, parts = ro.generated_rewards.double(), ro.generated_parts
         local = torch.tensor([rewards.sum().item(), (rewards ** 2).sum().item(), rewards.numel(), lengths.sum().item(),
-                              lengths.numel()] + [parts[k].sum().item() for k in sorted(parts)], dtype=torch.float64)
+                              lengths.numel()] + [parts[k].sum().item() for k in sorted(parts)], dtype=torch.float64,
+                             device=self.device)
         dist.all_reduce(local, group=self.groups.dp)
+        local = local.cpu()
         n = local[2]
         mean = local[0] / n
         metrics = {

@@ -16,7 +16,7 @@ from megatron_longvideo.parallel.groups import ParallelConfig
 from megatron_longvideo.training.engine import OptimConfig
 
 __all__ = ["build_parser", "parse", "parallel_config", "optim_config", "train_config", "run_config", "model_config",
-           "frame_sampling", "attention_options"]
+           "frame_sampling", "model_options", "params_dtype"]
 
 
 def _kernels() -> tuple:
@@ -25,9 +25,19 @@ def _kernels() -> tuple:
     return KERNELS
 
 
-def attention_options(args) -> dict:
-    """``build_llm`` / ``build_vlm`` keyword arguments of the attention flags."""
-    return {"core_attention": args.core_attention, "attention_kernel": args.attention_kernel}
+def params_dtype(args):
+    """The model's parameter dtype from ``--bf16`` / ``--fp16`` (fp32 without either)."""
+    import torch
+
+    if args.bf16 and args.fp16:
+        raise ValueError("--bf16 and --fp16 are exclusive: choose one")
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def model_options(args) -> dict:
+    """``build_llm`` / ``build_vlm`` keyword arguments of the model flags (attention, TE layers, precision)."""
+    return {"core_attention": args.core_attention, "attention_kernel": args.attention_kernel,
+            "transformer_impl": args.transformer_impl, "params_dtype": params_dtype(args)}
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -62,6 +72,14 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--attention-kernel", default="auto", choices=_kernels(),
                    help="fused kernel the attention engine runs its tiles on ('auto': cpu_flash on CPU; flash_attn, "
                         "torch_flash or torch_efficient on CUDA)")
+    g.add_argument("--transformer-impl", default="local", choices=("local", "transformer_engine"),
+                   help="layer implementation (Megatron's flag): 'transformer_engine' uses TE's fused norm + linear "
+                        "modules (pip install megatron_longvideo[gpu]) with this library's core attention")
+    g = p.add_argument_group("mixed precision")
+    g.add_argument("--bf16", action="store_true", help="bf16 weights and activations, fp32 main weights and gradients")
+    g.add_argument("--fp16", action="store_true", help="fp16 weights and activations with loss scaling")
+    g.add_argument("--loss-scale", type=float, default=None, help="fp16: static loss scale (default: dynamic)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0**32, help="fp16: first dynamic loss scale")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", help="records file (.jsonl / .json)")
     g.add_argument("--video-root", help="folder the records' video paths are relative to")
@@ -163,7 +181,8 @@ def parallel_config(args) -> ParallelConfig:
 def optim_config(args) -> OptimConfig:
     return OptimConfig(lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
                        adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
-                       use_distributed_optimizer=args.use_distributed_optimizer)
+                       use_distributed_optimizer=args.use_distributed_optimizer, loss_scale=args.loss_scale,
+                       initial_loss_scale=args.initial_loss_scale)
 
 
 def train_config(args):

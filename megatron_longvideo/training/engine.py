@@ -16,7 +16,7 @@ import torch
 
 from megatron_longvideo.parallel.groups import ParallelGroups
 
-__all__ = ["OptimConfig", "wrap_ddp", "build_optimizer", "forward_backward"]
+__all__ = ["OptimConfig", "mixed_precision", "wrap_ddp", "build_optimizer", "forward_backward"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,6 +41,11 @@ class OptimConfig:
     """Shard optimizer state over the data-parallel ranks (megatron's distributed optimizer)."""
     optimizer: str = "adam"
     """'adam' (AdamW) or 'sgd'."""
+    loss_scale: Optional[float] = None
+    """fp16 only: a static loss scale; None: dynamic loss scaling (megatron's)."""
+    initial_loss_scale: float = 2.0**32
+    """fp16 dynamic loss scaling: the starting scale (megatron's default; steps that overflow are
+    skipped and the scale halves)."""
 
     def __post_init__(self):
         if self.lr < 0:
@@ -51,8 +56,24 @@ class OptimConfig:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
 
 
+def mixed_precision(model):
+    """Wrap a 16-bit model (its config says ``bf16`` or ``fp16``) in megatron-core's ``Float16Module``,
+    which casts fp32 inputs to the model's dtype on the first pipeline stage and its outputs back to
+    fp32 on the last; an fp32 model is returned unchanged. DDP wrapping calls it; the frozen reference
+    model goes through it too, so both see the same casts."""
+    config = model.config
+    if not (config.bf16 or config.fp16):
+        return model
+    from megatron.core.transformer.module import Float16Module
+
+    if isinstance(model, Float16Module):
+        return model
+    return Float16Module(config, model)
+
+
 def wrap_ddp(model, groups: ParallelGroups, *, use_distributed_optimizer: bool = False):
-    """Wrap ``model`` in megatron-core DDP (gradients reduced over DP x CP into fp32 main_grad)."""
+    """Wrap ``model`` in megatron-core DDP (gradients reduced over DP x CP into fp32 main_grad); a
+    16-bit model goes through :func:`mixed_precision` first (megatron's Float16Module)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
@@ -63,6 +84,7 @@ def wrap_ddp(model, groups: ParallelGroups, *, use_distributed_optimizer: bool =
         for chunk in chunks:  # vision tower replicas saw different frames over the TP part of the encode group
             reduce_encode_replica_grads(chunk, groups)
 
+    model = mixed_precision(model)
     config = model.config
     config.finalize_model_grads_func = finalize
     ddp_config = DistributedDataParallelConfig(
@@ -75,10 +97,20 @@ def wrap_ddp(model, groups: ParallelGroups, *, use_distributed_optimizer: bool =
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model, pg_collection=groups.pg_collection)
 
 
-def build_optimizer(ddp_models: Iterable, cfg: OptimConfig, *, params_dtype=torch.float32):
-    """megatron-core optimizer for the DDP-wrapped model chunks."""
+def build_optimizer(ddp_models: Iterable, cfg: OptimConfig, *, params_dtype=None):
+    """megatron-core optimizer for the DDP-wrapped model chunks.
+
+    ``params_dtype`` (default: the models' own, from their config): for bf16 / fp16 models megatron
+    keeps fp32 main weights and steps them (``Float16OptimizerWithFloat16Params``, or the distributed
+    optimizer); fp16 adds dynamic loss scaling, hooked into the schedules through
+    ``config.grad_scale_func`` as Megatron-LM does.
+    """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    ddp_models = list(ddp_models)
+    if params_dtype is None:
+        first = ddp_models[0].config
+        params_dtype = torch.bfloat16 if first.bf16 else torch.float16 if first.fp16 else torch.float32
     config = OptimizerConfig(
         optimizer=cfg.optimizer,
         lr=cfg.lr,
@@ -92,8 +124,13 @@ def build_optimizer(ddp_models: Iterable, cfg: OptimConfig, *, params_dtype=torc
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         params_dtype=params_dtype,
+        loss_scale=cfg.loss_scale,  # fp16: static when set, else dynamic; bf16 / fp32: unused
+        initial_loss_scale=cfg.initial_loss_scale,
     )
-    return get_megatron_optimizer(config, list(ddp_models), use_gloo_process_groups=False)
+    optimizer = get_megatron_optimizer(config, ddp_models, use_gloo_process_groups=False)
+    for model in ddp_models:  # the schedules scale the loss before backward (a no-op unless fp16)
+        model.config.grad_scale_func = optimizer.scale_loss
+    return optimizer
 
 
 def forward_backward(

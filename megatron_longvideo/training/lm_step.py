@@ -9,6 +9,7 @@ import torch
 from megatron_longvideo.models.llm import lm_forward
 from megatron_longvideo.parallel.context import zigzag_index
 from megatron_longvideo.parallel.groups import ParallelGroups
+from megatron_longvideo.platform.device import compute_device
 
 __all__ = ["cp_shard", "lm_loss_step"]
 
@@ -44,7 +45,15 @@ def lm_loss_step(groups: ParallelGroups):
     masked per-token losses and their count (megatron's per-token loss convention).
     """
 
+    device = compute_device()
+
     def step(batch: dict, model):
+        layout = None
+        if batch.get("segment_ids") is not None:  # from the host copy: the attention then needs no sync
+            from megatron_longvideo.attention.layout import SequenceLayout
+
+            layout = SequenceLayout.from_segments(batch["segment_ids"])
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # host batches: one copy each
         tokens = cp_shard(batch["tokens"], groups)
         labels = cp_shard(batch["labels"], groups)
         mask = cp_shard(batch["loss_mask"], groups).float()
@@ -53,11 +62,7 @@ def lm_loss_step(groups: ParallelGroups):
             position_ids = torch.arange(batch["tokens"].shape[1], device=tokens.device).expand_as(batch["tokens"])
         position_ids = cp_shard(position_ids, groups)
         segment_ids: Optional[torch.Tensor] = batch.get("segment_ids")
-        layout = None
         if segment_ids is not None:
-            from megatron_longvideo.attention.layout import SequenceLayout
-
-            layout = SequenceLayout.from_segments(segment_ids)  # global, on the host: no sync in the attention
             segment_ids = cp_shard(segment_ids, groups)
         output = lm_forward(model, input_ids=tokens, position_ids=position_ids, labels=labels, segment_ids=segment_ids,
                             layout=layout)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from megatron_longvideo.checkpoint.dist_ckpt import find_checkpoint, load_checkpoint, save_checkpoint
 from megatron_longvideo.parallel.groups import ParallelGroups
+from megatron_longvideo.platform.device import compute_device
 from megatron_longvideo.training.engine import OptimConfig, build_optimizer, forward_backward, wrap_ddp
 from megatron_longvideo.training.vlm_step import LOSS_KEY
 
@@ -140,14 +141,15 @@ def _batches(loader):
 
 def _reduce_loss(reports: list, groups: ParallelGroups) -> tuple[float, float]:
     """(mean per-token loss, token count) over all micro-batches, DP x CP ranks and pipeline stages."""
-    total = torch.zeros(2)
+    total = torch.zeros(2, device=compute_device())
     for report in reports:  # non-empty on the last pipeline stage only
-        total += report[LOSS_KEY].detach().float().cpu()
+        total += report[LOSS_KEY].detach().float()
     dist.all_reduce(total, group=groups.dp_cp)
     if groups.size(groups.pp) > 1:
         dist.all_reduce(total, group=groups.pp)
-    bad = torch.tensor([0.0 if torch.isfinite(total).all() else 1.0])
+    bad = (~torch.isfinite(total).all()).float()[None]
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank takes the same skip decision
+    total = total.cpu()  # the step's one device-to-host read: the loss for the log and the NaN decision
     loss = total[0].item() / total[1].item() if total[1] > 0 else math.nan
     return (math.nan if bad.item() else loss), total[1].item()
 

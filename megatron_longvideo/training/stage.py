@@ -56,10 +56,11 @@ def build_data_loader(*, mode: str, data_path: str, video_root: str, tokenizer, 
 
 
 def build_stage_model(cfg: VLMConfig, groups: ParallelGroups, *, trained: tuple[str, ...], seed: int = 0,
-                      recompute_activations: bool = False, **attention):
+                      recompute_activations: bool = False, **options):
     """The model of this rank with everything but ``trained`` (of llm, vision, projector) frozen.
 
-    ``attention``: ``core_attention`` / ``attention_kernel`` (see :func:`megatron_longvideo.models.llm.build_llm`)."""
+    ``options``: ``core_attention``, ``attention_kernel``, ``transformer_impl``, ``params_dtype``
+    (see :func:`megatron_longvideo.models.llm.build_llm`)."""
     import dataclasses
 
     from megatron_longvideo.models.vlm import build_vlm
@@ -70,7 +71,7 @@ def build_stage_model(cfg: VLMConfig, groups: ParallelGroups, *, trained: tuple[
     vision = dataclasses.replace(cfg.vision, freeze="vision" not in trained, freeze_projector="projector" not in trained)
     torch.manual_seed(seed)
     model = build_vlm(dataclasses.replace(cfg, vision=vision), groups, seed=seed, recompute_activations=recompute_activations,
-                      **attention)
+                      **options)
     if "llm" not in trained:
         model.llm.requires_grad_(False)
     return model
@@ -82,7 +83,7 @@ def run_stage(stage: str, args):
     from megatron_longvideo.parallel.groups import destroy_parallel, initialize_parallel
     from megatron_longvideo.platform import enable_cpu_mode
     from megatron_longvideo.training.args import (
-        attention_options,
+        model_options,
         frame_sampling,
         model_config,
         optim_config,
@@ -117,7 +118,7 @@ def run_stage(stage: str, args):
         return train(train_config(args), optim_config(args),
                      model_provider=lambda: build_stage_model(cfg, groups, trained=trained, seed=args.seed,
                                                                   recompute_activations=args.recompute_activations,
-                                                                  **attention_options(args)),
+                                                                  **model_options(args)),
                      groups=groups, loader=loader, forward_step=step, run_config=run_config(args, stage))
     finally:
         destroy_parallel()

@@ -43,9 +43,10 @@ def prepare_vlm_batch(batch: dict, *, pad_id: int, multiple: int = 1, seq_length
     if length < s or length % multiple:
         raise ValueError(f"seq_length={length} must be >= the batch's longest sample ({s} tokens) and a "
                          f"multiple of {multiple}")
-    target = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)  # [b, S]
+    device = input_ids.device
+    target = torch.full((b, length), IGNORE_INDEX, dtype=torch.long, device=device)  # [b, S]
     target[:, : s - 1] = labels[:, 1:]
-    ids = torch.full((b, length), pad_id, dtype=torch.long)  # [b, S]
+    ids = torch.full((b, length), pad_id, dtype=torch.long, device=device)  # [b, S]
     ids[:, :s] = input_ids
     mask = target != IGNORE_INDEX
     return {"input_ids": ids, "labels": target.masked_fill(~mask, 0), "loss_mask": mask.float(),
@@ -68,7 +69,7 @@ def vlm_loss_step(groups: ParallelGroups, *, pad_id: int, seq_length: Optional[i
         mask = cp_shard(mb["loss_mask"], groups)  # [b, s_local]
 
         def loss_func(losses: torch.Tensor):
-            loss_sum = (losses.float() * mask).sum()
+            loss_sum = (losses.float() * mask.to(losses.device)).sum()
             num_tokens = mask.sum().to(torch.int)
             return loss_sum, num_tokens, {LOSS_KEY: torch.stack([loss_sum.detach(), num_tokens.float()])}
 

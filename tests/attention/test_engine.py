@@ -35,10 +35,10 @@ def _problem(layout, batch, heads, kv_heads, dim, dtype, seed):
     return q, k, v, dout
 
 
-def _oracle(layout, q, k, v, dout):
+def _oracle(layout, q, k, v, dout, segments=None):
     qd, kd, vd = (x.double().detach().requires_grad_(True) for x in (q, k, v))
     idx = torch.arange(layout.seq_len)
-    out, lse = dense_attention(qd, kd, vd, visible_mask(layout, q.shape[0], idx, idx), SCALE)
+    out, lse = dense_attention(qd, kd, vd, visible_mask(layout, q.shape[0], idx, idx, segments), SCALE)
     grads = torch.autograd.grad(out, (qd, kd, vd), dout.double())
     return out, lse, grads
 
@@ -84,7 +84,8 @@ def _simulated_cp(layout, mode, cp, q, k, v, dout, backend):
                 kc = rank_chunks(s_local, cp, (r - t) % cp)
                 k_idx = chunk_index(kc)
                 plan = plan_tiles(layout, b, mine, kc)
-                aux = tile_forward(qi, k[:, :, k_idx], v[:, :, k_idx], plan, SCALE, backend, o_acc, l_acc)
+                aux = tile_forward(qi, k[:, :, k_idx], v[:, :, k_idx], plan, SCALE, backend, o_acc, l_acc,
+                                   fresh=t == 0)  # as the ring: step 0 writes fresh accumulators
                 steps.append((k_idx, plan, aux))
             o = o_acc.to(q.dtype)
             gq = torch.zeros(qi.shape, dtype=acc)
@@ -104,7 +105,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("cp", [1, 2, 4])
+@pytest.mark.parametrize("cp", [1, 2, 3, 4])
 def test_backends_equal_the_dense_oracle_under_every_cp_placement(backend, cp):
     rng = random.Random(10 + cp)
     be = BACKENDS[backend]
@@ -112,13 +113,15 @@ def test_backends_equal_the_dense_oracle_under_every_cp_placement(backend, cp):
         seq_len = 2 * cp * rng.randint(3, 8)
         rows = rng.randint(1, 2)
         kind = ("packed", "plain", "bidirectional")[trial % 3]
+        segments = None
         if kind == "packed":
-            layout = SequenceLayout.from_segments(random_packed_segments(rng, seq_len, rows))
+            segments = random_packed_segments(rng, seq_len, rows)
+            layout = SequenceLayout.from_segments(segments)
         else:
             layout = SequenceLayout.plain(seq_len, causal=kind == "plain")
         heads, kv_heads = rng.choice([(4, 2), (4, 4), (6, 3)])
         q, k, v, dout = _problem(layout, rows, heads, kv_heads, 16, torch.float64, trial)
-        ref_out, ref_lse, ref_grads = _oracle(layout, q, k, v, dout)
+        ref_out, ref_lse, ref_grads = _oracle(layout, q, k, v, dout, segments)
         for mode in ("all_gather", "a2a", "p2p") if cp > 1 else ("all_gather",):
             out, lse, *grads = _simulated_cp(layout, mode, cp, q, k, v, dout, be)
             errs = {"out": _rel(out, ref_out), "lse": _rel(lse, ref_lse)}
@@ -126,9 +129,12 @@ def test_backends_equal_the_dense_oracle_under_every_cp_placement(backend, cp):
             assert max(errs.values()) < 1e-10, (backend, cp, trial, kind, mode, errs)
 
 
-def test_low_precision_inputs_accumulate_in_fp32():
+def test_low_precision_inputs_match_the_oracle_with_fp32_accumulators_and_lse():
     layout = SequenceLayout.from_segments(torch.tensor([[0] * 40 + [1] * 12 + [2] * 9 + [-1] * 3]))
     be = BACKENDS["cpu_flash"]
+    for dtype in (torch.bfloat16, torch.float16):  # the merge accumulates in fp32 whatever the inputs
+        out_acc, lse_acc = new_accumulators(torch.zeros(1, 2, 4, 8, dtype=dtype))
+        assert out_acc.dtype == torch.float32 and lse_acc.dtype == torch.float32
     for dtype, tol in ((torch.bfloat16, 3e-2), (torch.float16, 4e-3), (torch.float32, 1e-5)):
         q, k, v, dout = _problem(layout, 1, 4, 2, 32, dtype, 0)
         ref_out, ref_lse, ref_grads = _oracle(layout, q, k, v, dout)

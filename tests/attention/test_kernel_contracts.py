@@ -139,3 +139,20 @@ def test_flash_attn_calls_bind_to_the_real_signatures(monkeypatch):
         assert bwd["dk"].shape == (2, 16, 2, 64) and bwd["softmax_lse"].is_contiguous(), version
         window = (bwd.get("window_size_left"), bwd.get("window_size_right")) if parsed >= (2, 7) else bwd["window_size"]
         assert tuple(window) == (-1, -1), version
+
+
+def test_cudnn_one_key_tiles_run_on_the_efficient_kernel_forward_and_backward():
+    from megatron_longvideo.attention.engine import new_accumulators, tile_backward, tile_forward
+
+    # a one-token packed response: its causal diagonal tile has one key, which cuDNN cannot take
+    layout = SequenceLayout.from_segments(torch.tensor([[0] * 20 + [1] * 1 + [2] * 7 + [-1] * 4]))
+    plan = plan_tiles(layout, 1, rank_chunks(32, 1, 0), rank_chunks(32, 1, 0))
+    q = torch.empty(32, 1, 8, 64, device="meta", dtype=torch.bfloat16).permute(1, 2, 0, 3)
+    k = torch.empty(32, 1, 2, 64, device="meta", dtype=torch.bfloat16).permute(1, 2, 0, 3)
+    out, lse = new_accumulators(q)
+    aux = tile_forward(q, k, k, plan, 0.125, BACKENDS["torch_cudnn"], out, lse, fresh=True)
+    kernels = {(t.k1 - t.k0 == 1, kernel.name) for (_, tiles) in plan.groups for t, (kernel, _) in zip(tiles, aux)}
+    assert (True, "torch_efficient") in kernels and (False, "torch_cudnn") in kernels, kernels
+    assert all(name == "torch_efficient" for one, name in kernels if one)
+    grads = [torch.zeros(x.shape, dtype=torch.float32, device="meta") for x in (q, k, k)]
+    tile_backward(torch.empty_like(q), q, k, k, out.to(q.dtype), lse, plan, 0.125, BACKENDS["torch_cudnn"], aux, *grads)

@@ -55,31 +55,32 @@ def coverage(plan, batch: int, sq: int, sk: int) -> torch.Tensor:
     return count
 
 
-def check_exact(layout: SequenceLayout, batch: int, q_chunks, k_chunks, what: str):
+def check_exact(layout: SequenceLayout, batch: int, q_chunks, k_chunks, what: str, segments=None):
     plan = plan_tiles(layout, batch, q_chunks, k_chunks)
     sq, sk = plan.num_queries, plan.num_keys
     for _, tiles in plan.groups:
         assert all(t.q1 > t.q0 and t.k1 > t.k0 for t in tiles), f"{what}: empty tile in {tiles}"
     got = coverage(plan, batch, sq, sk)
-    want = visible_mask(layout, batch, chunk_index(q_chunks), chunk_index(k_chunks))[:, 0].long()
+    want = visible_mask(layout, batch, chunk_index(q_chunks), chunk_index(k_chunks), segments)[:, 0].long()
     assert got.max() <= 1, f"{what}: a pair is covered twice"
     assert torch.equal(got, want), f"{what}: tiles cover {int((got != want).sum())} pairs wrongly"
     assert plan.pairs() == int(want.sum())
     return plan
 
 
-@pytest.mark.parametrize("cp", [1, 2, 4])
+@pytest.mark.parametrize("cp", [1, 2, 3, 4])
 def test_random_packed_layouts_are_covered_exactly(cp):
     rng = random.Random(cp)
     for trial in range(12):
         seq_len = 2 * cp * rng.randint(3, 9)  # chunks straddle segment boundaries at random
         rows = rng.randint(1, 3)
-        layout = SequenceLayout.from_segments(random_packed_segments(rng, seq_len, rows))
+        segments = random_packed_segments(rng, seq_len, rows)
+        layout = SequenceLayout.from_segments(segments)
         for name, qc, kc in placements(seq_len, cp):
-            check_exact(layout, rows, qc, kc, f"trial {trial} {name}")
+            check_exact(layout, rows, qc, kc, f"trial {trial} {name}", segments)
 
 
-@pytest.mark.parametrize("cp", [1, 2, 4])
+@pytest.mark.parametrize("cp", [1, 2, 3, 4])
 def test_plain_and_bidirectional_layouts(cp):
     seq_len = 8 * cp
     for causal in (True, False):
@@ -92,7 +93,7 @@ def test_block_diagonal_windows_without_shared_segment():
     # a vision tower's windows: full attention inside each window only
     seg = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4 + [3] * 8])
     layout = SequenceLayout.from_segments(seg, causal=False, shared_segment=None)
-    plan = check_exact(layout, 1, rank_chunks(24, 1, 0), rank_chunks(24, 1, 0), "windows")
+    plan = check_exact(layout, 1, rank_chunks(24, 1, 0), rank_chunks(24, 1, 0), "windows", seg)
     assert plan.num_calls == 4
 
 

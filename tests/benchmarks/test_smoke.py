@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.mark.parametrize("script, headers", [
     ("encode.py", ["| frames | encode world=1 (s) |"]),
     ("prefill.py", ["| log-prob pass (forward) |", "| merge |", "| CP | max over ranks | vs CP=1 |"]),
-    ("attention.py", ["| layout | CP | mode | kernel calls |", "| packed | 2 | p2p |", "dense (oracle)"]),
+    ("attention.py", ["| layout | CP | mode | kernel calls (busiest rank) |", "| packed | 2 | p2p |", "dense (oracle)"]),
+    ("gpu_check.py", ["| cpu_flash | bfloat16 |", "| shard |", "| step (s) | encode | rollout |", "all checks passed"]),
 ])
 def test_benchmark_smoke(script, headers, tmp_path):
     out = tmp_path / "report.md"

@@ -70,3 +70,30 @@ def test_pyav_keeps_only_a_few_full_resolution_frames_at_once(index_video):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         decode_video("x.mp4", REQUESTS[0], backend="opencv")
+
+
+@requires_dali
+def test_dali_gpu_copy_matches_the_installed_plugin():
+    """The GPU path hands DALI's TensorGPU to torch with ``feed_ndarray(tensor, out, cuda_stream=...)``:
+    checked against the installed DALI's own signature (the copy itself needs a GPU)."""
+    import inspect
+
+    import nvidia.dali
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    params = list(inspect.signature(feed_ndarray).parameters)
+    assert params[:2] == ["dali_tensor", "arr"] and "cuda_stream" in params, (nvidia.dali.__version__, params)
+
+
+def test_the_gpu_resize_path_agrees_with_the_uint8_kernel():
+    """GPU-decoded frames take the float resize (torch's CUDA antialiased resize has no uint8 kernel);
+    run on the CPU, it agrees with the uint8 kernel the other backends use to one grey level."""
+    import torch
+
+    from megatron_longvideo.data.video import resize_frames, resize_uint8_via_float
+
+    frames = torch.randint(0, 256, (2, 40, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    direct = resize_frames(frames, 32)
+    via_float = resize_uint8_via_float(frames.permute(0, 3, 1, 2), 32)
+    assert via_float.dtype == torch.uint8 and via_float.shape == direct.shape
+    assert (direct.int() - via_float.int()).abs().max() <= 1

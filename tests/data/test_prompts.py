@@ -107,3 +107,16 @@ def test_hf_tokenizer_from_local_folder(tmp_path, synth):
     ex = build_sft_example(rec, tok, 7)
     _check_example(tok, ex, 7)
     assert ex.labels[-1].item() == tok.eos_id == tok.im_end_id
+
+
+def test_byte_tokenizer_needs_no_file_and_round_trips():
+    from megatron_longvideo.data.tokenizer import ByteTokenizer, load_tokenizer
+
+    tok = load_tokenizer("bytes")
+    assert isinstance(tok, ByteTokenizer)
+    text = "<|im_start|>user\nhéllo <video><video> what?<|im_end|>"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert ids.count(tok.video_id) == 2 and ids[0] == tok.im_start_id and ids[-1] == tok.eos_id
+    assert max(ids) < tok.vocab_size and all(0 <= i < 256 for i in tok.encode("plain bytes"))
+    tok.check_special_tokens()

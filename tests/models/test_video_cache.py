@@ -205,3 +205,29 @@ def test_clear_errors_for_bad_video_inputs():
     assert "video 0 has 5 frames, more than max_frames=4" in messages["too_long"]
     assert "sample 0: the text has 3 video placeholder tokens" in messages["placeholders"]
     assert "give 9 embeddings" in messages["placeholders"]
+
+
+def test_host_tier_keeps_what_the_device_tier_evicts_and_serves_it_back():
+    from megatron_longvideo.models.video_cache import VideoEmbeddingCache
+
+    a, b, c = (torch.full((4, 8), float(i)) for i in range(3))  # 128 bytes each
+    cache = VideoEmbeddingCache(max_bytes=256, host_bytes=256)
+    for key, t in (("a", a), ("b", b), ("c", c)):
+        cache.put(key, t)
+    # the device tier holds b and c; a was evicted to the host tier, not dropped
+    assert cache.nbytes == 256 and cache.host_nbytes == 128 and cache.stats.evictions == 1
+    got = cache.get("a")
+    assert torch.equal(got, a) and cache.stats.host_hits == 1 and cache.stats.misses == 0
+    # a is back in the device tier; b (least recent) moved to the host tier in its place
+    assert cache.host_nbytes == 128 and cache.contains("b") and len(cache) == 3
+    # beyond both budgets the oldest host entry is dropped (counted), and then it is a miss
+    cache.put("d", torch.zeros(4, 8))
+    cache.put("e", torch.zeros(4, 8))
+    assert cache.stats.host_evictions >= 1 and cache.get("b") is None and cache.stats.misses == 1
+    cache.clear()
+    assert len(cache) == 0 and cache.host_nbytes == 0
+    # without a host tier, evicted entries are simply gone (the previous behaviour)
+    plain = VideoEmbeddingCache(max_bytes=128)
+    plain.put("a", a)
+    plain.put("b", b)
+    assert plain.get("a") is None and plain.stats.host_hits == 0

@@ -41,9 +41,9 @@ def trim_completion(token_ids: Sequence[int], sampling: SamplingConfig, tokenize
 
 
 class HFEngine(RolloutEngine):
-    """Rollouts with transformers on ``device`` (CPU by default), in ``dtype``."""
+    """Rollouts with transformers on ``device`` (default: this rank's compute device), in ``dtype``."""
 
-    def __init__(self, cfg: Union[LLMConfig, VLMConfig], *, device: Union[str, torch.device] = "cpu",
+    def __init__(self, cfg: Union[LLMConfig, VLMConfig], *, device: Union[str, torch.device, None] = None,
                  dtype: torch.dtype = torch.float32, tokenizer: Any = None, pad_token_id: int = 0):
         from transformers import Qwen2ForCausalLM
 
@@ -53,7 +53,9 @@ class HFEngine(RolloutEngine):
         llm = cfg.llm if isinstance(cfg, VLMConfig) else cfg
         self.hidden_size = llm.hidden_size
         self.weight_map = WeightMap.language_model(cfg)
-        self.device = torch.device(device)
+        from megatron_longvideo.platform.device import compute_device
+
+        self.device = compute_device() if device is None else torch.device(device)
         self.dtype = dtype
         self.tokenizer = tokenizer
         self.pad_token_id = pad_token_id
