@@ -204,8 +204,9 @@ def attention_terms(llm: LLMConfig, tokens: float, *, cp: int, mode: str = "all_
     elif mode == "p2p":
         saved = 2 * K * a + lse
         forward = acc + tile + 2 * K * a * (2 if cp > 2 else 1)  # the arriving block (and the one in use)
-        # fp32 dK/dV: this step's, the previous step's still being sent, the next one arriving
-        backward = 4 * H + 3 * 2 * K * 4 + 2 * 2 * K * a + a * H + 2 * K * a
+        # fp32 dK/dV: this step's, the previous step's still being sent, the next one arriving; and the
+        # travelling K/V blocks (one at CP=2, where the last step receives nothing)
+        backward = 4 * H + 3 * 2 * K * 4 + (1 if cp == 2 else 2) * 2 * K * a + a * H + 2 * K * a
     elif mode == "a2a":
         if heads != int(heads) or int(heads) % cp:
             raise ValueError(f"cp_comm_type='a2a' splits heads over CP: {heads:g} heads per TP rank are not "
@@ -215,7 +216,8 @@ def attention_terms(llm: LLMConfig, tokens: float, *, cp: int, mode: str = "all_
             rep += 1
         K2 = K * rep
         saved = (2 * H + 2 * K2) * a + lse
-        forward = max(acc + tile, 3 * H * a)  # tiles, or the output's all-to-all buffers
+        # tiles; plus K/V repeated for CP before their all-to-all
+        forward = acc + tile + (2 * K2 * a if rep > 1 else 0)
         backward = 4 * H + 2 * K2 * 4 + a * H + 2 * K2 * a + a * H
     else:
         raise ValueError(f"mode: 'all_gather', 'a2a' or 'p2p', got {mode!r}")

@@ -21,12 +21,17 @@ class PositionRotaryEmbedding(RotaryEmbedding):
     def __init__(self, *args, sequence_context: SequenceContext, **kwargs):
         super().__init__(*args, **kwargs)
         self.sequence_context = sequence_context
+        # megatron keeps the frequencies as a plain attribute: as a (non-saved) buffer they move with the
+        # model to its device, for megatron's own 0..S-1 path too
+        inv_freq = self.inv_freq
+        del self.inv_freq
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
         position_ids = self.sequence_context.position_ids
         if position_ids is None:
             return super().forward(max_seq_len, offset=offset, packed_seq=packed_seq, cp_group=cp_group)
-        inv_freq = self.inv_freq.to(position_ids.device)
+        inv_freq = self.inv_freq.to(position_ids.device)  # a no-op once the model is on its device
         freqs = position_ids.to(inv_freq.dtype)[..., None] * inv_freq  # [b, s_local, dim / 2]
         if self.rotary_interleaved:
             emb = torch.stack((freqs, freqs), dim=-1).flatten(-2)

@@ -149,7 +149,9 @@ def _reduce_loss(reports: list, groups: ParallelGroups) -> tuple[float, float]:
         dist.all_reduce(total, group=groups.pp)
     bad = (~torch.isfinite(total).all()).float()[None]
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank takes the same skip decision
-    total = total.cpu()  # the step's one device-to-host read: the loss for the log and the NaN decision
+    # the step's one device-to-host read: the loss for the log and the NaN decision
+    host = torch.cat([total, bad]).cpu()
+    total, bad = host[:2], host[2]
     loss = total[0].item() / total[1].item() if total[1] > 0 else math.nan
     return (math.nan if bad.item() else loss), total[1].item()
 

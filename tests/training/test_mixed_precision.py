@@ -8,7 +8,8 @@ TP=2, TP=2+SP, CP=2 (all_gather, p2p) in bf16 differ from bf16 world=1 by 1.5-3.
 0.65-0.9e-2 (gradients): the same size as bf16's own rounding, since a different reduction order
 rounds different partial sums. A layout that were wrong (a missed tile, a gradient reduced twice)
 would be off by order 1. We assert 1e-3 on losses and 3e-2 on gradients: several times the measured
-noise, far below any real error. fp16 uses loss scaling (megatron's dynamic scaler, here starting at
+noise, far below any real error. The distributed optimizer (fp32 main weights sharded over DP=2) is
+checked over three bf16 steps against bf16 world=1. fp16 uses loss scaling (megatron's dynamic scaler, here starting at
 2^10 so that the first step does not overflow); its gradients are compared after unscaling.
 """
 
@@ -22,7 +23,7 @@ from tests.parallel.test_invariance import BATCH, SEQ, VOCAB, _data
 LOSS_TOL, GRAD_TOL = 1e-3, 3e-2  # measured: loss <= 3.3e-5 (bf16 layouts), 1.0e-4 (bf16 after 3 steps); grads <= 9e-3
 
 
-def _run(layout, weights, dtype, data, *, steps=1):
+def _run(layout, weights, dtype, data, *, steps=1, dist_opt=False):
     import torch.distributed as dist
 
     from megatron_longvideo.checkpoint.full_state import gather_full_state, load_full_state
@@ -39,8 +40,9 @@ def _run(layout, weights, dtype, data, *, steps=1):
     if weights is not None:
         load_full_state(model, weights, groups)
     start = gather_full_state(model, groups)
-    ddp = wrap_ddp(model, groups)
-    optimizer = build_optimizer([ddp], OptimConfig(lr=1e-3, adam_eps=1e-3, initial_loss_scale=2.0**10))
+    ddp = wrap_ddp(model, groups, use_distributed_optimizer=dist_opt)
+    optimizer = build_optimizer([ddp], OptimConfig(lr=1e-3, adam_eps=1e-3, initial_loss_scale=2.0**10,
+                                                   use_distributed_optimizer=dist_opt))
     losses, grads, scales = [], None, []
     for step in range(steps):
         ddp.zero_grad_buffer()
@@ -53,7 +55,7 @@ def _run(layout, weights, dtype, data, *, steps=1):
         losses.append((totals[0] / totals[1]).item())
         scale = float(optimizer.get_loss_scale())
         scales.append(scale)
-        if step == 0:  # main (fp32) gradients, unscaled
+        if step == 0 and not dist_opt:  # main (fp32) gradients, unscaled (the distributed optimizer shards them)
             grads = {k: v.float() / scale for k, v in gather_full_state(ddp, groups, what="grad").items()}
         ok, _, _ = optimizer.step()
         assert ok, f"{dtype} step {step} was skipped (overflow at loss scale {scale})"
@@ -88,6 +90,10 @@ def _worker(rank, world_size):
                              ("cp2_p2p", {"cp": 2, "cp_comm": "p2p"})):
             got = _run(layout, fp32["weights"], torch.bfloat16, data)
             out[name] = (_rel_loss(got["losses"], bf16["losses"][:1]), _rel_grads(got["grads"], bf16["grads"]))
+        # DP=2 (each rank the same micro-batch: the DP mean is the world=1 loss) with the distributed
+        # optimizer sharding the fp32 main weights: three steps track bf16 world=1's
+        got = _run({}, fp32["weights"], torch.bfloat16, data, steps=3, dist_opt=True)
+        out["dp2_distopt"] = (_rel_loss(got["losses"], bf16["losses"]), 0.0)
     return out
 
 
