@@ -65,7 +65,7 @@ def add_grpo_args(parser):
 
 
 def parse_args(argv=None):
-    from megatron_longvideo.training.args import parse
+    from megatron_longvideo.training.args import parse, resolve_tokenizer
 
     args = parse(argv, description="GRPO for long-video VLMs on Megatron-Core",
                  defaults={"train_iters": 20, "lr": 1e-3, "keep_checkpoints": 3}, extend=add_grpo_args)
@@ -76,6 +76,7 @@ def parse_args(argv=None):
         args.data_path = args.data_path or paths["qa"]
         args.video_root = args.video_root or paths["video_root"]
         args.tokenizer = args.tokenizer or paths["tokenizer"]
+    resolve_tokenizer(args)
     for flag in ("data_path", "video_root", "tokenizer"):
         if not getattr(args, flag):
             raise SystemExit(f"train_grpo.py: --{flag.replace('_', '-')} is required (or --synthetic-data DIR)")

@@ -2,7 +2,7 @@
 
     python tools/convert_checkpoint.py to-hf --full-state policy.pt --out hf_model [--max-shard-size 2GB]
         [--dtype bfloat16] [--tokenizer tokenizer_dir]
-    python tools/convert_checkpoint.py from-hf --hf hf_model --out init.pt
+    python tools/convert_checkpoint.py from-hf --hf hf_model --out ckpt/init   # a dist checkpoint to --load
 
 See megatron_longvideo/checkpoint/convert_cli.py (the same command, importable) for details.
 """

@@ -5,13 +5,20 @@ No torch.distributed here; :mod:`megatron_longvideo.checkpoint.dist_ckpt` decide
 Layout of a save root (Megatron-LM's names, so its tools find the latest step)::
 
     root/iter_0000100/              a complete checkpoint (dist_checkpointing torch_dist files,
-                                    run_config.json, manifest.json)
+                                    run_config.json, manifest.json, and hf/ when the run started
+                                    from a Hugging Face checkpoint: see below)
     root/iter_0000200.tmp/          a save in progress, or one that died: never loaded
     root/latest_checkpointed_iteration.txt   the step of the newest complete checkpoint
 
 A save writes into ``iter_N.tmp/``, adds ``manifest.json`` (size and sha256 of every file) last, renames
 the folder to ``iter_N/`` and only then replaces the marker (write to a temporary file, ``os.replace``).
 A crash at any point leaves the previous marker pointing at the previous complete checkpoint.
+
+``hf/`` holds what a Hugging Face export needs beyond the weights, as ``from-hf`` found it: the source
+``config.json``, tokenizer files and chat template, generation and processor configs, and
+``unused.safetensors`` (tensors the library does not use, such as SigLIP's pooling head). Every later
+save of a run that loaded such a checkpoint writes the same files again (:func:`read_assets`,
+:func:`write_assets`), so the export at the end of SFT or RL still has them.
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ from typing import Optional
 __all__ = [
     "CheckpointError", "LATEST_FILE", "MANIFEST_FILE", "CONFIG_FILE", "iter_dir", "complete_steps",
     "latest_step", "write_latest", "prune", "list_files", "file_digest", "write_json_atomic", "verify_file",
+    "ASSETS_DIR", "read_assets", "write_assets",
 ]
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "run_config.json"
+ASSETS_DIR = "hf"
 _ITER = re.compile(r"^iter_(\d{7,})$")
 
 
@@ -141,3 +150,27 @@ def verify_file(ckpt: str, name: str, expected: dict, *, checksum: bool = True) 
     if checksum and file_digest(path)["sha256"] != expected["sha256"]:
         return f"corrupt file {path}: sha256 differs from {MANIFEST_FILE} (the bytes changed after the save)"
     return None
+
+
+def read_assets(ckpt: str) -> dict[str, bytes]:
+    """The files of ``ckpt/hf/`` (relative path -> bytes); empty when the checkpoint has none. They are
+    small (tokenizer, configs, a few unused tensors), so a run holds them in memory between saves."""
+    base = os.path.join(ckpt, ASSETS_DIR)
+    if not os.path.isdir(base):
+        return {}
+    out = {}
+    for name in list_files(base):
+        with open(os.path.join(base, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+def write_assets(folder: str, assets: dict[str, bytes]) -> None:
+    """Write ``assets`` (from :func:`read_assets`) under ``folder/hf/``."""
+    for name, data in assets.items():
+        path = os.path.join(folder, ASSETS_DIR, name)
+        if os.path.isabs(name) or os.path.normpath(name).startswith(".."):
+            raise CheckpointError(f"asset name {name!r} leaves the {ASSETS_DIR}/ folder")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)

@@ -1,18 +1,22 @@
 """Command line of the Hugging Face converter (``tools/convert_checkpoint.py`` runs :func:`main`).
 
+HF -> a dist checkpoint that ``pretrain.py``, ``sft.py`` and ``train_grpo.py`` take with ``--load``
+(resharded to the run's TP / PP / CP when it loads; the tokenizer and chat template come along)::
+
+    python tools/convert_checkpoint.py from-hf --hf llava-onevision-qwen2-7b-ov-hf --out ckpt/init
+    torchrun --nproc-per-node 4 tools/convert_checkpoint.py from-hf --hf HF_DIR --out ckpt/init \
+        --pipeline-model-parallel-size 4        # the model split over 4 processes: a quarter each
+
 Megatron -> HF, from a dist checkpoint saved in any TP/PP/CP layout (read back into one process) or
-from a full-state file (``save_full_state_file``: a full state and its config)::
+from a full-state file (``save_full_state_file``)::
 
-    python tools/convert_checkpoint.py to-hf --dist-checkpoint ckpt/sft --out hf_model --tokenizer tok.model
-    python tools/convert_checkpoint.py to-hf --full-state policy.pt --out hf_model \
-        --max-shard-size 2GB --dtype bfloat16 --tokenizer tokenizer_dir
+    python tools/convert_checkpoint.py to-hf --dist-checkpoint ckpt/grpo --out hf_model
+    python tools/convert_checkpoint.py to-hf --dist-checkpoint ckpt/grpo --out hf_llm --llm-only
+    python tools/convert_checkpoint.py to-hf --full-state policy.pt --out hf_model --tokenizer tok_dir
 
-HF -> Megatron full state (then ``load_full_state`` into any TP/PP layout)::
-
-    python tools/convert_checkpoint.py from-hf --hf llava-onevision-qwen2-7b-ov-hf --out init.pt
-
-From a running job, call :func:`~megatron_longvideo.checkpoint.hf_convert.export_model` (any layout)
-instead.
+The HF folder holds ``config.json``, safetensors shards, the tokenizer, ``generation_config.json``, a chat
+template and (for the VLM) LLaVA-OneVision's processor configs. From a running job, call
+:func:`~megatron_longvideo.checkpoint.hf_convert.export_model` (any layout) instead.
 """
 
 from __future__ import annotations
@@ -31,48 +35,61 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convert_checkpoint", description="Megatron <-> Hugging Face checkpoints")
     sub = parser.add_subparsers(dest="command", required=True)
-    to_hf = sub.add_parser("to-hf", help="Megatron full state -> HF folder (Qwen2 / LLaVA-OneVision)")
+    to_hf = sub.add_parser("to-hf", help="Megatron checkpoint -> HF folder (LLaVA-OneVision or Qwen2)")
     source = to_hf.add_mutually_exclusive_group(required=True)
-    source.add_argument("--full-state", help="file written by save_full_state_file")
     source.add_argument("--dist-checkpoint", help="a dist checkpoint folder or save root (its latest complete checkpoint)")
+    source.add_argument("--full-state", help="file written by save_full_state_file")
     to_hf.add_argument("--out", required=True, help="output folder")
+    to_hf.add_argument("--llm-only", action="store_true", help="write the language model alone as Qwen2ForCausalLM")
     to_hf.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MiB (default 5GB)")
-    to_hf.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast floating tensors (default: keep)")
-    to_hf.add_argument("--tokenizer", default=None, help="tokenizer folder or sentencepiece .model file to copy")
+    to_hf.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                       help="cast floating tensors (default: the dtype the checkpoint holds)")
+    to_hf.add_argument("--tokenizer", default=None,
+                       help="tokenizer folder or sentencepiece .model file (default: the checkpoint's, or its run's)")
     to_hf.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from_hf = sub.add_parser("from-hf", help="HF folder -> Megatron full-state file")
+    from_hf = sub.add_parser("from-hf", help="HF folder -> Megatron dist checkpoint (or full-state file)")
     from_hf.add_argument("--hf", required=True, help="HF model folder (config.json + safetensors)")
-    from_hf.add_argument("--out", required=True, help="output full-state file")
+    from_hf.add_argument("--out", required=True, help="checkpoint root to write (a full-state file with --format full-state)")
+    from_hf.add_argument("--format", choices=("dist", "full-state"), default="dist",
+                         help="dist: a checkpoint the entry scripts --load; full-state: one torch.save file for load_full_state")
+    from_hf.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="weights dtype (default: the checkpoint's)")
+    from_hf.add_argument("--tokenizer", default=None, help="tokenizer folder to carry along when --hf has none")
+    from_hf.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                         help="split the conversion over processes (under torchrun): memory per process shrinks")
+    from_hf.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     from_hf.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
-def full_state_from_dist_checkpoint(path: str):
-    """``(config, full state)`` of a dist checkpoint, whatever layout saved it: the model is rebuilt
-    from the recorded config on one process (CPU mode where CUDA is absent) and the checkpoint is
-    resharded into it. Memory: the whole model once."""
-    import os
-    import socket
-
+def _from_hf(args) -> str:
     import torch.distributed as dist
 
+    from megatron_longvideo.checkpoint.hf_checkpoint import ensure_process_group, import_hf_checkpoint
+    from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
+
+    ensure_process_group()
+    groups = initialize_parallel(ParallelConfig(tensor_parallel_size=args.tensor_model_parallel_size,
+                                                pipeline_parallel_size=args.pipeline_model_parallel_size))
+    try:
+        return import_hf_checkpoint(args.hf, args.out, groups=groups, dtype=_DTYPES.get(args.dtype) if args.dtype else None,
+                                    tokenizer=args.tokenizer, progress=not args.no_progress and dist.get_rank() == 0)
+    finally:
+        destroy_parallel()
+
+
+def full_state_from_dist_checkpoint(path: str):
+    """``(config, full state)`` of a dist checkpoint, whatever layout saved it, read on one process."""
     from megatron_longvideo.checkpoint.dist_ckpt import load_checkpoint, model_config_of
     from megatron_longvideo.checkpoint.full_state import gather_full_state
-    from megatron_longvideo.models.vlm import build_vlm
+    from megatron_longvideo.checkpoint.hf_checkpoint import build_empty_model, ensure_process_group, saved_dtype
+    from megatron_longvideo.checkpoint.dist_ckpt import find_checkpoint
     from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
-    from megatron_longvideo.platform import enable_cpu_mode
 
     cfg = model_config_of(path)
-    cpu = enable_cpu_mode()
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group("gloo" if cpu else "nccl")
+    ensure_process_group()
     groups = initialize_parallel(ParallelConfig())
     try:
-        model = build_vlm(cfg, groups)
+        model = build_empty_model(cfg, groups, params_dtype=saved_dtype(find_checkpoint(path)))
         load_checkpoint(path, model=model, groups=groups, weights_only=True)
         return cfg, gather_full_state(model, groups)
     finally:
@@ -80,24 +97,35 @@ def full_state_from_dist_checkpoint(path: str):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from megatron_longvideo.checkpoint.dist_ckpt import CheckpointError
+    from megatron_longvideo.checkpoint.hf_checkpoint import export_dist_checkpoint
     from megatron_longvideo.checkpoint.hf_convert import load_full_state_file, load_hf, save_full_state_file, save_hf
 
     args = build_parser().parse_args(argv)
     try:
         if args.command == "to-hf":
+            dtype = _DTYPES.get(args.dtype) if args.dtype else None
+            part = "language_model" if args.llm_only else "all"
             if args.dist_checkpoint:
-                cfg, state = full_state_from_dist_checkpoint(args.dist_checkpoint)
+                files = export_dist_checkpoint(args.dist_checkpoint, args.out, part=part, dtype=dtype,
+                                               tokenizer=args.tokenizer, max_shard_size=args.max_shard_size,
+                                               progress=not args.no_progress)
             else:
                 cfg, state = load_full_state_file(args.full_state)
-            files = save_hf(state, cfg, args.out, max_shard_size=args.max_shard_size,
-                            dtype=_DTYPES.get(args.dtype) if args.dtype else None,
-                            tokenizer=args.tokenizer, progress=not args.no_progress)
+                files = save_hf(state, cfg, args.out, part=part, max_shard_size=args.max_shard_size, dtype=dtype,
+                                tokenizer=args.tokenizer, progress=not args.no_progress)
             print(f"wrote {len(files)} files to {args.out}")
-        else:
+        elif args.format == "full-state":
             checkpoint = load_hf(args.hf, progress=not args.no_progress)
             save_full_state_file(args.out, checkpoint.config, checkpoint.state)
             print(f"wrote {len(checkpoint.state)} tensors to {args.out}")
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+        else:
+            import torch.distributed as dist
+
+            path = _from_hf(args)
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"wrote {path}: start a run from it with --load {args.out} --use-checkpoint-args")
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError, CheckpointError) as e:
         print(f"convert_checkpoint: error: {e}", file=sys.stderr)
         return 2
     return 0

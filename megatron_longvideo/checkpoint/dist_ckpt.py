@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longvideo.checkpoint.ckpt_files import (
+    ASSETS_DIR,
     CONFIG_FILE,
     MANIFEST_FILE,
     CheckpointError,
@@ -48,14 +49,16 @@ from megatron_longvideo.checkpoint.ckpt_files import (
     latest_step,
     list_files,
     prune,
+    read_assets,
     verify_file,
+    write_assets,
     write_json_atomic,
     write_latest,
 )
 from megatron_longvideo.parallel.groups import ParallelGroups
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "save_checkpoint", "load_checkpoint", "find_checkpoint",
-           "rng_state", "set_rng_state", "close_checkpoint_writer"]
+           "has_training_state", "checkpoint_assets", "rng_state", "set_rng_state", "close_checkpoint_writer"]
 
 log = logging.getLogger(__name__)
 OPTIMIZER_FORMAT = "fully_reshardable"
@@ -73,6 +76,9 @@ class LoadedCheckpoint:
     """The config the saving run recorded."""
     restored: tuple[str, ...]
     """Parts restored: some of model, optimizer, scheduler, data, rng."""
+    assets: Optional[dict] = None
+    """The checkpoint's ``hf/`` files (see :mod:`~megatron_longvideo.checkpoint.ckpt_files`) on rank 0,
+    None elsewhere; pass them to every later :func:`save_checkpoint` of the run."""
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -184,10 +190,13 @@ def _barrier():
 # save
 # --------------------------------------------------------------------------------------------- #
 def save_checkpoint(root: str, step: int, *, model, groups: ParallelGroups, optimizer=None, scheduler=None,
-                    loader=None, run_config: Optional[dict] = None, keep: int = 0) -> str:
+                    loader=None, run_config: Optional[dict] = None, keep: int = 0,
+                    assets: Optional[dict] = None, common: Optional[dict] = None) -> str:
     """Save everything at ``step`` into ``root/iter_{step:07d}`` atomically; returns that folder.
 
     Collective over all ranks. ``keep > 0`` deletes all but the newest ``keep`` checkpoints afterwards.
+    ``assets`` (rank 0; :attr:`LoadedCheckpoint.assets`) are written under ``hf/`` and covered by the
+    manifest; ``common`` adds entries to the common state (e.g. the source of a converted checkpoint).
     """
     from megatron.core import dist_checkpointing
 
@@ -202,7 +211,7 @@ def save_checkpoint(root: str, step: int, *, model, groups: ParallelGroups, opti
 
     model_sd = _model_sd(model, groups)
     state = {"model": model_sd, "rng": _rng_object(rng_state()), "step": step, "layout": _layout(groups),
-             "run_config": run_config or {}, "model_config": _model_config(model)}
+             "run_config": run_config or {}, "model_config": _model_config(model), **(common or {})}
     if optimizer is not None:
         state["optimizer"] = _optimizer_sd(optimizer, model_sd, is_loading=False)
     if scheduler is not None:
@@ -210,6 +219,9 @@ def save_checkpoint(root: str, step: int, *, model, groups: ParallelGroups, opti
     if loader is not None:
         state["data"] = loader.state_dict()
     dist_checkpointing.save(state, tmp)  # ends with a barrier: every rank's files are written
+    if rank == 0 and assets:
+        write_assets(tmp, assets)
+    _barrier()
 
     manifest = _manifest(tmp)
     if rank == 0:
@@ -269,6 +281,23 @@ def find_checkpoint(path: str) -> Optional[str]:
         return path
     step = latest_step(path)
     return None if step is None else iter_dir(path, step)
+
+
+def has_training_state(path: str) -> bool:
+    """Whether the checkpoint at ``path`` holds optimizer state (a converted one, e.g. ``from-hf``, does not)."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        raise CheckpointError(f"{path}: no complete checkpoint")
+    return "optimizer" in dist_checkpointing.load_common_state_dict(ckpt)
+
+
+def checkpoint_assets(path: str) -> Optional[str]:
+    """The ``hf/`` folder of the checkpoint at ``path`` (a folder or a save root), or None."""
+    ckpt = find_checkpoint(path) if path else None
+    folder = None if ckpt is None else os.path.join(ckpt, ASSETS_DIR)
+    return folder if folder is not None and os.path.isdir(folder) else None
 
 
 def _verify_files(ckpt: str, *, checksum: bool) -> None:
@@ -358,8 +387,9 @@ def load_checkpoint(path: str, *, model, groups: ParallelGroups, optimizer=None,
     from megatron_longvideo.models.llm import unwrap
 
     unwrap(model).load_state_dict(loaded["model"], strict=True)
+    assets = read_assets(ckpt) if dist.get_rank() == 0 else None
     if weights_only:
-        return LoadedCheckpoint(ckpt, 0, common.get("run_config", {}), tuple(restored))
+        return LoadedCheckpoint(ckpt, 0, common.get("run_config", {}), tuple(restored), assets)
     if optimizer is not None:
         _load_optimizer(optimizer, loaded["optimizer"])
         restored.append("optimizer")
@@ -372,7 +402,7 @@ def load_checkpoint(path: str, *, model, groups: ParallelGroups, optimizer=None,
     if "rng" in request:
         set_rng_state(loaded["rng"])
         restored.append("rng")
-    return LoadedCheckpoint(ckpt, int(common["step"]), common.get("run_config", {}), tuple(restored))
+    return LoadedCheckpoint(ckpt, int(common["step"]), common.get("run_config", {}), tuple(restored), assets)
 
 
 def close_checkpoint_writer() -> None:

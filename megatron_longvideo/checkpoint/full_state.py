@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from megatron_longvideo.parallel.groups import ParallelGroups
 
-__all__ = ["gather_full_state", "load_full_state", "global_name", "canonical_name"]
+__all__ = ["gather_full_state", "load_full_state", "load_full_state_items", "iter_full_state", "global_name",
+           "canonical_name"]
 
 def _layer_offsets(model) -> dict[str, int]:
     """``"<block>.layers.<local>."`` -> global layer index, for every transformer block of ``model``."""
@@ -149,23 +150,63 @@ def gather_full_state(
     return full
 
 
+def _local_params(model) -> dict[str, tuple[str, torch.nn.Parameter]]:
+    """Full-state key -> (local parameter name, parameter) of this rank's shard of ``model``."""
+    offsets = _layer_offsets(model)
+    return {canonical_name(global_name(name, offsets)): (name, param) for name, param in model.named_parameters()}
+
+
+def _copy_shard(model, key: str, name: str, param, full: torch.Tensor, tp_group) -> None:
+    shard = _tp_slice(full, param, name, model, tp_group)
+    if shard.shape != param.shape:
+        raise ValueError(f"{key}: full tensor {tuple(full.shape)} gives a shard {tuple(shard.shape)}, "
+                         f"but this rank's parameter is {tuple(param.shape)}")
+    param.copy_(shard.to(device=param.device, dtype=param.dtype))
+
+
 @torch.no_grad()
 def load_full_state(model, full: dict[str, torch.Tensor], groups: ParallelGroups, *, strict: bool = True) -> None:
     """Copy a full-shape state (global names) into this rank's shards of ``model``."""
     from megatron_longvideo.models.llm import unwrap
 
     model = unwrap(model)
-    offsets = _layer_offsets(model)
     missing = []
-    for name, param in model.named_parameters():
-        key = canonical_name(global_name(name, offsets))
+    for key, (name, param) in _local_params(model).items():
         if key not in full:
             missing.append(key)
             continue
-        shard = _tp_slice(full[key], param, name, model, groups.tp)
-        if shard.shape != param.shape:
-            raise ValueError(f"{key}: full tensor {tuple(full[key].shape)} gives a shard {tuple(shard.shape)}, "
-                             f"but this rank's parameter is {tuple(param.shape)}")
-        param.copy_(shard.to(device=param.device, dtype=param.dtype))
+        _copy_shard(model, key, name, param, full[key], groups.tp)
     if strict and missing:
         raise KeyError(f"full state has no entry for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+@torch.no_grad()
+def load_full_state_items(model, items, groups: ParallelGroups, *, strict: bool = True) -> int:
+    """Stream full-shape ``(key, tensor)`` pairs into this rank's shards of ``model``, one at a time
+    (memory: the model plus one full tensor). Keys another pipeline stage holds are passed over; with
+    ``strict`` every parameter of this rank must be written. Returns how many parameters were."""
+    from megatron_longvideo.models.llm import unwrap
+
+    model = unwrap(model)
+    local = _local_params(model)
+    written = set()
+    for key, full in items:
+        entry = local.get(key)
+        if entry is None:
+            continue
+        _copy_shard(model, key, entry[0], entry[1], full, groups.tp)
+        written.add(key)
+    missing = [k for k in local if k not in written]
+    if strict and missing:
+        raise KeyError(f"the checkpoint has no entry for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return len(written)
+
+
+def iter_full_state(model):
+    """``(key, parameter)`` of a one-rank model (no TP or PP shards) in full-state names, without copies:
+    what a single-process converter streams into the Hugging Face writer."""
+    from megatron_longvideo.models.llm import unwrap
+
+    model = unwrap(model)
+    for key, (_, param) in _local_params(model).items():
+        yield key, param.detach()

@@ -7,7 +7,9 @@ safetensors shards with an index, and optionally the tokenizer files. Tensors st
 weight map into the shard writer, which holds one shard at a time.
 
 Import: such a folder (ours, or a public checkpoint) -> a Megatron full state, which
-:func:`load_full_state` slices into any layout. This is how training starts from public weights.
+:func:`load_full_state` slices into any layout, or streamed straight into a model's shards
+(:func:`load_hf_into_model`). Entry scripts start from public weights through a converted dist
+checkpoint instead (:mod:`~megatron_longvideo.checkpoint.hf_checkpoint`).
 """
 
 from __future__ import annotations
@@ -49,33 +51,103 @@ def save_hf(
     cfg: ModelConfig,
     out_dir: str,
     *,
+    part: str = "all",
     max_shard_size: Union[int, str] = "5GB",
     dtype: Optional[torch.dtype] = None,
     tokenizer: Any = None,
     extra_tensors: Optional[Mapping[str, torch.Tensor]] = None,
+    passthrough: Optional[Mapping[str, torch.Tensor]] = None,
     config_kwargs: Optional[dict] = None,
+    source_config: Optional[dict] = None,
+    source_names: Optional[list] = None,
+    usage_files: bool = True,
     progress: bool = True,
 ) -> list[str]:
     """Write ``full_state`` (a dict or an iterator of Megatron ``(name, tensor)``) as a HF folder.
 
-    ``dtype`` casts floating tensors (default: keep); ``tokenizer`` is a tokenizer folder, a
-    sentencepiece ``.model`` file or an object with ``save_pretrained``; ``config_kwargs`` go to the
-    text config (e.g. ``eos_token_id``). Returns the files written.
+    ``part="language_model"`` writes a VLM's LLM alone as ``Qwen2ForCausalLM``. ``dtype`` casts floating
+    tensors (default: keep); ``tokenizer`` is a tokenizer folder, a sentencepiece ``.model`` file or an
+    object with ``save_pretrained``; ``config_kwargs`` go to the text config (e.g. ``eos_token_id``).
+    ``passthrough``: HF tensors the library does not use, written unchanged (see :class:`WeightMap`).
+    ``source_config``: the ``config.json`` dict of the checkpoint the weights came from; when it
+    describes the same shapes it is written instead of a generated one, so settings we do not model
+    (SigLIP's ``vision_use_head``, token ids) survive; ``source_names``, its tensor names, are written
+    instead of ours where they name the same tensor (transformers versions spell the tower's differently).
+    ``usage_files``: also write the generation
+    config, the processor configs and a chat template (:mod:`~megatron_longvideo.checkpoint.hf_usage`).
+    Returns the files written.
     """
+    from megatron_longvideo.checkpoint import hf_usage
+
     check_transformers_version()
-    weight_map = WeightMap(cfg)  # refuses configs with no HF equivalent before anything is written
-    config = hf_config(cfg, **(config_kwargs or {}))
+    weight_map = _weight_map(cfg, part)  # refuses configs with no HF equivalent before anything is written
+    config = _export_config(cfg, part, source_config, config_kwargs)
     config.architectures = [weight_map.architecture]
     if dtype is not None:
         config.dtype = dtype  # transformers 4.57 reads it as torch_dtype
     os.makedirs(out_dir, exist_ok=True)
     config.save_pretrained(out_dir)
     files = ["config.json"]
-    files += write_shards(weight_map.to_hf(full_state, extra_tensors=extra_tensors), out_dir,
-                          max_shard_size=max_shard_size, dtype=dtype, total=len(weight_map.hf_names), progress=progress)
+    extra_tensors = {k: v for k, v in (extra_tensors or {}).items() if k in weight_map.extras}
+    passthrough = {k: v for k, v in (passthrough or {}).items() if k not in weight_map.extras and _belongs(k, weight_map)}
+    tensors = weight_map.to_hf(full_state, extra_tensors=extra_tensors, passthrough=passthrough)
+    if source_names:
+        rename = {weight_map.canonical_hf_name(n): n for n in source_names}
+        tensors = ((rename.get(name, name), t) for name, t in tensors)
+    files += write_shards(tensors, out_dir,
+                          max_shard_size=max_shard_size, dtype=dtype, total=len(weight_map.hf_names) + len(passthrough),
+                          progress=progress)
     if tokenizer is not None:
         files += [os.path.basename(f) for f in copy_tokenizer(tokenizer, out_dir)]
-    return files
+    if usage_files:
+        written = [hf_usage.write_generation_config(out_dir), hf_usage.write_chat_template(out_dir)]
+        if weight_map.architecture == "LlavaOnevisionForConditionalGeneration":
+            written += hf_usage.write_processor_configs(out_dir, cfg)
+        files += [os.path.basename(f) for f in written if f]
+    return sorted(set(files), key=files.index)
+
+
+def _belongs(hf_name: str, weight_map: WeightMap) -> bool:
+    """Whether a passthrough tensor goes into this export (an LLM-only export drops the vision ones)."""
+    if weight_map.architecture == "Qwen2ForCausalLM":
+        return hf_name.startswith(("model.", "lm_head."))
+    return True
+
+
+def _same_shapes(a: ModelConfig, b: ModelConfig) -> bool:
+    """Equal up to what training changes and HF does not record (freezing, the longest video)."""
+    def norm(c):
+        if isinstance(c, VLMConfig):
+            vision = dataclasses.replace(c.vision, freeze=False, freeze_projector=False, max_frames=1)
+            return dataclasses.replace(c, vision=vision)
+        return c
+
+    return type(a) is type(b) and norm(a) == norm(b)
+
+
+def _export_config(cfg: ModelConfig, part: str, source_config: Optional[dict], config_kwargs: Optional[dict]):
+    """The HF config object to write: the source's when it matches ``cfg``, else one made from ``cfg``."""
+    from transformers import AutoConfig
+
+    llm_only = part == "language_model"
+    target = cfg.llm if llm_only and isinstance(cfg, VLMConfig) else cfg
+    if source_config is not None:
+        source = dict(source_config)
+        if llm_only and source.get("model_type") == "llava_onevision":
+            source = dict(source["text_config"])
+        try:
+            matches = _same_shapes(config_from_hf(source), target)
+        except (ValueError, KeyError, TypeError):
+            matches = False
+        if matches:
+            model_type = source.pop("model_type")
+            for key in ("architectures", "transformers_version", "_name_or_path"):
+                source.pop(key, None)
+            config = AutoConfig.for_model(model_type, **source)
+            for key, value in (config_kwargs or {}).items():
+                setattr(config.get_text_config() if hasattr(config, "get_text_config") else config, key, value)
+            return config
+    return hf_config(target, **(config_kwargs or {}))
 
 
 def export_model(model, groups, cfg: ModelConfig, out_dir: str, *, writer_rank: int = 0, **save_kwargs) -> Optional[list[str]]:
@@ -155,15 +227,18 @@ def load_hf(hf_dir: str, cfg: Optional[ModelConfig] = None, *, part: str = "all"
 def load_hf_into_model(model, groups, hf_dir: str, cfg: Optional[ModelConfig] = None, *, part: str = "all") -> HFCheckpoint:
     """Load the HF folder into this rank's shards of ``model`` (any layout). ``cfg`` defaults to the
     model's own (``VideoLanguageModel.cfg``), else the checkpoint's. With ``part`` other than 'all'
-    only that part of the model is overwritten."""
-    from megatron_longvideo.checkpoint.full_state import load_full_state
+    only that part of the model is overwritten. Tensors stream from the files into the shards one at a
+    time (memory: the model plus one tensor), so the returned checkpoint's ``state`` is empty."""
+    from megatron_longvideo.checkpoint.full_state import load_full_state_items
     from megatron_longvideo.models.llm import unwrap
 
+    check_transformers_version()
     if cfg is None:
-        cfg = getattr(unwrap(model), "cfg", None)
-    checkpoint = load_hf(hf_dir, cfg, part=part)
-    load_full_state(model, checkpoint.state, groups, strict=part == "all")
-    return checkpoint
+        cfg = getattr(unwrap(model), "cfg", None) or read_hf_config(hf_dir)
+    unmapped: dict[str, torch.Tensor] = {}
+    items = _weight_map(cfg, part).to_megatron(read_checkpoint(hf_dir), unmapped=unmapped)
+    load_full_state_items(model, items, groups, strict=part == "all")
+    return HFCheckpoint(config=cfg, state={}, unmapped=unmapped)
 
 
 _FORMAT = "megatron_longvideo.full_state/1"

@@ -291,9 +291,12 @@ class WeightMap:
 
     # -- directions ----------------------------------------------------------------------------------
     def to_hf(self, items: Items, *, extra_tensors: Optional[Mapping[str, torch.Tensor]] = None,
+              passthrough: Optional[Mapping[str, torch.Tensor]] = None,
               strict: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """Megatron ``(name, tensor)`` pairs -> HF pairs. ``extra_tensors`` replace the defaults of HF
-        tensors with no Megatron home (see module docstring). ``strict``: every mapped tensor must come."""
+        tensors with no Megatron home (see module docstring); ``passthrough`` tensors (what an import
+        left unmapped, e.g. SigLIP's pooling head) are written after them, unchanged, under their own
+        names. ``strict``: every mapped tensor must come."""
         seen = set()
         for name, t in _items(items):
             if name.startswith(self.ignore_prefixes) or name == self._tied_copy:
@@ -318,6 +321,10 @@ class WeightMap:
             yield name, t
         if extra_tensors:
             raise CheckpointMismatchError(f"extra_tensors has names this map does not write: {sorted(extra_tensors)[:5]}")
+        for name, t in (passthrough or {}).items():
+            if name in self._by_hf or name in self.extras:
+                raise CheckpointMismatchError(f"{name}: a passthrough tensor with the name of a mapped one")
+            yield name, t
 
     def to_megatron(self, items: Items, *, unmapped: Optional[dict] = None,
                     strict: bool = True) -> Iterator[tuple[str, torch.Tensor]]:

@@ -296,6 +296,7 @@ def build_llm(
         sequence_context=context,
     )
     model.sequence_context = context
+    model.cfg = llm  # recorded in checkpoints, so converters can rebuild the model
     model.core_attention_kind = core_attention
     if recompute_activations:
         enable_recompute(model)

@@ -55,7 +55,7 @@ class VisionConfig:
     freeze: bool = False
     """Freeze the ViT (the usual RL setting): it then runs without an autograd graph."""
     freeze_projector: bool = False
-    """Freeze the projector too."""
+    """Freeze the projector too (and the newline embedding, which it trains with)."""
 
     def __post_init__(self):
         if not 1 <= self.patch_size <= self.image_size:
@@ -207,6 +207,8 @@ class VisionEncoder(torch.nn.Module):
             self.vit.requires_grad_(False)
         if vcfg.freeze_projector:
             self.projector.requires_grad_(False)
+            if self.image_newline is not None:
+                self.image_newline.requires_grad_(False)
 
     @property
     def tokens_per_frame(self) -> int:

@@ -2,8 +2,9 @@
 
 Saves the policy, the optimizer, RNG states, the step, the prompt stream's position and the run's
 flags (:func:`megatron_longvideo.checkpoint.dist_ckpt.save_checkpoint`); resume picks the latest
-complete checkpoint, under ``--save`` first (a restarted run), else ``--load``; an SFT checkpoint (no
-GRPO step in it) starts GRPO from its weights.
+complete checkpoint, under ``--save`` first (a restarted run), else ``--load``; an SFT checkpoint or a
+converted one (no GRPO step in it) starts GRPO from its weights. The loaded checkpoint's ``hf/`` files
+(tokenizer, configs, unused tensors of a Hugging Face start) are written again with every save.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ class GRPOCheckpointing:
 
     def __init__(self, args, ddp, optimizer, stream, groups, log):
         self.args, self.ddp, self.optimizer, self.stream, self.groups, self.log = args, ddp, optimizer, stream, groups, log
+        self.assets = None
 
     def save(self, step: int) -> str:
         path = save_checkpoint(self.args.save, step, model=self.ddp, groups=self.groups, optimizer=self.optimizer,
-                               loader=self.stream, run_config={"stage": "grpo", **vars(self.args)}, keep=self.args.keep_checkpoints)
+                               loader=self.stream, run_config={"stage": "grpo", **vars(self.args)}, keep=self.args.keep_checkpoints,
+                               assets=self.assets)
         self.log(f"saved {path}")
         return path
 
@@ -43,8 +46,10 @@ class GRPOCheckpointing:
         stage = (common.get("run_config") or {}).get("stage")
         if stage != "grpo":  # another stage's checkpoint (or none: load_checkpoint names the problem)
             loaded = load_checkpoint(path, model=self.ddp, groups=self.groups, weights_only=True)
+            self.assets = loaded.assets
             self.log(f"starting GRPO from the weights of {loaded.path} (stage {stage!r})")
             return 0
         loaded = load_checkpoint(path, model=self.ddp, groups=self.groups, optimizer=self.optimizer, loader=self.stream)
+        self.assets = loaded.assets
         self.log(f"resumed from {loaded.path} at step {loaded.step}")
         return loaded.step

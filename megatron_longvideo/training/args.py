@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Callable, Optional, Sequence
 
 from megatron_longvideo.parallel.groups import ParallelConfig
 from megatron_longvideo.training.engine import OptimConfig
 
 __all__ = ["build_parser", "parse", "parallel_config", "optim_config", "train_config", "run_config", "model_config",
-           "frame_sampling", "model_options", "params_dtype"]
+           "frame_sampling", "model_options", "params_dtype", "resolve_tokenizer"]
 
 
 def _kernels() -> tuple:
@@ -58,11 +59,27 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--num-attention-heads", type=int, default=4)
     g.add_argument("--num-query-groups", type=int, default=2)
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden size")
+    g.add_argument("--rotary-base", type=float, default=10000.0, help="RoPE base (Qwen2: 1e6)")
+    g.add_argument("--norm-epsilon", type=float, default=1e-6, help="RMSNorm epsilon of the LLM")
+    g.add_argument("--max-position-embeddings", type=int, default=32768)
+    tie = g.add_mutually_exclusive_group()
+    tie.add_argument("--untie-embeddings-and-output-weights", dest="tie_embeddings", action="store_false",
+                     help="separate input embedding and output layer (the default here)")
+    tie.add_argument("--tie-embeddings-and-output-weights", dest="tie_embeddings", action="store_true",
+                     help="share the input embedding with the output layer")
+    g.set_defaults(tie_embeddings=False)
     g.add_argument("--image-size", type=int, default=32, help="frame side in pixels the vision tower takes")
     g.add_argument("--patch-size", type=int, default=8)
     g.add_argument("--vision-hidden-size", type=int, default=32)
     g.add_argument("--vision-num-layers", type=int, default=2)
     g.add_argument("--vision-num-attention-heads", type=int, default=2)
+    g.add_argument("--vision-ffn-hidden-size", type=int, default=None, help="ViT MLP width (default: 4 x its hidden size)")
+    g.add_argument("--hf-config", default=None, metavar="DIR",
+                   help="take every model shape from a Hugging Face folder's config.json (LLaVA-OneVision); "
+                        "the shape flags above must then be left at their defaults or agree with it")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model shape from the checkpoint --load names (e.g. one written by "
+                        "convert_checkpoint.py from-hf), as Megatron-LM's flag does")
     g.add_argument("--train-vision-tower", action="store_true", help="also train the ViT (frozen by default)")
     g.add_argument("--recompute-activations", action="store_true",
                    help="recompute each transformer layer in backward: activation memory stops growing with depth")
@@ -146,21 +163,107 @@ def parse(argv: Optional[Sequence[str]] = None, *, description: str = "", defaul
     return parser.parse_args(argv)
 
 
+_SHAPE_FLAGS = {  # flag dest -> (part, field) of the VLMConfig it sets
+    "num_layers": ("llm", "num_layers"), "hidden_size": ("llm", "hidden_size"),
+    "num_attention_heads": ("llm", "num_attention_heads"), "num_query_groups": ("llm", "num_query_groups"),
+    "ffn_hidden_size": ("llm", "ffn_hidden_size"), "rotary_base": ("llm", "rotary_base"),
+    "norm_epsilon": ("llm", "norm_eps"), "max_position_embeddings": ("llm", "max_position_embeddings"),
+    "tie_embeddings": ("llm", "tie_word_embeddings"), "image_size": ("vision", "image_size"),
+    "patch_size": ("vision", "patch_size"), "vision_hidden_size": ("vision", "hidden_size"),
+    "vision_num_layers": ("vision", "num_layers"), "vision_num_attention_heads": ("vision", "num_attention_heads"),
+    "vision_ffn_hidden_size": ("vision", "ffn_hidden_size"),
+}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _given_shapes(args) -> dict:
+    """The shape flags whose value differs from the parser's default (given on the command line or in --config)."""
+    defaults = build_parser()
+    return {d: getattr(args, d) for d in _SHAPE_FLAGS if hasattr(args, d) and getattr(args, d) != defaults.get_default(d)}
+
+
+def _config_from_source(args):
+    """``(VLMConfig, where it came from)`` of ``--hf-config`` or ``--use-checkpoint-args``; (None, None) without."""
+    import dataclasses
+
+    from megatron_longvideo.models.vlm import VLMConfig
+
+    if args.hf_config and getattr(args, "use_checkpoint_args", False):
+        raise ValueError("--hf-config and --use-checkpoint-args both name the model shape: give one")
+    if args.hf_config:
+        from megatron_longvideo.checkpoint.hf_convert import read_hf_config
+
+        cfg, source = read_hf_config(args.hf_config), f"--hf-config {args.hf_config}"
+    elif getattr(args, "use_checkpoint_args", False):
+        from megatron_longvideo.checkpoint.dist_ckpt import find_checkpoint, model_config_of
+
+        path = (args.save if args.save and find_checkpoint(args.save) else None) or args.load
+        if not path:
+            raise ValueError("--use-checkpoint-args needs --load (or a --save that holds a checkpoint)")
+        cfg, source = model_config_of(path), f"the checkpoint {path}"
+    else:
+        return None, None
+    if not isinstance(cfg, VLMConfig):
+        raise ValueError(f"{source}: describes a language model alone (Qwen2); the entry scripts train a "
+                         "video-language model (LLaVA-OneVision): build one with load_hf(part='language_model')")
+    for dest, value in _given_shapes(args).items():
+        part, field = _SHAPE_FLAGS[dest]
+        if getattr(getattr(cfg, part), field) != value:
+            raise ValueError(f"{_flag(dest)}={value} disagrees with {source} ({part}.{field}="
+                             f"{getattr(getattr(cfg, part), field)}): leave the shape flags out")
+    return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, max_frames=args.max_frames)), source
+
+
 def model_config(args, tokenizer):
     """The VLMConfig the model flags describe, for ``tokenizer`` (its vocabulary rounded up to a multiple
     of TP, its video placeholder id). Every stage builds its model here, so a stage's checkpoint fits
-    the next stage given the same model flags."""
+    the next stage given the same model flags. With ``--hf-config`` / ``--use-checkpoint-args`` the
+    shape is that config's, which must hold the tokenizer (vocabulary, video id) and split over TP."""
     from megatron_longvideo.models.llm import LLMConfig
     from megatron_longvideo.models.vision import VisionConfig
     from megatron_longvideo.training.stage import vlm_config_for
 
+    cfg, source = _config_from_source(args)
+    tp = args.tensor_model_parallel_size
+    if cfg is not None:
+        if cfg.llm.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"{source}: vocab_size={cfg.llm.vocab_size} is smaller than the tokenizer's "
+                             f"{tokenizer.vocab_size} ({tokenizer.source}): another tokenizer?")
+        if cfg.video_token_id != tokenizer.video_id:
+            raise ValueError(f"{source}: video token id {cfg.video_token_id} differs from the tokenizer's "
+                             f"{tokenizer.special.video!r} id {tokenizer.video_id} ({tokenizer.source})")
+        if cfg.llm.vocab_size % tp:
+            raise ValueError(f"{source}: vocab_size={cfg.llm.vocab_size} does not split over "
+                             f"--tensor-model-parallel-size {tp}")
+        return cfg
     vision = VisionConfig(image_size=args.image_size, patch_size=args.patch_size, hidden_size=args.vision_hidden_size,
                           num_layers=args.vision_num_layers, num_attention_heads=args.vision_num_attention_heads,
-                          ffn_hidden_size=4 * args.vision_hidden_size, max_frames=args.max_frames)
+                          ffn_hidden_size=args.vision_ffn_hidden_size or 4 * args.vision_hidden_size,
+                          max_frames=args.max_frames)
     llm = LLMConfig(hidden_size=args.hidden_size, num_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
                     num_query_groups=args.num_query_groups or args.num_attention_heads,
-                    ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size)
-    return vlm_config_for(tokenizer, llm=llm, vision=vision, tensor_parallel_size=args.tensor_model_parallel_size)
+                    ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size, rotary_base=args.rotary_base,
+                    norm_eps=args.norm_epsilon, max_position_embeddings=args.max_position_embeddings,
+                    tie_word_embeddings=args.tie_embeddings)
+    return vlm_config_for(tokenizer, llm=llm, vision=vision, tensor_parallel_size=tp)
+
+
+def resolve_tokenizer(args) -> None:
+    """Without ``--tokenizer``, use the one the checkpoint to start from carries (``hf/``; written by
+    ``convert_checkpoint.py from-hf``): this run's own checkpoint under ``--save`` first, else ``--load``."""
+    if args.tokenizer:
+        return
+    from megatron_longvideo.checkpoint.dist_ckpt import checkpoint_assets, find_checkpoint
+
+    for path in (args.save, args.load):
+        if path and find_checkpoint(path):
+            folder = checkpoint_assets(path)
+            if folder and any(n in os.listdir(folder) for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+                args.tokenizer = folder
+            return
 
 
 def frame_sampling(args):

@@ -167,17 +167,23 @@ def _writer(cfg: TrainConfig):
     return SummaryWriter(cfg.tensorboard_dir)
 
 
-def _resume(cfg, *, model, groups, optimizer, scheduler, loader) -> int:
+def _resume(cfg, *, model, groups, optimizer, scheduler, loader):
+    """``(step, hf assets)`` after restoring this run's own checkpoint, else ``load``'s, else nothing.
+
+    ``load`` restores weights only with ``finetune``, or when it holds no optimizer state (a converted
+    checkpoint, e.g. written by ``convert_checkpoint.py from-hf``): a fresh start from those weights."""
+    from megatron_longvideo.checkpoint.dist_ckpt import has_training_state
+
     own = find_checkpoint(cfg.save) if cfg.save else None
     source = own or (cfg.load if cfg.load else None)
     if source is None:
-        return 0
-    weights_only = own is None and cfg.finetune
+        return 0, None
+    weights_only = own is None and (cfg.finetune or not has_training_state(source))
     info = load_checkpoint(source, model=model, groups=groups, optimizer=optimizer, scheduler=scheduler,
                            loader=loader, weights_only=weights_only, verify_checksums=cfg.verify_checksums)
     if dist.get_rank() == 0:
         print(f"loaded {info.path} ({', '.join(info.restored)}); starting at step {info.step}", flush=True)
-    return info.step
+    return info.step, info.assets
 
 
 def train(cfg: TrainConfig, optim: OptimConfig, *, model_provider: Callable[[], object], groups: ParallelGroups,
@@ -193,12 +199,12 @@ def train(cfg: TrainConfig, optim: OptimConfig, *, model_provider: Callable[[], 
     model = wrap_ddp(model_provider(), groups, use_distributed_optimizer=optim.use_distributed_optimizer)
     optimizer = build_optimizer([model], optim)
     scheduler = build_scheduler(optimizer, cfg, optim)
-    step = _resume(cfg, model=model, groups=groups, optimizer=optimizer, scheduler=scheduler, loader=loader)
+    step, assets = _resume(cfg, model=model, groups=groups, optimizer=optimizer, scheduler=scheduler, loader=loader)
     result = TrainResult(step=step, start_step=step, model=model, optimizer=optimizer)
     writer = _writer(cfg)
     batches = _batches(loader)
     ckpt = dict(model=model, groups=groups, optimizer=optimizer, scheduler=scheduler, loader=loader,
-                run_config=run_config, keep=cfg.keep_checkpoints)
+                run_config=run_config, keep=cfg.keep_checkpoints, assets=assets)
     while step < cfg.train_iters:
         start = time.perf_counter()
         micro = [next(batches) for _ in range(num_micro)]

@@ -88,6 +88,7 @@ def run_stage(stage: str, args):
         model_config,
         optim_config,
         parallel_config,
+        resolve_tokenizer,
         run_config,
         train_config,
     )
@@ -106,6 +107,7 @@ def run_stage(stage: str, args):
             args.data_path = args.data_path or paths["captions" if mode == "pretrain" else "qa"]
             args.video_root = args.video_root or paths["video_root"]
             args.tokenizer = args.tokenizer or paths["tokenizer"]
+        resolve_tokenizer(args)
         for flag in ("data_path", "video_root", "tokenizer"):
             if not getattr(args, flag):
                 raise ValueError(f"--{flag.replace('_', '-')} is required (or --synthetic-data DIR)")

@@ -177,7 +177,7 @@ def test_cli_round_trip_with_tokenizer(tmp_path, capsys):
     fast = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="w0")
     fast.save_pretrained(str(tmp_path / "tok"))
     src = _hf_folder(LLM, str(tmp_path / "src"))
-    assert main(["from-hf", "--hf", src, "--out", str(tmp_path / "state.pt"), "--no-progress"]) == 0
+    assert main(["from-hf", "--hf", src, "--out", str(tmp_path / "state.pt"), "--format", "full-state", "--no-progress"]) == 0
     assert main(["to-hf", "--full-state", str(tmp_path / "state.pt"), "--out", str(tmp_path / "hf"),
                  "--tokenizer", str(tmp_path / "tok"), "--dtype", "bfloat16", "--no-progress"]) == 0
     model = Qwen2ForCausalLM.from_pretrained(str(tmp_path / "hf"))

@@ -1,0 +1,159 @@
+"""What a transformers user needs next to exported weights: the stop and pad ids, the processor, the
+chat template.
+
+* ``generation_config.json``: ``eos_token_id`` (the end of an assistant turn, ``<|im_end|>``, plus the
+  tokenizer's own eos when it differs) and ``pad_token_id``, so ``generate`` stops where our rollouts stop.
+* For a video-language export, LLaVA-OneVision's processor configs in the layout public checkpoints use
+  (``preprocessor_config.json`` for images, ``video_preprocessor_config.json`` for videos,
+  ``processor_config.json`` for the processor itself): frames resized to the tower's size (bilinear,
+  antialiased, as our decoders do), scaled to 0..1 and normalised with SigLIP's mean and std of 0.5, and
+  ``num_image_tokens`` = the patch grid squared, from which ``LlavaOnevisionProcessor`` expands one
+  ``<video>`` into ``frames x ceil(grid / 2)^2 + 1`` placeholders, the count our model takes. Needs a
+  Hugging Face tokenizer (``AutoProcessor`` loads one); a sentencepiece model gets no processor.
+* ``chat_template.jinja``: the ChatML turns our prompt builder writes, a video item rendered as
+  ``<video>`` and a newline before the text, unless the tokenizer brought a template of its own.
+
+Files already present (carried from the Hugging Face checkpoint a run started from) are kept as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+__all__ = ["chat_template", "write_generation_config", "write_processor_configs", "write_chat_template",
+           "PROCESSOR_FILES"]
+
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
+_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+_BILINEAR = 2  # PIL.Image.BILINEAR, the resample code transformers' processors take
+
+
+def chat_template(special=None) -> str:
+    """A Jinja chat template that renders messages exactly as :func:`~megatron_longvideo.data.prompts.render_prompt`."""
+    from megatron_longvideo.data.tokenizer import SpecialTokens
+
+    s = special or SpecialTokens()
+    return (
+        "{% for message in messages %}" + s.im_start + "{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for item in message['content'] %}"
+        "{% if item['type'] == 'video' %}" + s.video + "\n"
+        "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}" + s.im_end + "\n{% endfor %}"
+        "{% if add_generation_prompt %}" + s.im_start + "assistant\n{% endif %}"
+    )
+
+
+def _is_hf_tokenizer_folder(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def _special_ids(folder: str) -> dict:
+    """eos (list), pad and bos ids of the tokenizer saved in ``folder``; {} when it holds none."""
+    from megatron_longvideo.data.tokenizer import SpecialTokens
+
+    special = SpecialTokens()
+    if _is_hf_tokenizer_folder(folder):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+        def tid(token):
+            i = tok.convert_tokens_to_ids(token)
+            return None if i is None or (i == tok.unk_token_id and token != tok.unk_token) else i
+
+        eos = [i for i in (tid(special.im_end), tok.eos_token_id) if i is not None]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tid(special.pad)
+        bos = tok.bos_token_id
+    elif os.path.isfile(os.path.join(folder, "tokenizer.model")):
+        from megatron_longvideo.data.tokenizer import SentencePieceTokenizer
+
+        tok = SentencePieceTokenizer(os.path.join(folder, "tokenizer.model"))
+        eos, pad, bos = [tok.eos_id], tok.pad_id, None
+    else:
+        return {}
+    eos = list(dict.fromkeys(eos))
+    if not eos:
+        raise ValueError(f"{folder}: the tokenizer has neither {special.im_end!r} nor an eos token: "
+                         "generate would never stop; add the token")
+    ids = {"eos_token_id": eos[0] if len(eos) == 1 else eos, "pad_token_id": pad if pad is not None else eos[0]}
+    if bos is not None:
+        ids["bos_token_id"] = bos
+    return ids
+
+
+def write_generation_config(out_dir: str) -> Optional[str]:
+    """``generation_config.json`` with the stop and pad ids of the tokenizer already in ``out_dir``; None
+    when there is no tokenizer. A file already there keeps its settings; ids it leaves null are filled."""
+    from transformers import GenerationConfig
+
+    path = os.path.join(out_dir, "generation_config.json")
+    ids = _special_ids(out_dir)
+    if os.path.exists(path):
+        config = GenerationConfig.from_pretrained(out_dir)
+        missing = {k: v for k, v in ids.items() if getattr(config, k, None) is None}
+        if missing:
+            config.update(**missing)
+            config.save_pretrained(out_dir)
+        return path
+    if not ids:
+        return None
+    GenerationConfig(**ids).save_pretrained(out_dir)
+    return path
+
+
+def write_chat_template(out_dir: str) -> Optional[str]:
+    """``chat_template.jinja`` unless the tokenizer brought one (as a file or inside its config); None
+    when ``out_dir`` holds no tokenizer."""
+    if not (_is_hf_tokenizer_folder(out_dir) or os.path.isfile(os.path.join(out_dir, "tokenizer.model"))):
+        return None
+    if any(os.path.exists(os.path.join(out_dir, n)) for n in _TEMPLATE_FILES):
+        return None
+    config = os.path.join(out_dir, "tokenizer_config.json")
+    if os.path.isfile(config):
+        with open(config) as f:
+            if json.load(f).get("chat_template"):
+                return None
+    path = os.path.join(out_dir, "chat_template.jinja")
+    with open(path, "w") as f:
+        f.write(chat_template())
+    return path
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def write_processor_configs(out_dir: str, cfg, *, image_token: str = "<image>") -> list[str]:
+    """LLaVA-OneVision's processor configs for the VLM ``cfg`` (see the module docstring); files already
+    present are kept. Returns the files written; [] when ``out_dir`` holds no Hugging Face tokenizer."""
+    from megatron_longvideo.checkpoint.hf_config import _grid_pinpoints
+    from megatron_longvideo.data.sampling import FrameSamplingConfig
+    from megatron_longvideo.data.tokenizer import SpecialTokens
+
+    if not _is_hf_tokenizer_folder(out_dir):
+        return []
+    sampling, v = FrameSamplingConfig(), cfg.vision
+    frames = {"do_resize": True, "size": {"height": v.image_size, "width": v.image_size}, "resample": _BILINEAR,
+              "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(sampling.mean),
+              "image_std": list(sampling.std), "do_convert_rgb": True, "processor_class": "LlavaOnevisionProcessor"}
+    files = {
+        "preprocessor_config.json": {"image_processor_type": "LlavaOnevisionImageProcessor", "do_pad": True,
+                                     "image_grid_pinpoints": _grid_pinpoints(v.image_size), **frames},
+        "video_preprocessor_config.json": {"video_processor_type": "LlavaOnevisionVideoProcessor",
+                                           "do_sample_frames": False, **frames},
+        "processor_config.json": {"processor_class": "LlavaOnevisionProcessor", "image_token": image_token,
+                                  "video_token": SpecialTokens().video, "num_image_tokens": v.grid**2,
+                                  "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9"},
+    }
+    written = []
+    for name, obj in files.items():
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            _write_json(path, obj)
+            written.append(path)
+    return written
