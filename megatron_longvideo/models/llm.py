@@ -67,6 +67,10 @@ class LLMConfig:
     """Share the input embedding with the output layer."""
     init_std: float = 0.02
     """Weight init standard deviation."""
+    mrope_section: Optional[tuple[int, int, int]] = None
+    """Multimodal RoPE (Qwen2-VL / Qwen2.5-VL): how many of the ``head_dim / 2`` rotary frequencies
+    follow the temporal, height and width position rows (Qwen2.5-VL-7B: (16, 24, 24)); positions are then
+    ``[3, b, s]``. None: plain RoPE."""
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size"):
@@ -74,6 +78,12 @@ class LLMConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
+        if self.mrope_section is not None:
+            section = tuple(int(x) for x in self.mrope_section)
+            if len(section) != 3 or sum(section) * 2 != self.head_dim:
+                raise ValueError(f"mrope_section={self.mrope_section}: expected 3 sizes summing to head_dim / 2 = "
+                                 f"{self.head_dim // 2}")
+            object.__setattr__(self, "mrope_section", section)  # a tuple, also when read back from JSON
         if self.num_attention_heads % self.num_query_groups != 0:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not divisible by num_query_groups={self.num_query_groups}"
@@ -294,6 +304,7 @@ def build_llm(
         use_cpu_initialization=True,
         cp_group=groups.cp,
         sequence_context=context,
+        mrope_section=llm.mrope_section,
     )
     model.sequence_context = context
     model.cfg = llm  # recorded in checkpoints, so converters can rebuild the model

@@ -67,8 +67,9 @@ class SequenceContext:
         """Set the layout for the forward (and backward graph construction) inside the block.
 
         ``derived``: what an earlier use of the same inputs derived (see :meth:`state`; recompute)."""
-        if position_ids is not None and position_ids.dim() != 2:
-            raise ValueError(f"position_ids must be [batch, local_seq], got shape {tuple(position_ids.shape)}")
+        if position_ids is not None and not (position_ids.dim() == 2 or (position_ids.dim() == 3 and position_ids.shape[0] == 3)):
+            raise ValueError(f"position_ids must be [batch, local_seq] (or [3, batch, local_seq]: multimodal RoPE), "
+                             f"got shape {tuple(position_ids.shape)}")
         if segment_ids is not None and segment_ids.dim() != 2:
             raise ValueError(f"segment_ids must be [batch, local_seq], got shape {tuple(segment_ids.shape)}")
         saved = (self.position_ids, self.segment_ids, self.layout, self._derived)

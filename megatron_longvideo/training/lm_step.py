@@ -60,7 +60,7 @@ def lm_loss_step(groups: ParallelGroups):
         position_ids = batch.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(batch["tokens"].shape[1], device=tokens.device).expand_as(batch["tokens"])
-        position_ids = cp_shard(position_ids, groups)
+        position_ids = cp_shard(position_ids, groups, dim=-1)  # [b, s] or [3, b, s] (multimodal RoPE)
         segment_ids: Optional[torch.Tensor] = batch.get("segment_ids")
         if segment_ids is not None:
             segment_ids = cp_shard(segment_ids, groups)

@@ -1,0 +1,166 @@
+"""Hugging Face side of the Qwen2.5-VL family (``Qwen2_5_VLForConditionalGeneration``), language model part.
+
+Its text model is Qwen2 (q/k/v biases, RMSNorm, SwiGLU) with multimodal RoPE, so our ``LLMConfig`` with
+``mrope_section`` and the Qwen2 weight map describe it; only the names differ. transformers 5 names the
+language model ``model.language_model.*`` (in memory and on disk), 4.x checkpoints ``model.*``; the
+vision tower is ``model.visual.*`` / ``visual.*`` (:func:`vision_items` maps it into
+:class:`~megatron_longvideo.models.qwen2_5_vl.vision.QwenVisionTower`).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from megatron_longvideo.models.llm import LLMConfig
+
+__all__ = ["llm_config_from_hf", "language_model_items", "vision_config_from_hf", "vision_items", "hf_vision_items",
+           "hf_language_model_items"]
+
+
+def _get(config, name, default=None):
+    return config.get(name, default) if isinstance(config, dict) else getattr(config, name, default)
+
+
+def llm_config_from_hf(config, **overrides) -> LLMConfig:
+    """Our ``LLMConfig`` (with ``mrope_section``) of a Qwen2.5-VL config or its ``text_config`` (object or dict)."""
+    text = _get(config, "text_config") or config
+    model_type = _get(text, "model_type")
+    if model_type not in ("qwen2_5_vl_text", "qwen2_5_vl"):
+        raise ValueError(f"expected a Qwen2.5-VL text config (model_type 'qwen2_5_vl_text'), got {model_type!r}")
+    rope = _get(text, "rope_parameters") or _get(text, "rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "mrope"):
+        raise ValueError(f"rope type {rope_type!r} is not supported (Qwen2.5-VL uses plain multimodal RoPE)")
+    section = rope.get("mrope_section")
+    if section is None:
+        raise ValueError("the text config has no mrope_section (rope_parameters / rope_scaling): not a Qwen2.5-VL config")
+    hidden, heads = _get(text, "hidden_size"), _get(text, "num_attention_heads")
+    kwargs = dict(
+        vocab_size=_get(text, "vocab_size"), hidden_size=hidden, num_layers=_get(text, "num_hidden_layers"),
+        num_attention_heads=heads, num_query_groups=_get(text, "num_key_value_heads") or heads,
+        ffn_hidden_size=_get(text, "intermediate_size"), max_position_embeddings=_get(text, "max_position_embeddings"),
+        rotary_base=float(rope.get("rope_theta", _get(text, "rope_theta", 1e6))), norm_eps=_get(text, "rms_norm_eps"),
+        tie_word_embeddings=bool(_get(config, "tie_word_embeddings", False) or _get(text, "tie_word_embeddings", False)),
+        init_std=_get(text, "initializer_range", 0.02), mrope_section=tuple(section),
+    )
+    kwargs.update(overrides)
+    return LLMConfig(**kwargs)
+
+
+_TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+
+
+def language_model_items(items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF ``(name, tensor)`` of a Qwen2.5-VL -> the Qwen2 names of its language model (``model.*``,
+    ``lm_head.weight``), for :class:`~megatron_longvideo.checkpoint.hf_map.WeightMap` of the
+    ``LLMConfig``; vision tensors are passed over."""
+    for name, t in items:
+        if name.startswith(("model.visual.", "visual.")):
+            continue
+        if name in ("lm_head.weight", "language_model.lm_head.weight"):
+            yield "lm_head.weight", t
+            continue
+        for prefix in _TEXT_PREFIXES:
+            if name.startswith(prefix):
+                yield "model." + name[len(prefix):], t
+                break
+        else:
+            raise ValueError(f"{name}: not a tensor of a Qwen2_5_VLForConditionalGeneration's language model")
+
+
+def vision_config_from_hf(config, **overrides):
+    """Our :class:`~megatron_longvideo.models.qwen2_5_vl.vision.QwenVisionConfig` of a Qwen2.5-VL config
+    or its ``vision_config``."""
+    from megatron_longvideo.models.qwen2_5_vl.vision import QwenVisionConfig
+
+    v = _get(config, "vision_config") or config
+    if _get(v, "hidden_act", "silu") != "silu":
+        raise ValueError(f"vision hidden_act={_get(v, 'hidden_act')!r} is not supported (Qwen2.5-VL: 'silu')")
+    if _get(v, "in_channels", _get(v, "in_chans", 3)) != 3:
+        raise ValueError("vision in_channels must be 3 (RGB frames)")
+    kwargs = dict(depth=_get(v, "depth"), hidden_size=_get(v, "hidden_size"), intermediate_size=_get(v, "intermediate_size"),
+                  num_heads=_get(v, "num_heads"), out_hidden_size=_get(v, "out_hidden_size"), patch_size=_get(v, "patch_size"),
+                  temporal_patch_size=_get(v, "temporal_patch_size"), spatial_merge_size=_get(v, "spatial_merge_size"),
+                  window_size=_get(v, "window_size"), fullatt_block_indexes=tuple(_get(v, "fullatt_block_indexes")),
+                  tokens_per_second=float(_get(v, "tokens_per_second", 2)))
+    kwargs.update(overrides)
+    return QwenVisionConfig(**kwargs)
+
+
+def vision_items(items: Iterable[tuple[str, torch.Tensor]], cfg) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF ``(name, tensor)`` of a Qwen2.5-VL (any of transformers' namings) -> the state-dict names of
+    :class:`~megatron_longvideo.models.qwen2_5_vl.vision.QwenVisionTower`; language-model tensors are
+    passed over. q/k/v are interleaved per head (megatron's layout), gate/up concatenated."""
+    from megatron_longvideo.checkpoint.hf_map import merge_qkv
+
+    renames = {"norm1.weight": "input_layernorm.weight", "norm2.weight": "pre_mlp_layernorm.weight",
+               "attn.proj.weight": "self_attention.linear_proj.weight", "attn.proj.bias": "self_attention.linear_proj.bias",
+               "mlp.down_proj.weight": "mlp.linear_fc2.weight", "mlp.down_proj.bias": "mlp.linear_fc2.bias"}
+    tops = {"patch_embed.proj.weight": "patch_embed.weight", "merger.ln_q.weight": "merger_norm.weight",
+            "merger.mlp.0.weight": "merger.encoder.linear_fc1.weight", "merger.mlp.0.bias": "merger.encoder.linear_fc1.bias",
+            "merger.mlp.2.weight": "merger.encoder.linear_fc2.weight", "merger.mlp.2.bias": "merger.encoder.linear_fc2.bias"}
+    gate_up: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in items:
+        for prefix in ("model.visual.", "visual."):
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                break
+        else:
+            continue
+        if name in tops:
+            yield tops[name], t.reshape(t.shape[0], -1) if name == "patch_embed.proj.weight" else t
+            continue
+        _, index, rest = name.split(".", 2)  # blocks.{i}.rest
+        mg = f"layers.{index}."
+        if rest in renames:
+            yield mg + renames[rest], t
+        elif rest in ("attn.qkv.weight", "attn.qkv.bias"):
+            q, k, v = t.chunk(3, dim=0)
+            yield mg + "self_attention.linear_qkv." + rest.rsplit(".", 1)[1], merge_qkv(q, k, v, cfg.num_heads, cfg.num_heads)
+        elif rest.startswith(("mlp.gate_proj.", "mlp.up_proj.")):
+            kind = rest.rsplit(".", 1)[1]
+            parts = gate_up.setdefault(mg + kind, {})
+            parts["gate" if "gate_proj" in rest else "up"] = t
+            if len(parts) == 2:
+                yield mg + "mlp.linear_fc1." + kind, torch.cat([parts["gate"], parts["up"]], dim=0)
+        else:
+            raise ValueError(f"visual.{name}: not a tensor of a Qwen2.5-VL vision tower")
+
+
+def hf_vision_items(state: Iterable[tuple[str, torch.Tensor]], cfg) -> Iterator[tuple[str, torch.Tensor]]:
+    """Inverse of :func:`vision_items`: tower state-dict ``(name, tensor)`` -> transformers 5's
+    ``model.visual.*`` names and layouts."""
+    from megatron_longvideo.checkpoint.hf_map import split_qkv
+
+    tops = {"patch_embed.weight": "patch_embed.proj.weight", "merger_norm.weight": "merger.ln_q.weight",
+            "merger.encoder.linear_fc1.weight": "merger.mlp.0.weight", "merger.encoder.linear_fc1.bias": "merger.mlp.0.bias",
+            "merger.encoder.linear_fc2.weight": "merger.mlp.2.weight", "merger.encoder.linear_fc2.bias": "merger.mlp.2.bias"}
+    renames = {"input_layernorm.weight": "norm1.weight", "pre_mlp_layernorm.weight": "norm2.weight",
+               "self_attention.linear_proj.weight": "attn.proj.weight", "self_attention.linear_proj.bias": "attn.proj.bias",
+               "mlp.linear_fc2.weight": "mlp.down_proj.weight", "mlp.linear_fc2.bias": "mlp.down_proj.bias"}
+    p, tp = cfg.patch_size, cfg.temporal_patch_size
+    for name, t in state:
+        if name in tops:
+            yield "model.visual." + tops[name], t.reshape(t.shape[0], 3, tp, p, p) if name == "patch_embed.weight" else t
+            continue
+        _, index, rest = name.split(".", 2)  # layers.{i}.rest
+        hf = f"model.visual.blocks.{index}."
+        if rest in renames:
+            yield hf + renames[rest], t
+        elif rest.startswith("self_attention.linear_qkv."):
+            yield hf + "attn.qkv." + rest.rsplit(".", 1)[1], torch.cat(split_qkv(t, cfg.num_heads, cfg.num_heads))
+        elif rest.startswith("mlp.linear_fc1."):
+            kind = rest.rsplit(".", 1)[1]
+            gate, up = t.chunk(2, dim=0)
+            yield hf + "mlp.gate_proj." + kind, gate.contiguous()
+            yield hf + "mlp.up_proj." + kind, up.contiguous()
+        else:
+            raise ValueError(f"{name}: not a tensor of our Qwen2.5-VL vision tower")
+
+
+def hf_language_model_items(items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Inverse of :func:`language_model_items`: Qwen2 names -> transformers 5's Qwen2.5-VL names."""
+    for name, t in items:
+        yield ("lm_head.weight" if name == "lm_head.weight" else "model.language_model." + name[len("model."):]), t

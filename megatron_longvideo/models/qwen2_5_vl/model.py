@@ -1,0 +1,199 @@
+"""The Qwen2.5-VL model: its vision tower on the first pipeline stage, the LLM with multimodal RoPE.
+
+``qwen_vlm_forward`` runs one micro-batch: each video's frames become patches and go through the tower
+on this rank, the tokens replace the video placeholders (:func:`~megatron_longvideo.models.merge.merge_video_tokens`),
+the three position rows are computed for the whole sequence on the host and sharded with the tokens
+over CP, and the LLM runs with them. Parallel encoding over the encode group, the embedding cache,
+CP prefill and packing for this family are the next part of issue 14; so is the export to transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_longvideo.models.llm import LLMConfig, build_llm, lm_forward, unwrap
+from megatron_longvideo.models.qwen2_5_vl.vision import QwenVisionConfig, build_qwen_vision_tower, frames_to_patches
+from megatron_longvideo.parallel.groups import ParallelGroups
+
+__all__ = ["Qwen25VLConfig", "Qwen25VLModel", "build_qwen25vl", "qwen_vlm_forward", "qwen25vl_config_from_hf",
+           "load_hf_state", "hf_state"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Qwen25VLConfig:
+    """A Qwen2.5-VL: LLM (with ``mrope_section``), vision tower, placeholder ids and the position rule."""
+
+    llm: LLMConfig = dataclasses.field(default_factory=lambda: LLMConfig(mrope_section=(2, 3, 3)))
+    vision: QwenVisionConfig = dataclasses.field(default_factory=QwenVisionConfig)
+    video_token_id: int = 3
+    image_token_id: Optional[int] = None
+    text_after: str = "max"
+    """Where text resumes after a video in the positions (see :mod:`~megatron_longvideo.models.qwen2_5_vl.rope`)."""
+
+    def __post_init__(self):
+        if self.llm.mrope_section is None:
+            raise ValueError("Qwen2.5-VL's LLM needs mrope_section (multimodal RoPE)")
+        if self.vision.out_hidden_size != self.llm.hidden_size:
+            raise ValueError(f"vision.out_hidden_size={self.vision.out_hidden_size} must equal llm.hidden_size="
+                             f"{self.llm.hidden_size}")
+
+    def num_video_tokens(self, num_frames: int, height: int, width: int) -> int:
+        """Placeholder tokens a video of ``num_frames`` frames of ``height x width`` pixels takes."""
+        v = self.vision
+        t = -(-num_frames // v.temporal_patch_size)
+        return t * (height // v.patch_size) * (width // v.patch_size) // v.merge_unit
+
+
+class Qwen25VLModel(MegatronModule):
+    """LLM + vision tower (first pipeline stage only)."""
+
+    def __init__(self, cfg: Qwen25VLConfig, groups: ParallelGroups, *, seed: int = 0, **llm_kwargs):
+        self.cfg = cfg
+        llm = build_llm(cfg.llm, groups, **llm_kwargs)
+        super().__init__(config=llm.config)
+        self.model_type = llm.model_type
+        self.llm = llm
+        self.tp_group = groups.tp
+        self.vision = None
+        if llm.pre_process:
+            self.vision = build_qwen_vision_tower(cfg.vision, groups, seed=seed + 1,
+                                                  attention_kernel=llm_kwargs.get("attention_kernel", "auto"),
+                                                  params_dtype=llm_kwargs.get("params_dtype", torch.float32),
+                                                  device=llm_kwargs.get("device"))
+
+    @property
+    def sequence_context(self):
+        return self.llm.sequence_context
+
+    @property
+    def pre_process(self) -> bool:
+        return self.llm.pre_process
+
+    @property
+    def post_process(self) -> bool:
+        return self.llm.post_process
+
+    def set_input_tensor(self, input_tensor):
+        self.llm.set_input_tensor(input_tensor)
+
+    def forward(self, **kwargs):
+        return self.llm(**kwargs)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        sd = self.llm.sharded_state_dict(prefix=f"{prefix}llm.", sharded_offsets=sharded_offsets, metadata=metadata)
+        if self.vision is not None:  # replicated over TP: one main replica (as the SigLIP family's tower)
+            sd.update(sharded_state_dict_default(self.vision, f"{prefix}vision.", sharded_offsets, metadata,
+                                                 tp_group=self.tp_group))
+        return sd
+
+
+def build_qwen25vl(cfg: Qwen25VLConfig, groups: ParallelGroups, *, seed: int = 0, **llm_kwargs) -> Qwen25VLModel:
+    """This rank's Qwen2.5-VL (call ``torch.manual_seed`` first for the LLM)."""
+    return Qwen25VLModel(cfg, groups, seed=seed, **llm_kwargs)
+
+
+def qwen_vlm_forward(model, groups: ParallelGroups, *, input_ids: torch.Tensor,
+                     videos: Optional[Sequence[Sequence[torch.Tensor]]] = None,
+                     seconds_per_frame: Optional[Sequence[Sequence[float]]] = None, labels: Optional[torch.Tensor] = None):
+    """One micro-batch: ``input_ids`` ``[b, S]`` (S a multiple of 2 x CP), ``videos[i]`` sample i's
+    normalised frames ``[T, 3, H, W]``, ``seconds_per_frame[i]`` their frame spacing (default 0.5 s:
+    2 fps, qwen-vl-utils' default). Returns what the LLM returns (per-token loss with ``labels``)."""
+    from megatron_longvideo.models.merge import merge_video_tokens
+    from megatron_longvideo.models.qwen2_5_vl.rope import mrope_position_ids
+    from megatron_longvideo.models.vlm import text_embeddings
+    from megatron_longvideo.platform.device import device_of
+    from megatron_longvideo.training.lm_step import cp_shard
+
+    inner = unwrap(model)
+    cfg = inner.cfg
+    device = device_of(inner)
+    host_ids = input_ids.cpu()
+    input_ids = input_ids.to(device, non_blocking=True)
+    videos = videos or [[] for _ in range(input_ids.shape[0])]
+    grids, seconds = [], []
+    for i, sample in enumerate(videos):
+        for j, frames in enumerate(sample):
+            spacing = 0.5 if seconds_per_frame is None else float(seconds_per_frame[i][j])
+            seconds.append(spacing * cfg.vision.temporal_patch_size)
+            grids.append(None)  # filled below, with the patches
+    decoder_input = None
+    if inner.pre_process:
+        embeds, k = [], 0
+        for sample in videos:
+            row = []
+            for frames in sample:
+                patches, grid = frames_to_patches(frames.to(device), cfg.vision)
+                grids[k] = grid
+                k += 1
+                row.append(inner.vision(patches, [grid]))
+            embeds.append(row)
+        merged = merge_video_tokens(text_embeddings(model, input_ids), input_ids, embeds, cfg.video_token_id)
+        decoder_input = cp_shard(merged.embeds, groups, dim=1).transpose(0, 1).contiguous()  # [s_local, b, h]
+    else:
+        v = cfg.vision
+        k = 0
+        for sample in videos:
+            for frames in sample:
+                grids[k] = [-(-frames.shape[0] // v.temporal_patch_size), frames.shape[-2] // v.patch_size,
+                            frames.shape[-1] // v.patch_size]
+                k += 1
+    positions, _ = mrope_position_ids(host_ids, video_token_id=cfg.video_token_id,
+                                      video_grid_thw=torch.tensor(grids) if grids else None, second_per_grid_ts=seconds,
+                                      tokens_per_second=cfg.vision.tokens_per_second,
+                                      spatial_merge_size=cfg.vision.spatial_merge_size, text_after=cfg.text_after)
+    return lm_forward(model, decoder_input=decoder_input,
+                      position_ids=cp_shard(positions.to(device), groups, dim=-1),
+                      labels=None if labels is None else cp_shard(labels.to(device), groups))
+
+
+def qwen25vl_config_from_hf(config, *, text_after: str = "max") -> Qwen25VLConfig:
+    """Our config of a ``Qwen2_5_VLConfig`` (object or ``config.json`` dict)."""
+    from megatron_longvideo.models.qwen2_5_vl.hf import _get, llm_config_from_hf, vision_config_from_hf
+
+    if _get(config, "model_type") != "qwen2_5_vl":
+        raise ValueError(f"expected a Qwen2.5-VL config (model_type 'qwen2_5_vl'), got {_get(config, 'model_type')!r}")
+    return Qwen25VLConfig(llm=llm_config_from_hf(config), vision=vision_config_from_hf(config),
+                          video_token_id=_get(config, "video_token_id"), image_token_id=_get(config, "image_token_id"),
+                          text_after=text_after)
+
+
+def load_hf_state(model, groups: ParallelGroups, items) -> None:
+    """Load a Qwen2.5-VL's HF ``(name, tensor)`` pairs into this rank's shards of ``model`` (any TP/PP)."""
+    from megatron_longvideo.checkpoint.full_state import load_full_state
+    from megatron_longvideo.checkpoint.hf_map import WeightMap
+    from megatron_longvideo.models.qwen2_5_vl.hf import language_model_items, vision_items
+
+    inner = unwrap(model)
+    items = list(items)
+    load_full_state(inner.llm, dict(WeightMap(inner.cfg.llm).to_megatron(language_model_items(items))), groups)
+    if inner.vision is not None:
+        inner.vision.load_state_dict(dict(vision_items(items, inner.cfg.vision)), strict=True)
+
+
+def hf_state(model, groups: ParallelGroups) -> dict[str, torch.Tensor]:
+    """The model (any TP/PP layout; collective) as a ``Qwen2_5_VLForConditionalGeneration`` state dict
+    (transformers 5 names), full shape, on every rank. The tower lives on the first pipeline stage."""
+    import torch.distributed as dist
+
+    from megatron_longvideo.checkpoint.full_state import gather_full_state
+    from megatron_longvideo.checkpoint.hf_map import WeightMap
+    from megatron_longvideo.models.qwen2_5_vl.hf import hf_language_model_items, hf_vision_items
+
+    inner = unwrap(model)
+    llm = gather_full_state(inner.llm, groups)
+    out = dict(hf_language_model_items(WeightMap(inner.cfg.llm).to_hf(llm)))
+    vision = None
+    if inner.vision is not None:
+        vision = {k: p.detach().cpu().clone() for k, p in inner.vision.named_parameters()}
+    if groups.size(groups.pp) > 1:  # the first stage's tower, to every stage
+        shared = [vision]
+        dist.broadcast_object_list(shared, src=dist.get_global_rank(groups.pp, 0), group=groups.pp)
+        vision = shared[0]
+    out.update(hf_vision_items(vision.items(), inner.cfg.vision))
+    return out

@@ -1,0 +1,87 @@
+"""The whole Qwen2.5-VL (issue 14, third part) against transformers' ``Qwen2_5_VLForConditionalGeneration``.
+
+A random tiny model imported with ``load_hf_state``; a prompt with a 3-frame (odd: padded) 112 x 168
+(non-square, 2 x 3 windows) video between text, 1 s between frames. Positions follow transformers 5's
+text-after-video rule here (``text_after="spatial"``) to compare with the installed version. Logits
+equal within 1e-4 relative in fp32 at world=1, and each CP=2 rank's shard (all_gather, p2p) equals
+the matching shard of transformers' logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from tests.dist import init_cpu_dist, run_ranks
+
+VIDEO = 5
+
+
+def _hf():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=40, num_heads=2, out_hidden_size=64,
+                           fullatt_block_indexes=[1], window_size=56, tokens_per_second=2),
+        video_token_id=VIDEO, image_token_id=6, vision_start_token_id=7, vision_end_token_id=8)
+    torch.manual_seed(0)
+    hf = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or "ln_q" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return hf
+
+
+def _worker(rank, world_size, cp, cp_type):
+    from megatron_longvideo.models.qwen2_5_vl.model import (build_qwen25vl, load_hf_state, qwen25vl_config_from_hf,
+                                                            qwen_vlm_forward)
+    from megatron_longvideo.models.qwen2_5_vl.vision import frames_to_patches
+    from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
+    from megatron_longvideo.training.lm_step import cp_shard
+
+    init_cpu_dist()
+    groups = initialize_parallel(ParallelConfig(context_parallel_size=cp, cp_comm_type=cp_type))
+    hf = _hf()
+    cfg = dataclasses.replace(qwen25vl_config_from_hf(hf.config), text_after="spatial")
+    model = build_qwen25vl(cfg, groups)
+    load_hf_state(model, groups, hf.state_dict().items())
+    g = torch.Generator().manual_seed(3)
+    frames = torch.randn(3, 3, 112, 168, generator=g)
+    n = cfg.num_video_tokens(3, 112, 168)
+    ids = torch.cat([torch.tensor([9, 7]), torch.full((n,), VIDEO), torch.tensor([8]), torch.randint(10, 96, (9,), generator=g)])
+    ids = ids[: len(ids) // 4 * 4][None]
+    patches, grid = frames_to_patches(frames, cfg.vision)
+    with torch.no_grad():
+        # mm_token_type_ids (the processor's output) is what makes transformers use 3-row positions
+        expected = hf(input_ids=ids, pixel_values_videos=patches, video_grid_thw=torch.tensor([grid]),
+                      second_per_grid_ts=torch.tensor([2.0]), mm_token_type_ids=(ids == VIDEO).int() * 2).logits
+        ours = qwen_vlm_forward(model, groups, input_ids=ids, videos=[[frames]], seconds_per_frame=[[1.0]])
+    expected = cp_shard(expected, groups)
+    if cp == 1:  # ours -> transformers' names -> transformers loads it strictly -> ours: every tensor back
+        from megatron_longvideo.models.qwen2_5_vl.model import hf_state
+
+        exported = hf_state(model, groups)
+        reference = hf.state_dict()
+        assert sorted(exported) == sorted(reference), set(exported) ^ set(reference)
+        assert all(torch.equal(exported[k], reference[k]) for k in reference)
+        hf.load_state_dict(exported, strict=True)
+        again = build_qwen25vl(cfg, groups, seed=9)
+        load_hf_state(again, groups, exported.items())
+        original = dict(model.named_parameters())
+        assert all(torch.equal(p, original[k]) for k, p in again.named_parameters())
+    destroy_parallel()
+    return ((ours - expected).norm() / expected.norm()).item(), grid, n
+
+
+def test_qwen25vl_logits_equal_transformers_at_world1_and_cp2():
+    error, grid, n = run_ranks(_worker, 1, 1, "all_gather")[0]
+    assert grid == [2, 8, 12] and n == 48
+    assert error < 1e-4, error
+    for cp_type in ("all_gather", "p2p"):
+        errors = [e for e, _, _ in run_ranks(_worker, 2, 2, cp_type)]
+        assert max(errors) < 1e-4, (cp_type, errors)

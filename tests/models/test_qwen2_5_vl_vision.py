@@ -1,0 +1,58 @@
+"""Qwen2.5-VL's vision tower (issue 14, second part) against transformers' own ``model.visual``.
+
+Random tiny ``Qwen2_5_VLForConditionalGeneration``; its tower imported through ``vision_items``; the same
+pixel patches for two videos (3 frames: an odd count, padded as transformers' processors pad; 112 x 168
+px: a non-square 8 x 12 patch grid with 2 x 3 windows of 2 x 2 merge blocks) and a 56 x 56 image, with
+a window layer and a full-attention layer: features equal within 1e-4 relative in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tests.dist import init_cpu_dist, run_ranks
+
+
+def _worker(rank, world_size):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from megatron_longvideo.models.qwen2_5_vl.hf import vision_config_from_hf, vision_items
+    from megatron_longvideo.models.qwen2_5_vl.vision import build_qwen_vision_tower, frames_to_patches
+    from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
+
+    init_cpu_dist()
+    groups = initialize_parallel(ParallelConfig())
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=64, hidden_size=64, intermediate_size=80, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                                 "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=40, num_heads=2, out_hidden_size=64,
+                           fullatt_block_indexes=[1], window_size=56))
+    torch.manual_seed(0)
+    hf = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or "ln_q" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    cfg = vision_config_from_hf(config)
+    tower = build_qwen_vision_tower(cfg, groups)
+    tower.load_state_dict(dict(vision_items(hf.state_dict().items(), cfg)), strict=True)
+    g = torch.Generator().manual_seed(2)
+    videos = [torch.randn(3, 3, 112, 168, generator=g), torch.randn(1, 3, 56, 56, generator=g)]
+    parts = [frames_to_patches(v, cfg) for v in videos]
+    patches = torch.cat([p for p, _ in parts])
+    grids = [grid for _, grid in parts]
+    with torch.no_grad():
+        ours = tower(patches, grids)
+        theirs = hf.model.visual(patches, grid_thw=torch.tensor(grids))
+    theirs = getattr(theirs, "pooler_output", theirs)
+    destroy_parallel()
+    return grids, ours, theirs
+
+
+def test_vision_tower_equals_transformers():
+    grids, ours, theirs = run_ranks(_worker, 1)[0]
+    assert grids == [[2, 8, 12], [1, 4, 4]]
+    assert ours.shape == theirs.shape == (2 * 8 * 12 // 4 + 4, 64), (ours.shape, theirs.shape)
+    rel = ((ours - theirs).norm() / theirs.norm()).item()
+    assert rel < 1e-4, rel
