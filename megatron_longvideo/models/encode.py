@@ -5,6 +5,12 @@ the cache) are concatenated, padded with blank frames to a multiple of the group
 E equal contiguous slices; rank e encodes slice e only. An autograd all-gather assembles the tokens in
 frame order on every rank and the blank frames' tokens are dropped.
 
+The unit that is split is a frame for the SigLIP tower. A tower whose attention spans several frames
+says so with two methods: ``video_units(video) -> [units, ...]`` (Qwen2.5-VL: one temporal patch of two
+frames, its patches in merge-block order) and ``encode_units(units) -> [units, tokens, hidden]``; its
+``per_frame_parameters()`` are what the gather's gradients reach. Splitting by units is exact exactly
+when no attention crosses a unit.
+
 Gradients. Backward of the gather sums, for each rank's slice, the gradient every rank computed for
 it: ranks of the group in different CP positions hold different parts of the loss, and the sum is the
 full gradient. When the group also spans TP, the TP ranks of one CP position are replicas holding the
@@ -136,10 +142,16 @@ def encode_videos(
 
 
 def _per_frame_params(encoder):
+    own = getattr(encoder, "per_frame_parameters", None)
+    if own is not None:
+        return list(own())
     return list(encoder.vit.parameters()) + list(encoder.projector.parameters())
 
 
 def _encode_parallel(encoder, videos: Sequence[torch.Tensor], groups: ParallelGroups) -> list[torch.Tensor]:
+    to_units = getattr(encoder, "video_units", None)
+    if to_units is not None:
+        videos = [to_units(v) for v in videos]  # [units, ...] per video
     total = sum(v.shape[0] for v in videos)
     size, rank = groups.encode_size, groups.encode_rank
     padded, start, stop = split_frames(total, size, rank)
@@ -153,8 +165,9 @@ def _encode_parallel(encoder, videos: Sequence[torch.Tensor], groups: ParallelGr
     if padded > total and stop > total:  # blank frames pad the last slices
         blank = stop - max(start, total)
         pieces.append(videos[0].new_zeros(blank, *videos[0].shape[1:]))
-    local_frames = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # [N / E, 3, H, W]
-    local = encoder(local_frames.to(device_of(encoder), non_blocking=True))  # [N / E, t, h]
+    local_frames = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # [N / E, 3, H, W] (or [N / E, units...])
+    local_frames = local_frames.to(device_of(encoder), non_blocking=True)
+    local = encoder(local_frames) if to_units is None else encoder.encode_units(local_frames)  # [N / E, t, h]
     replicas = groups.tp_size if groups.encode_includes_tp else 1
     gathered = collectives.all_gather(local, 0, groups.encode, grad_scale=1.0 / replicas)  # [N_padded, t, h]
     gathered = gathered[:total]

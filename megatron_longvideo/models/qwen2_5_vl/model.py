@@ -1,10 +1,10 @@
 """The Qwen2.5-VL model: its vision tower on the first pipeline stage, the LLM with multimodal RoPE.
 
-``qwen_vlm_forward`` runs one micro-batch: each video's frames become patches and go through the tower
-on this rank, the tokens replace the video placeholders (:func:`~megatron_longvideo.models.merge.merge_video_tokens`),
+``qwen_vlm_forward`` runs one micro-batch: each video's temporal patches are encoded over the encode
+group (MR-SP stage 1, with the embedding cache), the tokens replace the video placeholders (:func:`~megatron_longvideo.models.merge.merge_video_tokens`),
 the three position rows are computed for the whole sequence on the host and sharded with the tokens
-over CP, and the LLM runs with them. Parallel encoding over the encode group, the embedding cache,
-CP prefill and packing for this family are the next part of issue 14; so is the export to transformers.
+over CP, and the LLM runs with them. CP prefill, packing and rollouts for this family are the next
+part of issue 14; so is the converter command line.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_longvideo.models.llm import LLMConfig, build_llm, lm_forward, unwrap
-from megatron_longvideo.models.qwen2_5_vl.vision import QwenVisionConfig, build_qwen_vision_tower, frames_to_patches
+from megatron_longvideo.models.qwen2_5_vl.vision import QwenVisionConfig, build_qwen_vision_tower
 from megatron_longvideo.parallel.groups import ParallelGroups
 
-__all__ = ["Qwen25VLConfig", "Qwen25VLModel", "build_qwen25vl", "qwen_vlm_forward", "qwen25vl_config_from_hf",
+__all__ = ["Qwen25VLConfig", "Qwen25VLModel", "build_qwen25vl", "qwen_vlm_forward", "video_grid", "qwen25vl_config_from_hf",
            "load_hf_state", "hf_state"]
 
 
@@ -98,12 +98,22 @@ def build_qwen25vl(cfg: Qwen25VLConfig, groups: ParallelGroups, *, seed: int = 0
     return Qwen25VLModel(cfg, groups, seed=seed, **llm_kwargs)
 
 
+def video_grid(cfg: Qwen25VLConfig, frames: torch.Tensor) -> list[int]:
+    """``(t, h, w)`` patch grid of a video ``[T, 3, H, W]`` (an odd last frame is repeated)."""
+    v = cfg.vision
+    return [-(-frames.shape[0] // v.temporal_patch_size), frames.shape[-2] // v.patch_size, frames.shape[-1] // v.patch_size]
+
+
 def qwen_vlm_forward(model, groups: ParallelGroups, *, input_ids: torch.Tensor,
                      videos: Optional[Sequence[Sequence[torch.Tensor]]] = None,
-                     seconds_per_frame: Optional[Sequence[Sequence[float]]] = None, labels: Optional[torch.Tensor] = None):
+                     seconds_per_frame: Optional[Sequence[Sequence[float]]] = None, labels: Optional[torch.Tensor] = None,
+                     cache=None, cache_keys: Optional[Sequence[Sequence[str]]] = None, return_merged: bool = False):
     """One micro-batch: ``input_ids`` ``[b, S]`` (S a multiple of 2 x CP), ``videos[i]`` sample i's
     normalised frames ``[T, 3, H, W]``, ``seconds_per_frame[i]`` their frame spacing (default 0.5 s:
-    2 fps, qwen-vl-utils' default). Returns what the LLM returns (per-token loss with ``labels``)."""
+    2 fps, qwen-vl-utils' default). The videos are encoded over the encode group, one temporal patch per
+    unit (:func:`~megatron_longvideo.models.encode.encode_videos`, with its cache). Returns what the LLM
+    returns (per-token loss with ``labels``), and the merged batch with ``return_merged``."""
+    from megatron_longvideo.models.encode import encode_videos
     from megatron_longvideo.models.merge import merge_video_tokens
     from megatron_longvideo.models.qwen2_5_vl.rope import mrope_position_ids
     from megatron_longvideo.models.vlm import text_embeddings
@@ -120,36 +130,24 @@ def qwen_vlm_forward(model, groups: ParallelGroups, *, input_ids: torch.Tensor,
     for i, sample in enumerate(videos):
         for j, frames in enumerate(sample):
             spacing = 0.5 if seconds_per_frame is None else float(seconds_per_frame[i][j])
-            seconds.append(spacing * cfg.vision.temporal_patch_size)
-            grids.append(None)  # filled below, with the patches
-    decoder_input = None
+            seconds.append(spacing * cfg.vision.temporal_patch_size)  # seconds one temporal patch spans
+            grids.append(video_grid(cfg, frames))
+    decoder_input, merged = None, None
     if inner.pre_process:
-        embeds, k = [], 0
-        for sample in videos:
-            row = []
-            for frames in sample:
-                patches, grid = frames_to_patches(frames.to(device), cfg.vision)
-                grids[k] = grid
-                k += 1
-                row.append(inner.vision(patches, [grid]))
-            embeds.append(row)
+        flat = [v for sample in videos for v in sample]
+        keys = None if cache_keys is None else [k for sample in cache_keys for k in sample]
+        encoded = iter(encode_videos(inner.vision, flat, groups, cache=cache, keys=keys) if flat else [])
+        embeds = [[next(encoded) for _ in sample] for sample in videos]
         merged = merge_video_tokens(text_embeddings(model, input_ids), input_ids, embeds, cfg.video_token_id)
         decoder_input = cp_shard(merged.embeds, groups, dim=1).transpose(0, 1).contiguous()  # [s_local, b, h]
-    else:
-        v = cfg.vision
-        k = 0
-        for sample in videos:
-            for frames in sample:
-                grids[k] = [-(-frames.shape[0] // v.temporal_patch_size), frames.shape[-2] // v.patch_size,
-                            frames.shape[-1] // v.patch_size]
-                k += 1
     positions, _ = mrope_position_ids(host_ids, video_token_id=cfg.video_token_id,
                                       video_grid_thw=torch.tensor(grids) if grids else None, second_per_grid_ts=seconds,
                                       tokens_per_second=cfg.vision.tokens_per_second,
                                       spatial_merge_size=cfg.vision.spatial_merge_size, text_after=cfg.text_after)
-    return lm_forward(model, decoder_input=decoder_input,
-                      position_ids=cp_shard(positions.to(device), groups, dim=-1),
-                      labels=None if labels is None else cp_shard(labels.to(device), groups))
+    out = lm_forward(model, decoder_input=decoder_input,
+                     position_ids=cp_shard(positions.to(device), groups, dim=-1),
+                     labels=None if labels is None else cp_shard(labels.to(device), groups))
+    return (out, merged) if return_merged else out
 
 
 def qwen25vl_config_from_hf(config, *, text_after: str = "max") -> Qwen25VLConfig:

@@ -54,6 +54,8 @@ class QwenVisionConfig:
     tokens_per_second: float = 2.0
     """Temporal position step of multimodal RoPE per second of video."""
     norm_eps: float = 1e-6
+    max_frames: int = 8192
+    """Longest video (in frames) the encoder accepts."""
     freeze: bool = False
 
     def __post_init__(self):
@@ -188,6 +190,36 @@ class QwenVisionTower(torch.nn.Module):
             p.encode_replica = True  # replicated over TP, applied to each rank's own frames
         if cfg.freeze:
             self.requires_grad_(False)
+        self.image_newline = None  # the encode path's hooks (models/encode.py): no newline token
+
+    @property
+    def vcfg(self) -> QwenVisionConfig:
+        return self.cfg
+
+    def per_frame_parameters(self):
+        return self.parameters()
+
+    def check_frames(self, frames: torch.Tensor, what: str = "frames") -> None:
+        q = self.cfg.patch_size * self.cfg.spatial_merge_size
+        if frames.dim() != 4 or frames.shape[1] != 3 or frames.shape[2] % q or frames.shape[3] % q:
+            raise ValueError(f"{what}: expected a float tensor [num_frames, 3, H, W] with H and W multiples of {q}, "
+                             f"got shape {tuple(frames.shape)}")
+        if not frames.is_floating_point():
+            raise ValueError(f"{what}: expected normalised float frames, got dtype {frames.dtype}")
+
+    def video_units(self, frames: torch.Tensor) -> torch.Tensor:
+        """The units parallel encoding splits: ``[t, h / 2, w / 2, 4, patch_dim]``, one per temporal patch
+        (no attention crosses one, so encoding them apart is exact)."""
+        patches, (t, h, w) = frames_to_patches(frames, self.cfg)
+        m = self.cfg.spatial_merge_size
+        return patches.reshape(t, h // m, w // m, m * m, self.cfg.patch_dim)
+
+    def encode_units(self, units: torch.Tensor) -> torch.Tensor:
+        """``[k, h / 2, w / 2, 4, patch_dim]`` -> ``[k, h * w / 4, out_hidden]``."""
+        k, gh, gw = units.shape[:3]
+        m = self.cfg.spatial_merge_size
+        tokens = self(units.reshape(-1, self.cfg.patch_dim), [[1, gh * m, gw * m]] * k)
+        return tokens.reshape(k, gh * gw, -1)
 
     def forward(self, patches: torch.Tensor, grid_thw: Sequence[Sequence[int]]) -> torch.Tensor:
         from megatron_longvideo.attention.layout import SequenceLayout
