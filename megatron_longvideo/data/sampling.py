@@ -17,11 +17,19 @@ If ``K > max_frames``, the request falls back to uniform sampling of ``max_frame
 video is still covered. ``f >= r`` takes every frame.
 
 The timestamp of frame ``i`` is ``i / r`` seconds (the frame's nominal display time).
+
+``style="qwen_vl"`` follows qwen-vl-utils, which Qwen2.5-VL was trained with: an even frame count
+(``num_frames`` rounded to even, or ``N / r * fps`` clamped to ``[min_frames, max_frames]`` and the video,
+floored to even), taken at ``linspace(0, N - 1, count)`` rounded; and frames resized (bicubic,
+antialiased) keeping their aspect ratio to multiples of ``size_factor`` (28) with a pixel count in
+``[min_pixels, max_pixels]``, the upper bound also shrinking with the frame count so that a video fits
+``total_pixels`` (:func:`qwen_vl_frame_size`). Checked against qwen-vl-utils 0.0.14 itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from fractions import Fraction
 
 MAX_FRAMES_LIMIT = 8192
@@ -58,6 +66,25 @@ class FrameSamplingConfig:
     """If the stream decodes to fewer frames than its container declares, raise (truncated or corrupt
     file). If False, sample again over the frames that do decode (costs a second pass)."""
 
+    style: str = "default"
+    """'default': the index math above and square ``image_size`` frames; 'qwen_vl': qwen-vl-utils'
+    frame count, indices and aspect-keeping resize (see the module docstring)."""
+
+    min_frames: int = 4
+    """'qwen_vl' with ``fps``: fewest frames (qwen-vl-utils' FPS_MIN_FRAMES)."""
+
+    min_pixels: int = 128 * 28 * 28
+    """'qwen_vl': fewest pixels per frame after resizing (VIDEO_MIN_TOKEN_NUM x 28 x 28)."""
+
+    max_pixels: int = 768 * 28 * 28
+    """'qwen_vl': most pixels per frame after resizing (VIDEO_MAX_TOKEN_NUM x 28 x 28)."""
+
+    total_pixels: int = int(128000 * 28 * 28 * 0.9)
+    """'qwen_vl': pixel budget of a whole video (qwen-vl-utils' default for a 128k-token model)."""
+
+    size_factor: int = 28
+    """'qwen_vl': frame sides are multiples of this (patch 14 x spatial merge 2)."""
+
     def __post_init__(self):
         if (self.num_frames is None) == (self.fps is None):
             raise ValueError(
@@ -77,6 +104,10 @@ class FrameSamplingConfig:
             raise ValueError(f"std must have 3 positive values (RGB), got {self.std}")
         if self.max_frame_side < 1:
             raise ValueError(f"max_frame_side must be >= 1, got {self.max_frame_side}")
+        if self.style not in ("default", "qwen_vl"):
+            raise ValueError(f"style must be 'default' or 'qwen_vl', got {self.style!r}")
+        if self.style == "qwen_vl" and not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError(f"min_pixels={self.min_pixels} must be positive and at most max_pixels={self.max_pixels}")
 
 
 def uniform_frame_indices(num_video_frames: int, num_frames: int) -> list[int]:
@@ -107,8 +138,70 @@ def rate_frame_indices(
     return indices
 
 
+def _round_to(x: float, f: int) -> int:
+    return round(x / f) * f
+
+
+def _ceil_to(x: float, f: int) -> int:
+    return math.ceil(x / f) * f
+
+
+def _floor_to(x: float, f: int) -> int:
+    return math.floor(x / f) * f
+
+
+def qwen_vl_num_frames(num_video_frames: int, video_fps: Fraction | float, config: FrameSamplingConfig) -> int:
+    """qwen-vl-utils' frame count (``smart_nframes``): even, within the video."""
+    if config.num_frames is not None:
+        count = _round_to(config.num_frames, 2)
+    else:
+        low = _ceil_to(config.min_frames, 2)
+        high = _floor_to(min(config.max_frames, num_video_frames), 2)
+        count = num_video_frames / float(video_fps) * config.fps
+        count = _floor_to(min(max(count, low), high, num_video_frames), 2)
+    if not 2 <= count <= num_video_frames:
+        raise ValueError(f"style='qwen_vl' takes an even number of frames in [2, {num_video_frames}] from this "
+                         f"video, got {count} (a video of one frame, or num_frames / min_frames past its length)")
+    return count
+
+
+def qwen_vl_frame_indices(num_video_frames: int, video_fps: Fraction | float, config: FrameSamplingConfig) -> list[int]:
+    """``linspace(0, N - 1, count)`` rounded, as qwen-vl-utils reads a whole video."""
+    import torch
+
+    count = qwen_vl_num_frames(num_video_frames, video_fps, config)
+    return torch.linspace(0, num_video_frames - 1, count).round().long().tolist()
+
+
+def fit_to_factor(height: int, width: int, *, factor: int, min_pixels: int, max_pixels: float) -> tuple[int, int]:
+    """``(h, w)``: sides multiples of ``factor``, close to the aspect ratio, pixels within
+    ``[min_pixels, max_pixels]`` (qwen-vl-utils' ``smart_resize``)."""
+    f = factor
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is over 200 ({width} x {height})")
+    h, w = max(f, _round_to(height, f)), max(f, _round_to(width, f))
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = _floor_to(height / beta, f), _floor_to(width / beta, f)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = _ceil_to(height * beta, f), _ceil_to(width * beta, f)
+    return h, w
+
+
+def qwen_vl_frame_size(height: int, width: int, num_frames: int, config: FrameSamplingConfig) -> tuple[int, int]:
+    """``(h, w)`` a ``height x width`` video of ``num_frames`` sampled frames is resized to (qwen-vl-utils'
+    video pixel limits: at most 768 x 28 x 28 per frame and ``total_pixels`` for the video)."""
+    f = config.size_factor
+    max_pixels = max(min(768 * f * f, config.total_pixels / num_frames * 2), int(config.min_pixels * 1.05))
+    max_pixels = min(config.max_pixels, max_pixels)
+    return fit_to_factor(height, width, factor=f, min_pixels=config.min_pixels, max_pixels=max_pixels)
+
+
 def sample_frame_indices(num_video_frames: int, video_fps: Fraction | float, config: FrameSamplingConfig) -> list[int]:
     """The frame indices ``config`` selects from a video of ``num_video_frames`` at ``video_fps``."""
+    if config.style == "qwen_vl":
+        return qwen_vl_frame_indices(num_video_frames, video_fps, config)
     if config.num_frames is not None:
         return uniform_frame_indices(num_video_frames, config.num_frames)
     return rate_frame_indices(num_video_frames, video_fps, config.fps, config.max_frames)

@@ -119,26 +119,35 @@ def probe_video(path: str, *, max_frame_side: int = 4096, strict_frame_count: bo
                          height=height, codec=ctx.name)
 
 
-def resize_frames(rgb: torch.Tensor, size: int) -> torch.Tensor:
-    """[n, H, W, 3] uint8 -> [n, 3, size, size] uint8 (channels-last memory), bilinear, antialiased.
+def resize_frames(rgb: torch.Tensor, size, *, mode: str = "bilinear") -> torch.Tensor:
+    """[n, H, W, 3] uint8 -> [n, 3, h, w] uint8 (channels-last memory), antialiased; ``size`` is a side
+    (square) or ``(h, w)``.
 
-    Resizing stays in uint8 (torch's vectorised uint8 kernel, about 10x faster than float on CPU, and
-    like image processors that resize uint8 images); a cached uint8 copy is then identical to a fresh
-    decode. Every backend goes through this one function.
+    Bilinear resizing stays in uint8 (torch's vectorised uint8 kernel, about 10x faster than float on CPU,
+    and like image processors that resize uint8 images); a cached uint8 copy is then identical to a fresh
+    decode. ``mode="bicubic"`` (qwen-vl-utils) resizes through floats and rounds, as torchvision does for
+    uint8. Every backend goes through this one function.
     """
     x = rgb.permute(0, 3, 1, 2)  # [n, 3, H, W], a channels-last view
-    if x.shape[-2:] != (size, size):
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    if mode == "bicubic":
+        if x.shape[-2:] == (h, w):
+            return x
+        y = F.interpolate(x.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+        return y.round_().clamp_(0, 255).to(torch.uint8)
+    if x.shape[-2:] != (h, w):
         if x.device.type == "cpu":
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
         else:  # GPU-decoded frames: torch's antialiased resize takes floats on CUDA
-            x = resize_uint8_via_float(x, size)
+            x = resize_uint8_via_float(x, (h, w))
     return x
 
 
-def resize_uint8_via_float(x: torch.Tensor, size: int) -> torch.Tensor:
-    """``[n, 3, H, W]`` uint8 -> ``[n, 3, size, size]`` uint8 through a float resize, rounded (the path of
-    frames decoded on a GPU; on the CPU it agrees with the uint8 kernel to one grey level)."""
-    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+def resize_uint8_via_float(x: torch.Tensor, size) -> torch.Tensor:
+    """``[n, 3, H, W]`` uint8 -> ``[n, 3, size, size]`` (or ``size = (h, w)``) uint8 through a float resize,
+    rounded (the path of frames decoded on a GPU; on the CPU it agrees with the uint8 kernel to one grey level)."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    y = F.interpolate(x.float(), size=hw, mode="bilinear", antialias=True, align_corners=False)
     return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -180,7 +189,7 @@ def _decode(path, config: FrameSamplingConfig, backend: str, dtype: torch.dtype)
                        strict_frame_count=config.strict_frame_count)
     indices = sample_frame_indices(info.num_frames, info.fps, config)
     try:
-        frames, got = _fill(backend, info, indices, config.image_size, dtype)
+        frames, got = _fill(backend, info, indices, config, dtype)
     except StreamEndedEarly as short:
         if config.strict_frame_count or short.num_decoded == 0:
             raise VideoDecodeError(
@@ -190,20 +199,31 @@ def _decode(path, config: FrameSamplingConfig, backend: str, dtype: torch.dtype)
             ) from None
         info = dataclasses.replace(info, num_frames=short.num_decoded)
         indices = sample_frame_indices(info.num_frames, info.fps, config)
-        frames, got = _fill(backend, info, indices, config.image_size, dtype)
+        frames, got = _fill(backend, info, indices, config, dtype)
     assert got == len(indices), (got, len(indices))
     return frames, indices, info
 
 
-def _fill(backend: str, info: VideoInfo, indices: list[int], size: int, dtype: torch.dtype):
-    out = None  # [T, 3, S, S], on the device the backend decodes to (the host, or the GPU for DALI's NVDEC)
+def frame_size(info: VideoInfo, num_frames: int, config: FrameSamplingConfig) -> tuple[int, int]:
+    """``(h, w)`` the sampled frames are resized to: ``image_size`` square, or qwen-vl-utils' sizing."""
+    if config.style == "qwen_vl":
+        from megatron_longvideo.data.sampling import qwen_vl_frame_size
+
+        return qwen_vl_frame_size(info.height, info.width, num_frames, config)
+    return config.image_size, config.image_size
+
+
+def _fill(backend: str, info: VideoInfo, indices: list[int], config: FrameSamplingConfig, dtype: torch.dtype):
+    h, w = frame_size(info, len(indices), config)
+    mode = "bicubic" if config.style == "qwen_vl" else "bilinear"
+    out = None  # [T, 3, h, w], on the device the backend decodes to (the host, or the GPU for DALI's NVDEC)
     pos = 0
     for chunk in _iter_backend(backend, info, indices):  # [n, H, W, 3] uint8
         if out is None:
-            out = torch.empty(len(indices), 3, size, size, dtype=dtype, device=chunk.device)
+            out = torch.empty(len(indices), 3, h, w, dtype=dtype, device=chunk.device)
         n = chunk.shape[0]
-        out[pos : pos + n] = resize_frames(chunk, size)
+        out[pos : pos + n] = resize_frames(chunk, (h, w), mode=mode)
         pos += n
     if out is None:
-        out = torch.empty(len(indices), 3, size, size, dtype=dtype, device="cpu")
+        out = torch.empty(len(indices), 3, h, w, dtype=dtype, device="cpu")
     return out, pos

@@ -1,11 +1,8 @@
 """Run by ``test_hf_start.py`` in a subprocess that has torchvision on its path: transformers' own
 ``AutoProcessor`` on an exported folder, then ``generate`` on what it builds. Prints one JSON line.
 
-transformers' LLaVA-OneVision video processor imports torchvision. The only torchvision wheels for Linux
-are CUDA builds; next to a CPU-only torch their C extension does not load, and torchvision's import then
-fails registering fake kernels for two detection operators (``nms``, ``qnms``). When that is the case the
-two operator *schemas* are defined first, so that the import succeeds; they are never called (the video
-processor resizes and normalises with torchvision's pure-Python transforms, which are the real code).
+transformers' LLaVA-OneVision video processor imports torchvision: see ``tests/tv_shim.py`` for how it is
+imported next to a CPU-only torch.
 
     python hf_processor_check.py HF_DIR FRAMES.npy MAX_NEW_TOKENS
 """
@@ -14,30 +11,13 @@ import json
 import sys
 
 
-def _import_torchvision():
-    import torch
-
-    try:
-        import torchvision  # noqa: F401
-        return "native"
-    except RuntimeError as e:
-        if "torchvision::nms" not in str(e):
-            raise
-    for name in [m for m in sys.modules if m.startswith("torchvision")]:
-        del sys.modules[name]
-    lib = torch.library.Library("torchvision", "DEF")  # kept alive for the process
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _import_torchvision.lib = lib
-    import torchvision  # noqa: F401
-    return "schemas defined (CUDA wheel next to a CPU torch)"
-
-
 def main(hf_dir, frames_path, max_new_tokens):
     import numpy as np
     import torch
 
-    how = _import_torchvision()
+    from tests.tv_shim import import_torchvision
+
+    how = import_torchvision()
     import torchvision
     from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 

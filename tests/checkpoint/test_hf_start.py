@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import zipfile
 
 import pytest
 import torch
@@ -213,10 +212,9 @@ def _torchvision_path(tmp_path):
     wheel = os.environ.get("MLV_TORCHVISION_WHEEL")
     if not wheel or not os.path.isfile(wheel):
         return None
-    folder = tmp_path / "torchvision"
-    with zipfile.ZipFile(wheel) as z:
-        z.extractall(folder)
-    return str(folder)
+    from tests.tv_shim import unpack
+
+    return unpack(wheel, str(tmp_path / "torchvision"))
 
 
 def test_public_checkpoint_to_grpo_at_cp2_to_transformers(tmp_path):
