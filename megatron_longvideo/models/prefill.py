@@ -141,7 +141,11 @@ def prefill_forward(
     multiple = _multiple(groups)
     # sharded on the host (index data), then one host-to-device copy each
     ids_local = kernels.shard(batch.input_ids, plan.positions, dim=1, pad_value=pad_id).to(device)  # [b, s_local]
-    pos_local = kernels.shard(batch.position_ids, plan.positions, dim=1, pad_value=0).to(device)
+    positions_of = getattr(inner, "prefill_positions", None)  # a family with multimodal RoPE: [3, rows, S]
+    if positions_of is not None:
+        pos_local = kernels.shard(positions_of(batch, videos), plan.positions, dim=2, pad_value=0).to(device)
+    else:
+        pos_local = kernels.shard(batch.position_ids, plan.positions, dim=1, pad_value=0).to(device)
     seg_local = None
     if batch.segment_ids is not None:
         seg_local = kernels.shard(batch.segment_ids, plan.positions, dim=1, pad_value=-1).to(device)

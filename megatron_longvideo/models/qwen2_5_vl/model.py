@@ -83,6 +83,31 @@ class Qwen25VLModel(MegatronModule):
     def forward(self, **kwargs):
         return self.llm(**kwargs)
 
+    def prefill_positions(self, batch, videos, seconds_per_frame=None) -> torch.Tensor:
+        """Multimodal positions ``[3, rows, S]`` of a prefill batch (the hook
+        :func:`~megatron_longvideo.models.prefill.prefill_forward` calls): each row's prefix as
+        :func:`~megatron_longvideo.models.qwen2_5_vl.rope.mrope_position_ids` places it, responses where
+        they would be unpacked. ``videos[g]`` are group ``g``'s frames; frames 0.5 s apart by default."""
+        from megatron_longvideo.models.qwen2_5_vl.rope import expand_positions, mrope_position_ids
+
+        cfg, per_group = self.cfg, {}
+        prefix_positions, deltas = [], []
+        for r, g in enumerate(batch.row_group):
+            if g not in per_group:
+                p = int(batch.prefix_lens[r])
+                sample = [] if videos is None else videos[g]
+                grids = [video_grid(cfg, v) for v in sample]
+                spacing = [0.5] * len(sample) if seconds_per_frame is None else seconds_per_frame[g]
+                pos, delta = mrope_position_ids(batch.input_ids[r : r + 1, :p].cpu(), video_token_id=cfg.video_token_id,
+                                                video_grid_thw=torch.tensor(grids) if grids else None,
+                                                second_per_grid_ts=[x * cfg.vision.temporal_patch_size for x in spacing],
+                                                tokens_per_second=cfg.vision.tokens_per_second,
+                                                spatial_merge_size=cfg.vision.spatial_merge_size, text_after=cfg.text_after)
+                per_group[g] = (pos[:, 0], int(delta[0, 0]))
+            prefix_positions.append(per_group[g][0])
+            deltas.append(per_group[g][1])
+        return expand_positions(batch.position_ids, batch.prefix_lens.tolist(), prefix_positions, deltas)
+
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         from megatron.core.transformer.utils import sharded_state_dict_default
 

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["vision_position_ids", "mrope_position_ids"]
+__all__ = ["vision_position_ids", "mrope_position_ids", "expand_positions"]
 
 
 def vision_position_ids(start: int, grid_thw: Sequence[int], *, spatial_merge_size: int = 2,
@@ -97,3 +97,22 @@ def mrope_position_ids(
         positions[:, row, keep] = row_positions
         deltas[row, 0] = (int(row_positions.max()) + 1 if row_positions.numel() else 0) - len(ids)
     return positions, deltas
+
+
+def expand_positions(position_ids: torch.Tensor, prefix_lens: Sequence[int], prefix_positions: Sequence[torch.Tensor],
+                     deltas: Sequence[int]) -> torch.Tensor:
+    """Three-row positions ``[3, rows, S]`` of prefill rows from their one-row positions ``[rows, S]``
+    (:func:`~megatron_longvideo.rl.packing.build_prefill_batch`: the position each token has unpacked).
+
+    Row ``r``'s prefix (one-row position ``p < prefix_lens[r]``) takes ``prefix_positions[r][:, p]``
+    (``[3, P_r]``, from :func:`mrope_position_ids` of the prefix); a response token takes ``p + deltas[r]``
+    in all three rows, where it would be unpacked: so packed responses get their unpacked positions.
+    Padding takes what its one-row position names (it is never attended to)."""
+    rows, s = position_ids.shape
+    out = torch.empty(3, rows, s, dtype=torch.long, device="cpu")
+    for r in range(rows):
+        p = position_ids[r].cpu().long()
+        prefix = p < int(prefix_lens[r])
+        out[:, r] = (p + int(deltas[r]))[None].expand(3, -1)
+        out[:, r, prefix] = prefix_positions[r][:, p[prefix]]
+    return out
