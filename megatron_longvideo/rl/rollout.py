@@ -58,11 +58,14 @@ def prompt_embeddings(model, groups: ParallelGroups, prompts: Sequence[RLPrompt]
     return out
 
 
-def generate_groups(engine, groups: ParallelGroups, embeds: Sequence[torch.Tensor], sampling) -> list[list[list[int]]]:
-    """Sampled token ids, ``[prompt][response]``, identical on every rank of the replica."""
+def generate_groups(engine, groups: ParallelGroups, embeds: Sequence[torch.Tensor], sampling,
+                    positions: Optional[Sequence[torch.Tensor]] = None) -> list[list[list[int]]]:
+    """Sampled token ids, ``[prompt][response]``, identical on every rank of the replica. ``positions``:
+    the prompts' multimodal RoPE positions ``[3, P_i]`` (a Qwen2.5-VL policy), for the engine."""
     payload: list = [None]
     if is_replica_leader(groups):
-        completions = engine.generate([e.detach().float() for e in embeds], sampling)
+        extra = {} if positions is None else {"positions": positions}
+        completions = engine.generate([e.detach().float() for e in embeds], sampling, **extra)
         payload[0] = [[list(c.token_ids) for c in group] for group in completions]
     if groups.size(groups.tp_cp) > 1:
         leader = dist.get_process_group_ranks(groups.tp_cp)[0]

@@ -172,7 +172,9 @@ class GRPOTrainer:
         with torch.no_grad():
             embeds = prompt_embeddings(self.policy, self.groups, prompts, cache=self.cache, cache_keys=self._keys(prompts, self.policy))
         sampling = cfg.sampling.for_rank(self.groups.dp_rank * 100003 + self.step_count) if cfg.sampling.seed is not None else cfg.sampling
-        token_groups = generate_groups(self.engine, self.groups, embeds, sampling)
+        positions_of = getattr(unwrap(self.policy), "rollout_positions", None)  # multimodal RoPE families
+        positions = positions_of(prompts) if positions_of is not None else None
+        token_groups = generate_groups(self.engine, self.groups, embeds, sampling, positions=positions)
         eos = self.tokenizer.eos_id
         return [[nonempty(r, eos) for r in g] for g in token_groups]
 

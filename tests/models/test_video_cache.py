@@ -81,7 +81,17 @@ def test_keys_bind_content_sampling_and_weights(tmp_path):
 # with the model: a GRPO-shaped step, a second epoch, a weight update
 # ---------------------------------------------------------------------------------------------- #
 def _count_frames(encoder):
+    """Frames the tower encodes (SigLIP: per frame; Qwen2.5-VL: two per temporal patch)."""
     counter = {"frames": 0}
+    if hasattr(encoder, "encode_units"):
+        encode_units = encoder.encode_units
+
+        def counting_units(units):
+            counter["frames"] += units.shape[0] * encoder.cfg.temporal_patch_size
+            return encode_units(units)
+
+        encoder.encode_units = counting_units
+        return counter
     vit_forward = encoder.vit.forward
 
     def counting(x, *args, **kwargs):
@@ -92,31 +102,46 @@ def _count_frames(encoder):
     return counter
 
 
-def _grpo_shaped_worker(rank, world_size, persist_dir):
-    init_cpu_dist()
+def _family(name):
+    """(config, builder, forward, video tokens, frame size, a tower weight, newline tokens, frames) of a tiny
+    model (Qwen2.5-VL: 8 frames, 4 temporal patches that split evenly over 2 ranks, so no blank unit pads)."""
     from megatron_longvideo.models.llm import LLMConfig
-    from megatron_longvideo.models.video_cache import weights_version
+
+    if name == "qwen2_5_vl":
+        from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig, build_qwen25vl, qwen_vlm_forward
+        from megatron_longvideo.models.qwen2_5_vl.vision import QwenVisionConfig
+
+        cfg = Qwen25VLConfig(llm=LLMConfig(vocab_size=128, mrope_section=(2, 3, 3)), vision=QwenVisionConfig(freeze=True))
+        return (cfg, build_qwen25vl, qwen_vlm_forward, cfg.num_video_tokens(8, 28, 28), 28,
+                lambda m: m.vision.patch_embed.weight, 0, 8)
     from megatron_longvideo.models.vision import VisionConfig
     from megatron_longvideo.models.vlm import VLMConfig, build_vlm, vlm_forward
+
+    cfg = VLMConfig(llm=LLMConfig.tiny(vocab_size=128), vision=VisionConfig(freeze=True, freeze_projector=True))
+    return cfg, build_vlm, vlm_forward, cfg.vision.num_video_tokens(6), 32, lambda m: m.vision.vit.conv1.weight, 1, 6
+
+
+def _grpo_shaped_worker(rank, world_size, persist_dir, family="llava_onevision"):
+    init_cpu_dist()
+    from megatron_longvideo.models.video_cache import weights_version
     from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
 
     groups = initialize_parallel(ParallelConfig(context_parallel_size=world_size))
     torch.manual_seed(0)
-    cfg = VLMConfig(llm=LLMConfig.tiny(vocab_size=128), vision=VisionConfig(freeze=True, freeze_projector=True))
-    policy = build_vlm(cfg, groups)
-    reference = build_vlm(cfg, groups)  # same frozen tower weights (same seed)
-    frames = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    n = cfg.vision.num_video_tokens(6)
+    cfg, build, forward, n, size, tower_weight, newline, num_frames = _family(family)
+    policy = build(cfg, groups)
+    reference = build(cfg, groups)  # same frozen tower weights (same seed)
+    frames = torch.rand(num_frames, 3, size, size, generator=torch.Generator().manual_seed(1))
     ids = torch.full((1, 32 * ((n + 40) // 32 + 1)), 7)
     ids[0, 4 : 4 + n] = cfg.video_token_id
-    sampling = {"num_frames": 6, "size": 32}
+    sampling = {"num_frames": num_frames, "size": size}
 
     def key(model):
         return [[cache_key(content_id_of_frames(frames), sampling, weights_version(model.vision))]]
 
     def run(cache, model, grad=False):
         with torch.set_grad_enabled(grad):
-            out = vlm_forward(model, groups, input_ids=ids, videos=[[frames]], labels=ids, cache=cache, cache_keys=key(model))
+            out = forward(model, groups, input_ids=ids, videos=[[frames]], labels=ids, cache=cache, cache_keys=key(model))
         if grad:
             out.sum().backward()
         return out
@@ -140,7 +165,7 @@ def _grpo_shaped_worker(rank, world_size, persist_dir):
     stale_key = key(policy)[0][0]
     before = epoch2.get(stale_key).clone()
     with torch.no_grad():
-        policy.vision.vit.conv1.weight.add_(0.05)
+        tower_weight(policy).add_(0.05)
     fresh = VideoEmbeddingCache()  # reference encoding with the new weights, no cache involved
     from megatron_longvideo.models.encode import encode_videos
 
@@ -149,19 +174,20 @@ def _grpo_shaped_worker(rank, world_size, persist_dir):
     new_key = key(policy)[0][0]
     served = epoch2.get(new_key)
     with torch.no_grad():
-        expected = encode_videos(policy.vision, [frames], groups)[0][:-1]
+        expected = encode_videos(policy.vision, [frames], groups)[0]
+        expected = expected[: expected.shape[0] - newline]
     destroy_parallel()
     return {
         "first": first, "second": second, "third": third, "hit_rate": epoch1.stats.hit_rate,
         "keys_differ": new_key != stale_key, "served_is_new": torch.equal(served, expected),
-        "old_differs": not torch.allclose(before, expected), "fresh_len": len(fresh),
+        "old_differs": not torch.allclose(before, expected), "fresh_len": len(fresh), "frames": num_frames,
     }
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_vision_runs_once_per_frame_per_step_and_never_stale(tmp_path, world_size):
-    results = run_ranks(_grpo_shaped_worker, world_size, str(tmp_path / "cache"))
-    frames = 6
+@pytest.mark.parametrize("world_size,family", [(1, "llava_onevision"), (2, "llava_onevision"), (2, "qwen2_5_vl")])
+def test_vision_runs_once_per_frame_per_step_and_never_stale(tmp_path, world_size, family):
+    results = run_ranks(_grpo_shaped_worker, world_size, str(tmp_path / "cache"), family)
+    frames = results[0]["frames"]
     # summed over the encode group: each frame encoded exactly once in the step, on one rank
     assert sum(r["first"] for r in results) == frames
     assert all(r["second"] == 0 for r in results), "the persistent cache should serve the second epoch"

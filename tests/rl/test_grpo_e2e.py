@@ -1,5 +1,7 @@
 """End to end: two GRPO steps on 2 gloo ranks (CP=2, shared-prefix packing; or CP=2 unpacked with each
-group split into micro-batches of 3 and 1 responses) equal world=1 unpacked whole groups.
+group split into micro-batches of 3 and 1 responses) equal world=1 unpacked whole groups, for both model
+families (LLaVA-OneVision's SigLIP + Qwen2; Qwen2.5-VL with its window tower, multimodal RoPE and its
+rollout engine).
 
 Same seeds give the same rollouts (the HF engine on the replica's first rank); then the old-policy
 and reference passes, the GRPO loss with KL and the optimizer steps must give the same losses and
@@ -8,6 +10,7 @@ the same updated weights.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.dist import init_cpu_dist, run_ranks
@@ -21,12 +24,29 @@ def text_length_reward(inp) -> float:
     return len(inp.response) / 10.0
 
 
-def _setup(tok_path, cp, pack, split=None):
-    from megatron_longvideo.data.tokenizer import load_tokenizer
+def _family(family, tok):
+    """(config, builder, frame size, tokens of a video of T frames) of the tiny model of ``family``."""
     from megatron_longvideo.models.llm import LLMConfig
-    from megatron_longvideo.models.video_cache import content_id_of_frames
+
+    vocab = 304  # padded past the tokenizer's 300 like a TP-divisible vocabulary
+    if family == "qwen2_5_vl":
+        from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig, build_qwen25vl
+        from megatron_longvideo.models.qwen2_5_vl.vision import QwenVisionConfig
+
+        cfg = Qwen25VLConfig(llm=LLMConfig(vocab_size=vocab, init_std=0.1, mrope_section=(2, 3, 3)),
+                             vision=QwenVisionConfig(window_size=56, freeze=True), video_token_id=tok.video_id)
+        return cfg, build_qwen25vl, 56, lambda t: cfg.num_video_tokens(t, 56, 56)
     from megatron_longvideo.models.vision import VisionConfig
     from megatron_longvideo.models.vlm import VLMConfig, build_vlm
+
+    cfg = VLMConfig(llm=LLMConfig.tiny(vocab_size=vocab, init_std=0.1), vision=VisionConfig(freeze=True, freeze_projector=True),
+                    video_token_id=tok.video_id)
+    return cfg, build_vlm, 32, cfg.vision.num_video_tokens
+
+
+def _setup(tok_path, cp, pack, split=None, family="llava_onevision"):
+    from megatron_longvideo.data.tokenizer import load_tokenizer
+    from megatron_longvideo.models.video_cache import content_id_of_frames
     from megatron_longvideo.parallel.groups import ParallelConfig, initialize_parallel
     from megatron_longvideo.rl.engines import build_engine
     from megatron_longvideo.rl.engines.base import SamplingConfig
@@ -38,21 +58,19 @@ def _setup(tok_path, cp, pack, split=None):
 
     tok = load_tokenizer(tok_path)
     groups = initialize_parallel(ParallelConfig(context_parallel_size=cp), seed=7)
-    vocab = 304  # padded past the tokenizer's 300 like a TP-divisible vocabulary
-    cfg = VLMConfig(llm=LLMConfig.tiny(vocab_size=vocab, init_std=0.1), vision=VisionConfig(freeze=True, freeze_projector=True),
-                    video_token_id=tok.video_id)
+    cfg, build, size, video_tokens = _family(family, tok)
     torch.manual_seed(7)
-    policy = build_vlm(cfg, groups)
+    policy = build(cfg, groups)
     torch.manual_seed(7)
-    reference = build_vlm(cfg, groups)
+    reference = build(cfg, groups)
     reference.requires_grad_(False)
     ddp = wrap_ddp(policy, groups)
     optimizer = build_optimizer([ddp], OptimConfig(lr=1e-2, adam_eps=1e-3, clip_grad=1.0))
     g = torch.Generator().manual_seed(1)
     prompts = []
     for i in range(4):
-        frames = torch.randn(2 + i % 2, 3, 32, 32, generator=g)
-        n = cfg.vision.num_video_tokens(frames.shape[0])
+        frames = torch.randn(2 + i % 2, 3, size, size, generator=g)
+        n = video_tokens(frames.shape[0])
         ids = torch.cat([torch.tensor([tok.im_start_id]), torch.full((n,), tok.video_id),
                          torch.tensor(tok.encode("what colour is the shape")), torch.tensor([tok.im_end_id])])
         prompts.append(RLPrompt(frames=frames, prompt_ids=ids, ground_truth=GroundTruth(answer="A", options=("red", "blue")),
@@ -70,12 +88,12 @@ def _setup(tok_path, cp, pack, split=None):
     return trainer, prompts, ddp, groups
 
 
-def _worker(rank, world_size, tok_path, pack, split=None):
+def _worker(rank, world_size, tok_path, pack, split=None, family="llava_onevision"):
     init_cpu_dist()
     from megatron_longvideo.checkpoint.full_state import gather_full_state
     from megatron_longvideo.parallel.groups import destroy_parallel
 
-    trainer, prompts, ddp, groups = _setup(tok_path, world_size, pack, split)
+    trainer, prompts, ddp, groups = _setup(tok_path, world_size, pack, split, family)
     queue = list(prompts)
     draw = lambda k: [queue.pop(0) for _ in range(k)]  # noqa: E731
     losses, rewards, responses = [], [], []
@@ -88,14 +106,15 @@ def _worker(rank, world_size, tok_path, pack, split=None):
     return {"losses": losses, "rewards": rewards, "weights": weights, "metrics": metrics}
 
 
-def test_two_grpo_steps_cp2_packed_equal_world1_unpacked(tmp_path):
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl"])
+def test_two_grpo_steps_cp2_packed_equal_world1_unpacked(tmp_path, family):
     from megatron_longvideo.data.tokenizer import train_sentencepiece
 
     tok_path = train_sentencepiece(VOCAB_TEXTS, str(tmp_path / "tok"), vocab_size=300)
-    ref = run_ranks(_worker, 1, tok_path, False)[0]
-    got = run_ranks(_worker, 2, tok_path, True)
-    # and with each group split into micro-batches of 3 + 1 responses, unpacked
-    got += run_ranks(_worker, 2, tok_path, False, 3)
+    ref = run_ranks(_worker, 1, tok_path, False, None, family)[0]
+    got = run_ranks(_worker, 2, tok_path, True, None, family)
+    if family == "llava_onevision":  # and with each group split into micro-batches of 3 + 1 responses, unpacked
+        got += run_ranks(_worker, 2, tok_path, False, 3)
     for r in got:
         assert r["rewards"] == ref["rewards"], "rollouts differ: the engines did not sample the same responses"
         for a, b in zip(r["losses"], ref["losses"]):

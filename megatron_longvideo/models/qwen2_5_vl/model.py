@@ -108,6 +108,21 @@ class Qwen25VLModel(MegatronModule):
             deltas.append(per_group[g][1])
         return expand_positions(batch.position_ids, batch.prefix_lens.tolist(), prefix_positions, deltas)
 
+    def rollout_positions(self, prompts) -> list[torch.Tensor]:
+        """``[3, P_i]`` multimodal positions of RL prompts (``prompt_ids`` and ``frames``, 0.5 s apart),
+        the hook the GRPO trainer hands the rollout engine."""
+        from megatron_longvideo.models.qwen2_5_vl.rope import mrope_position_ids
+
+        cfg, out = self.cfg, []
+        for p in prompts:
+            pos, _ = mrope_position_ids(p.prompt_ids[None].cpu(), video_token_id=cfg.video_token_id,
+                                        video_grid_thw=torch.tensor([video_grid(cfg, p.frames)]),
+                                        second_per_grid_ts=[0.5 * cfg.vision.temporal_patch_size],
+                                        tokens_per_second=cfg.vision.tokens_per_second,
+                                        spatial_merge_size=cfg.vision.spatial_merge_size, text_after=cfg.text_after)
+            out.append(pos[:, 0])
+        return out
+
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         from megatron.core.transformer.utils import sharded_state_dict_default
 

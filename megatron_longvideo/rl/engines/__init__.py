@@ -11,7 +11,14 @@ ENGINES = ("hf", "vllm")
 
 
 def build_engine(name: str, cfg, **kwargs) -> RolloutEngine:
-    """The rollout engine ``name`` ('hf' or 'vllm') for the model config ``cfg`` (LLMConfig or VLMConfig)."""
+    """The rollout engine ``name`` ('hf' or 'vllm') for the model config ``cfg`` (LLMConfig, VLMConfig or
+    a Qwen2.5-VL config, whose multimodal RoPE takes :class:`~megatron_longvideo.rl.engines.hf_mrope.MultimodalRoPEEngine`)."""
+    if name == "hf" and getattr(getattr(cfg, "llm", None), "mrope_section", None) is not None:
+        from megatron_longvideo.rl.engines.hf_mrope import MultimodalRoPEEngine
+
+        return MultimodalRoPEEngine(cfg, **kwargs)
+    if name == "vllm" and getattr(getattr(cfg, "llm", None), "mrope_section", None) is not None:
+        raise ValueError("engine 'vllm' for a multimodal-RoPE (Qwen2.5-VL) policy is not built yet; use 'hf'")
     if name == "hf":
         from megatron_longvideo.rl.engines.hf_engine import HFEngine
 
