@@ -7,7 +7,8 @@ context-parallel shards with shared-prefix packing. Logs go to TensorBoard; chec
 megatron dist checkpoints. What it leaves out: pipeline parallelism in the trainer (PP must be 1),
 multi-video records.
 
-CPU demo (2 ranks, CP=2, a few minutes; also what `bash examples/scripts/demo_cpu.sh` runs):
+CPU demo (2 ranks, CP=2, a few minutes; also what `bash examples/scripts/demo_cpu.sh` runs; add
+``--model-family qwen2_5_vl`` for the Qwen2.5-VL family):
 
     python tools/make_synthetic_dataset.py --out demo_out/data
     torchrun --nproc-per-node 2 examples/train_grpo.py --context-parallel-size 2 \
@@ -89,7 +90,7 @@ def build(args):
     from megatron_longvideo.data.dataset import LongVideoDataset, VideoDatasetConfig
     from megatron_longvideo.data.sampler import DistributedVideoSampler
     from megatron_longvideo.data.tokenizer import load_tokenizer
-    from megatron_longvideo.models.vlm import build_vlm
+    from megatron_longvideo.models import build_model, family_of, video_token_counter
     from megatron_longvideo.parallel.groups import initialize_parallel
     from megatron_longvideo.platform import enable_cpu_mode
     from megatron_longvideo.rl.prompt_stream import PromptStream
@@ -103,13 +104,19 @@ def build(args):
     random.seed(args.seed)
     tok = load_tokenizer(args.tokenizer)
     cfg = model_config(args, tok)
-    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(
-        cfg.vision, freeze=not args.train_vision_tower, freeze_projector=not (args.train_projector or args.train_vision_tower)))
+    if family_of(cfg) == "qwen2_5_vl":
+        if args.train_projector:
+            raise ValueError("--train-projector: Qwen2.5-VL's merger is part of its tower; use --train-vision-tower")
+        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, freeze=not args.train_vision_tower))
+    else:
+        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(
+            cfg.vision, freeze=not args.train_vision_tower, freeze_projector=not (args.train_projector or args.train_vision_tower)))
     torch.manual_seed(args.seed)
-    policy = build_vlm(cfg, groups, seed=args.seed, recompute_activations=args.recompute_activations,
-                       **model_options(args))
+    policy = build_model(cfg, groups, seed=args.seed, recompute_activations=args.recompute_activations,
+                         **model_options(args))
     data_cfg = VideoDatasetConfig(mode="rl", video_root=args.video_root, on_error=args.on_bad_input, sampling=frame_sampling(args))
-    dataset = LongVideoDataset.from_file(args.data_path, tokenizer=tok, num_video_tokens=cfg.vision.num_video_tokens, config=data_cfg)
+    dataset = LongVideoDataset.from_file(args.data_path, tokenizer=tok, num_video_tokens=video_token_counter(cfg, args.image_size),
+                                         config=data_cfg)
     sampler = DistributedVideoSampler(len(dataset), dp_rank=groups.dp_rank, dp_size=groups.dp_size, seed=args.seed)
     return groups, tok, cfg, policy, PromptStream(dataset, sampler)
 
@@ -163,7 +170,7 @@ def main(argv=None):
     import torch.distributed as dist
 
     from megatron_longvideo.checkpoint.full_state import gather_full_state, load_full_state
-    from megatron_longvideo.models.vlm import build_vlm
+    from megatron_longvideo.models import build_model
     from megatron_longvideo.rl.engines import build_engine
     from megatron_longvideo.rl.engines.base import SamplingConfig
     from megatron_longvideo.rl.losses import GRPOLossConfig
@@ -184,7 +191,7 @@ def main(argv=None):
     reference = None
     if args.kl_beta > 0:
         torch.manual_seed(args.seed)
-        reference = mixed_precision(build_vlm(cfg, groups, seed=args.seed, **model_options(args)))
+        reference = mixed_precision(build_model(cfg, groups, seed=args.seed, **model_options(args)))
         load_full_state(reference, gather_full_state(ddp, groups), groups)
         reference.requires_grad_(False)
     rewards = tuple((k, float(v)) for k, v in (r.split("=") for r in (args.reward or ["accuracy=1.0", "format=0.2"])))

@@ -56,8 +56,8 @@ def ensure_process_group() -> None:
 def build_empty_model(cfg, groups, *, params_dtype=torch.float32):
     """This rank's shard of the model for ``cfg`` (an ``LLMConfig`` or a ``VLMConfig``) in host memory,
     left uninitialised: every parameter is about to be overwritten by a checkpoint."""
+    from megatron_longvideo.models import build_model
     from megatron_longvideo.models.llm import LLMConfig, build_llm
-    from megatron_longvideo.models.vlm import build_vlm
     from megatron_longvideo.platform import enable_cpu_mode
 
     enable_cpu_mode()
@@ -65,7 +65,7 @@ def build_empty_model(cfg, groups, *, params_dtype=torch.float32):
         if isinstance(cfg, LLMConfig):
             model = build_llm(cfg, groups, params_dtype=params_dtype, device="cpu")
         else:
-            model = build_vlm(cfg, groups, params_dtype=params_dtype, device="cpu")
+            model = build_model(cfg, groups, params_dtype=params_dtype, device="cpu")
     return _materialize(model)
 
 

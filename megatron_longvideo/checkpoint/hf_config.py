@@ -256,5 +256,10 @@ def config_from_hf(config) -> Union[LLMConfig, VLMConfig]:
         return vlm_config_from_hf(config)
     if model_type == "qwen2":
         return llm_config_from_hf(config)
-    raise ValueError(f"model_type {model_type!r} is not supported: expected 'qwen2' (Qwen2ForCausalLM) or "
-                     f"'llava_onevision' (LlavaOnevisionForConditionalGeneration)")
+    if model_type == "qwen2_5_vl":
+        from megatron_longvideo.models.qwen2_5_vl.model import qwen25vl_config_from_hf
+
+        return qwen25vl_config_from_hf(config)
+    raise ValueError(f"model_type {model_type!r} is not supported: expected 'qwen2' (Qwen2ForCausalLM), "
+                     f"'llava_onevision' (LlavaOnevisionForConditionalGeneration) or 'qwen2_5_vl' "
+                     f"(Qwen2_5_VLForConditionalGeneration)")

@@ -245,7 +245,10 @@ _FORMAT = "megatron_longvideo.full_state/1"
 
 
 def _config_to_dict(cfg: ModelConfig) -> dict:
-    return {"kind": "vlm" if isinstance(cfg, VLMConfig) else "llm", **dataclasses.asdict(cfg)}
+    from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig
+
+    kind = "qwen2_5_vl" if isinstance(cfg, Qwen25VLConfig) else "vlm" if isinstance(cfg, VLMConfig) else "llm"
+    return {"kind": kind, **dataclasses.asdict(cfg)}
 
 
 def _config_from_dict(d: dict) -> ModelConfig:
@@ -257,7 +260,14 @@ def _config_from_dict(d: dict) -> ModelConfig:
         return VLMConfig(llm=LLMConfig(**d["llm"]), vision=VisionConfig(**d["vision"]), video_token_id=d["video_token_id"])
     if kind == "llm":
         return LLMConfig(**d)
-    raise ValueError(f"unknown model kind {kind!r} (expected 'llm' or 'vlm')")
+    if kind == "qwen2_5_vl":
+        from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig
+        from megatron_longvideo.models.qwen2_5_vl.vision import QwenVisionConfig
+
+        return Qwen25VLConfig(llm=LLMConfig(**d["llm"]), vision=QwenVisionConfig(**d["vision"]),
+                              video_token_id=d["video_token_id"], image_token_id=d.get("image_token_id"),
+                              text_after=d.get("text_after", "max"))
+    raise ValueError(f"unknown model kind {kind!r} (expected 'llm', 'vlm' or 'qwen2_5_vl')")
 
 
 def save_full_state_file(path: str, cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> None:

@@ -1,2 +1,41 @@
 """Models built from megatron-core parts: the Qwen2-style LLM (``llm``), its norm and rotary
-embedding, the vision tower and projector, and the video-language model."""
+embedding, the vision tower and projector, and the video-language model of each family:
+LLaVA-OneVision (SigLIP + MLP projector + Qwen2: ``vision``, ``vlm``) and Qwen2.5-VL (``qwen2_5_vl/``).
+
+:func:`build_model` builds either from its config."""
+
+from __future__ import annotations
+
+__all__ = ["FAMILIES", "build_model", "family_of", "video_token_counter"]
+
+FAMILIES = ("llava_onevision", "qwen2_5_vl")
+
+
+def family_of(cfg) -> str:
+    """The family name of a model config."""
+    from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig
+    from megatron_longvideo.models.vlm import VLMConfig
+
+    if isinstance(cfg, Qwen25VLConfig):
+        return "qwen2_5_vl"
+    if isinstance(cfg, VLMConfig):
+        return "llava_onevision"
+    raise TypeError(f"not a video-language model config: {type(cfg).__name__}")
+
+
+def build_model(cfg, groups, *, seed: int = 0, **kwargs):
+    """This rank's video-language model for ``cfg`` (a ``VLMConfig`` or a ``Qwen25VLConfig``)."""
+    if family_of(cfg) == "qwen2_5_vl":
+        from megatron_longvideo.models.qwen2_5_vl.model import build_qwen25vl
+
+        return build_qwen25vl(cfg, groups, seed=seed, **kwargs)
+    from megatron_longvideo.models.vlm import build_vlm
+
+    return build_vlm(cfg, groups, seed=seed, **kwargs)
+
+
+def video_token_counter(cfg, image_size: int):
+    """``num_frames -> placeholder tokens`` of a video whose frames are ``image_size`` squares."""
+    if family_of(cfg) == "qwen2_5_vl":
+        return lambda num_frames: cfg.num_video_tokens(num_frames, image_size, image_size)
+    return cfg.vision.num_video_tokens

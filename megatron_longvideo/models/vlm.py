@@ -136,12 +136,20 @@ def vlm_forward(
     ``input_ids``/``labels`` ``[b, S]`` (S a multiple of 2 x CP, x TP under SP); ``videos[i]`` the frame
     tensors ``[T, 3, H, W]`` of sample i, or ``video_embeds[i]`` already-encoded embeddings. Returns
     what the LLM returns (per-token loss with labels), and the merged batch with ``return_merged``.
+    A Qwen2.5-VL model goes to :func:`~megatron_longvideo.models.qwen2_5_vl.model.qwen_vlm_forward`.
     """
     from megatron.core import tensor_parallel
 
     from megatron_longvideo.training.lm_step import cp_shard
 
     inner = unwrap(model)
+    if hasattr(inner, "rollout_positions"):  # the Qwen2.5-VL family (multimodal RoPE)
+        from megatron_longvideo.models.qwen2_5_vl.model import qwen_vlm_forward
+
+        if video_embeds is not None:
+            raise ValueError("video_embeds: not supported for Qwen2.5-VL yet; pass videos")
+        return qwen_vlm_forward(model, groups, input_ids=input_ids, videos=videos, labels=labels, cache=cache,
+                                cache_keys=cache_keys, return_merged=return_merged)
     device = device_of(inner)  # collated batches arrive on the host: one copy of the ids per micro-batch
     input_ids = input_ids.to(device, non_blocking=True)
     labels = None if labels is None else labels.to(device, non_blocking=True)

@@ -54,6 +54,14 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--encode-group", default="tp_cp", choices=("tp_cp", "cp"),
                    help="ranks that split one video's frames (parallel encoding)")
     g = p.add_argument_group("model (defaults: the tiny CPU demo model)")
+    g.add_argument("--model-family", default="llava_onevision", choices=("llava_onevision", "qwen2_5_vl"),
+                   help="SigLIP + MLP projector + Qwen2 (LLaVA-OneVision), or Qwen2.5-VL (window-attention tower, "
+                        "multimodal RoPE; its tiny defaults: --patch-size 14, --image-size 56)")
+    g.add_argument("--vision-window-size", type=int, default=112, help="qwen2_5_vl: window side in pixels")
+    g.add_argument("--vision-fullatt-layers", type=int, nargs="*", default=None,
+                   help="qwen2_5_vl: tower layers (0-based) with full attention (default: the last)")
+    g.add_argument("--mrope-section", type=int, nargs=3, default=None,
+                   help="qwen2_5_vl: rotary frequencies per temporal / height / width row (default: 1/4, 3/8, 3/8 of head_dim / 2)")
     g.add_argument("--num-layers", type=int, default=2)
     g.add_argument("--hidden-size", type=int, default=64)
     g.add_argument("--num-attention-heads", type=int, default=4)
@@ -185,10 +193,15 @@ def _given_shapes(args) -> dict:
     return {d: getattr(args, d) for d in _SHAPE_FLAGS if hasattr(args, d) and getattr(args, d) != defaults.get_default(d)}
 
 
+_QWEN_VISION_FLAGS = {"vision_hidden_size": "hidden_size", "vision_num_layers": "depth", "patch_size": "patch_size",
+                      "vision_num_attention_heads": "num_heads", "vision_ffn_hidden_size": "intermediate_size"}
+
+
 def _config_from_source(args):
-    """``(VLMConfig, where it came from)`` of ``--hf-config`` or ``--use-checkpoint-args``; (None, None) without."""
+    """``(config, where it came from)`` of ``--hf-config`` or ``--use-checkpoint-args``; (None, None) without."""
     import dataclasses
 
+    from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig
     from megatron_longvideo.models.vlm import VLMConfig
 
     if args.hf_config and getattr(args, "use_checkpoint_args", False):
@@ -206,15 +219,65 @@ def _config_from_source(args):
         cfg, source = model_config_of(path), f"the checkpoint {path}"
     else:
         return None, None
-    if not isinstance(cfg, VLMConfig):
+    if not isinstance(cfg, (VLMConfig, Qwen25VLConfig)):
         raise ValueError(f"{source}: describes a language model alone (Qwen2); the entry scripts train a "
                          "video-language model (LLaVA-OneVision): build one with load_hf(part='language_model')")
+    qwen = isinstance(cfg, Qwen25VLConfig)
+    family = "qwen2_5_vl" if qwen else "llava_onevision"
+    if getattr(args, "model_family", family) != family and args.model_family != build_parser().get_default("model_family"):
+        raise ValueError(f"--model-family {args.model_family} disagrees with {source} ({family})")
+    args.model_family = family
     for dest, value in _given_shapes(args).items():
         part, field = _SHAPE_FLAGS[dest]
+        if qwen and part == "vision":
+            if dest not in _QWEN_VISION_FLAGS:
+                continue  # the frame size is the data's choice for this family
+            field = _QWEN_VISION_FLAGS[dest]
         if getattr(getattr(cfg, part), field) != value:
             raise ValueError(f"{_flag(dest)}={value} disagrees with {source} ({part}.{field}="
                              f"{getattr(getattr(cfg, part), field)}): leave the shape flags out")
     return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, max_frames=args.max_frames)), source
+
+
+def _family_defaults(args) -> None:
+    """The Qwen2.5-VL family's tiny defaults where the LLaVA-OneVision ones were left (patch 8, 32 px)."""
+    if getattr(args, "model_family", "llava_onevision") != "qwen2_5_vl":
+        return
+    parser = build_parser()
+    if args.patch_size == parser.get_default("patch_size"):
+        args.patch_size = 14
+    if args.image_size == parser.get_default("image_size"):
+        args.image_size = 56
+
+
+def _qwen_config(args, tokenizer):
+    import dataclasses
+
+    from megatron_longvideo.models.llm import LLMConfig
+    from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig
+    from megatron_longvideo.models.qwen2_5_vl.vision import QwenVisionConfig
+
+    q = args.patch_size * 2
+    if args.image_size % q:
+        raise ValueError(f"--image-size {args.image_size}: Qwen2.5-VL frames must be a multiple of 2 x --patch-size = {q}")
+    depth = args.vision_num_layers
+    vision = QwenVisionConfig(depth=depth, hidden_size=args.vision_hidden_size, num_heads=args.vision_num_attention_heads,
+                              intermediate_size=args.vision_ffn_hidden_size or 4 * args.vision_hidden_size,
+                              out_hidden_size=args.hidden_size, patch_size=args.patch_size,
+                              window_size=args.vision_window_size, max_frames=args.max_frames,
+                              fullatt_block_indexes=tuple(args.vision_fullatt_layers if args.vision_fullatt_layers is not None
+                                                          else (depth - 1,)))
+    half = args.hidden_size // args.num_attention_heads // 2
+    section = tuple(args.mrope_section) if args.mrope_section else (half // 4, (half - half // 4) // 2,
+                                                                    half - half // 4 - (half - half // 4) // 2)
+    tp = args.tensor_model_parallel_size
+    llm = LLMConfig(vocab_size=-(-tokenizer.vocab_size // tp) * tp, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                    num_attention_heads=args.num_attention_heads,
+                    num_query_groups=args.num_query_groups or args.num_attention_heads,
+                    ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size, rotary_base=args.rotary_base,
+                    norm_eps=args.norm_epsilon, max_position_embeddings=args.max_position_embeddings,
+                    tie_word_embeddings=args.tie_embeddings, mrope_section=section)
+    return Qwen25VLConfig(llm=llm, vision=vision, video_token_id=tokenizer.video_id)
 
 
 def model_config(args, tokenizer):
@@ -227,6 +290,7 @@ def model_config(args, tokenizer):
     from megatron_longvideo.training.stage import vlm_config_for
 
     cfg, source = _config_from_source(args)
+    _family_defaults(args)
     tp = args.tensor_model_parallel_size
     if cfg is not None:
         if cfg.llm.vocab_size < tokenizer.vocab_size:
@@ -239,6 +303,8 @@ def model_config(args, tokenizer):
             raise ValueError(f"{source}: vocab_size={cfg.llm.vocab_size} does not split over "
                              f"--tensor-model-parallel-size {tp}")
         return cfg
+    if getattr(args, "model_family", "llava_onevision") == "qwen2_5_vl":
+        return _qwen_config(args, tokenizer)
     vision = VisionConfig(image_size=args.image_size, patch_size=args.patch_size, hidden_size=args.vision_hidden_size,
                           num_layers=args.vision_num_layers, num_attention_heads=args.vision_num_attention_heads,
                           ffn_hidden_size=args.vision_ffn_hidden_size or 4 * args.vision_hidden_size,
@@ -267,11 +333,16 @@ def resolve_tokenizer(args) -> None:
 
 
 def frame_sampling(args):
-    """Frame sampling from the flags (uniform ``--num-frames``, or ``--fps`` capped by ``--max-frames``)."""
+    """Frame sampling from the flags (uniform ``--num-frames``, or ``--fps`` capped by ``--max-frames``);
+    Qwen2.5-VL frames are normalised with its CLIP mean and std."""
     from megatron_longvideo.data.sampling import FrameSamplingConfig
 
+    _family_defaults(args)
+    norm = {}
+    if getattr(args, "model_family", "llava_onevision") == "qwen2_5_vl":
+        norm = dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
     return FrameSamplingConfig(num_frames=None if args.fps else args.num_frames, fps=args.fps,
-                               max_frames=args.max_frames, image_size=args.image_size)
+                               max_frames=args.max_frames, image_size=args.image_size, **norm)
 
 
 def parallel_config(args) -> ParallelConfig:

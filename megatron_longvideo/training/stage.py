@@ -46,11 +46,12 @@ def vlm_config_for(tokenizer, *, llm: LLMConfig, vision: VisionConfig, tensor_pa
 
 def build_data_loader(*, mode: str, data_path: str, video_root: str, tokenizer, sampling: FrameSamplingConfig,
                       vision: VisionConfig, groups: ParallelGroups, micro_batch_size: int, seed: int = 0,
-                      num_workers: int = 0) -> ResumableDataLoader:
-    """The DP-aware resumable loader over ``data_path`` (caption records for pretrain, QA for SFT)."""
+                      num_workers: int = 0, num_video_tokens=None) -> ResumableDataLoader:
+    """The DP-aware resumable loader over ``data_path`` (caption records for pretrain, QA for SFT);
+    ``num_video_tokens`` (frames -> placeholders) defaults to ``vision``'s."""
     config = VideoDatasetConfig(mode=mode, video_root=video_root, sampling=sampling)
-    dataset = LongVideoDataset.from_file(data_path, tokenizer=tokenizer, num_video_tokens=vision.num_video_tokens,
-                                         config=config)
+    dataset = LongVideoDataset.from_file(data_path, tokenizer=tokenizer,
+                                         num_video_tokens=num_video_tokens or vision.num_video_tokens, config=config)
     sampler = DistributedVideoSampler(len(dataset), dp_rank=groups.dp_rank, dp_size=groups.dp_size, seed=seed)
     return ResumableDataLoader(dataset, sampler, micro_batch_size=micro_batch_size, num_workers=num_workers)
 
@@ -63,15 +64,22 @@ def build_stage_model(cfg: VLMConfig, groups: ParallelGroups, *, trained: tuple[
     (see :func:`megatron_longvideo.models.llm.build_llm`)."""
     import dataclasses
 
-    from megatron_longvideo.models.vlm import build_vlm
+    from megatron_longvideo.models import build_model, family_of
 
     unknown = set(trained) - {"llm", "vision", "projector"}
     if unknown:
         raise ValueError(f"trained: unknown parts {sorted(unknown)}; known: llm, vision, projector")
-    vision = dataclasses.replace(cfg.vision, freeze="vision" not in trained, freeze_projector="projector" not in trained)
+    qwen = family_of(cfg) == "qwen2_5_vl"
+    if qwen:  # the merger (its projector) is part of the tower
+        vision = dataclasses.replace(cfg.vision, freeze=not ({"vision", "projector"} & set(trained)))
+    else:
+        vision = dataclasses.replace(cfg.vision, freeze="vision" not in trained, freeze_projector="projector" not in trained)
     torch.manual_seed(seed)
-    model = build_vlm(dataclasses.replace(cfg, vision=vision), groups, seed=seed, recompute_activations=recompute_activations,
-                      **options)
+    model = build_model(dataclasses.replace(cfg, vision=vision), groups, seed=seed, recompute_activations=recompute_activations,
+                        **options)
+    if qwen and "projector" in trained and "vision" not in trained and model.vision is not None:
+        for name, p in model.vision.named_parameters():
+            p.requires_grad_(name.startswith(("merger.", "merger_norm.")))
     if "llm" not in trained:
         model.llm.requires_grad_(False)
     return model
@@ -113,9 +121,12 @@ def run_stage(stage: str, args):
                 raise ValueError(f"--{flag.replace('_', '-')} is required (or --synthetic-data DIR)")
         tokenizer = load_tokenizer(args.tokenizer)
         cfg = model_config(args, tokenizer)
+        from megatron_longvideo.models import video_token_counter
+
         loader = build_data_loader(mode=mode, data_path=args.data_path, video_root=args.video_root, tokenizer=tokenizer,
                                    sampling=frame_sampling(args), vision=cfg.vision, groups=groups,
-                                   micro_batch_size=args.micro_batch_size, seed=args.seed, num_workers=args.num_workers)
+                                   micro_batch_size=args.micro_batch_size, seed=args.seed, num_workers=args.num_workers,
+                                   num_video_tokens=video_token_counter(cfg, args.image_size))
         step = vlm_loss_step(groups, pad_id=tokenizer.pad_id, seq_length=args.seq_length)
         return train(train_config(args), optim_config(args),
                      model_provider=lambda: build_stage_model(cfg, groups, trained=trained, seed=args.seed,

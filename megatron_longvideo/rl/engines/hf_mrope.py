@@ -33,6 +33,7 @@ def text_config(llm):
         num_hidden_layers=llm.num_layers, num_attention_heads=llm.num_attention_heads,
         num_key_value_heads=llm.num_query_groups, max_position_embeddings=llm.max_position_embeddings,
         rms_norm_eps=llm.norm_eps, tie_word_embeddings=llm.tie_word_embeddings, attention_dropout=0.0,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,  # ours come from the tokenizer
         rope_parameters={"rope_type": "default", "rope_theta": llm.rotary_base, "mrope_section": list(llm.mrope_section)})
 
 
