@@ -137,12 +137,19 @@ def import_hf_checkpoint(hf_dir: str, out: str, *, groups, dtype: Optional[torch
     from megatron_longvideo.checkpoint.hf_io import read_checkpoint
     from megatron_longvideo.checkpoint.hf_map import WeightMap
 
+    from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig
+
     cfg = read_hf_config(hf_dir)
     dtype = dtype or hf_checkpoint_dtype(hf_dir)
     model = build_empty_model(cfg, groups, params_dtype=dtype)
     unmapped: dict = {}
     rank0 = dist.get_rank() == 0
-    items = WeightMap(cfg).to_megatron(read_checkpoint(hf_dir, progress=progress and rank0), unmapped=unmapped)
+    if isinstance(cfg, Qwen25VLConfig):  # two passes over the files: language model, then tower
+        from megatron_longvideo.models.qwen2_5_vl.hf import megatron_items
+
+        items = megatron_items(lambda: read_checkpoint(hf_dir, progress=progress and rank0), cfg)
+    else:
+        items = WeightMap(cfg).to_megatron(read_checkpoint(hf_dir, progress=progress and rank0), unmapped=unmapped)
     load_full_state_items(model, items, groups)
     assets = _assets_of(hf_dir, unmapped, tokenizer) if rank0 else None
     source = {"path": os.path.abspath(hf_dir), "dtype": str(dtype).replace("torch.", "")}
@@ -203,7 +210,7 @@ def export_dist_checkpoint(path: str, out_dir: str, *, part: str = "all", dtype:
         for name in carried:
             with open(os.path.join(out_dir, name), "wb") as f:
                 f.write(assets[name])
-        files = save_hf(iter_full_state(model), cfg, out_dir, part=part, dtype=dtype or stored, tokenizer=tokenizer,
+        files = save_hf(lambda: iter_full_state(model), cfg, out_dir, part=part, dtype=dtype or stored, tokenizer=tokenizer,
                         extra_tensors=passthrough, passthrough=passthrough, source_config=source_config,
                         source_names=source_names,
                         max_shard_size=max_shard_size, progress=progress)

@@ -15,6 +15,7 @@ checkpoint instead (:mod:`~megatron_longvideo.checkpoint.hf_checkpoint`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from typing import Any, Mapping, Optional, Union
@@ -63,7 +64,8 @@ def save_hf(
     usage_files: bool = True,
     progress: bool = True,
 ) -> list[str]:
-    """Write ``full_state`` (a dict or an iterator of Megatron ``(name, tensor)``) as a HF folder.
+    """Write ``full_state`` (a dict, an iterator of Megatron ``(name, tensor)``, or a function returning
+    one: a Qwen2.5-VL is written in two passes over it) as a HF folder.
 
     ``part="language_model"`` writes a VLM's LLM alone as ``Qwen2ForCausalLM``. ``dtype`` casts floating
     tensors (default: keep); ``tokenizer`` is a tokenizer folder, a sentencepiece ``.model`` file or an
@@ -78,30 +80,42 @@ def save_hf(
     Returns the files written.
     """
     from megatron_longvideo.checkpoint import hf_usage
+    from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig
 
     check_transformers_version()
-    weight_map = _weight_map(cfg, part)  # refuses configs with no HF equivalent before anything is written
+    qwen = isinstance(cfg, Qwen25VLConfig)
+    if qwen and part != "all":
+        raise ValueError(f"part={part!r}: a Qwen2.5-VL exports whole (its language model needs multimodal RoPE, "
+                         "which Qwen2ForCausalLM does not have)")
+    weight_map = None if qwen else _weight_map(cfg, part)  # refuses configs with no HF equivalent before writing
     config = _export_config(cfg, part, source_config, config_kwargs)
-    config.architectures = [weight_map.architecture]
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration" if qwen else weight_map.architecture]
     if dtype is not None:
         config.dtype = dtype  # transformers 4.57 reads it as torch_dtype
     os.makedirs(out_dir, exist_ok=True)
     config.save_pretrained(out_dir)
     files = ["config.json"]
-    extra_tensors = {k: v for k, v in (extra_tensors or {}).items() if k in weight_map.extras}
-    passthrough = {k: v for k, v in (passthrough or {}).items() if k not in weight_map.extras and _belongs(k, weight_map)}
-    tensors = weight_map.to_hf(full_state, extra_tensors=extra_tensors, passthrough=passthrough)
+    if qwen:  # two passes over the state (language model, tower): a mapping or an iterator factory
+        from megatron_longvideo.models.qwen2_5_vl.hf import canonical_hf_name, hf_items
+
+        tensors, canonical, total, passthrough = hf_items(full_state, cfg), canonical_hf_name, None, dict(passthrough or {})
+        tensors = itertools.chain(tensors, passthrough.items())
+    else:
+        if callable(full_state):
+            full_state = full_state()
+        extra_tensors = {k: v for k, v in (extra_tensors or {}).items() if k in weight_map.extras}
+        passthrough = {k: v for k, v in (passthrough or {}).items() if k not in weight_map.extras and _belongs(k, weight_map)}
+        tensors = weight_map.to_hf(full_state, extra_tensors=extra_tensors, passthrough=passthrough)
+        canonical, total = weight_map.canonical_hf_name, len(weight_map.hf_names) + len(passthrough)
     if source_names:
-        rename = {weight_map.canonical_hf_name(n): n for n in source_names}
+        rename = {canonical(n): n for n in source_names}
         tensors = ((rename.get(name, name), t) for name, t in tensors)
-    files += write_shards(tensors, out_dir,
-                          max_shard_size=max_shard_size, dtype=dtype, total=len(weight_map.hf_names) + len(passthrough),
-                          progress=progress)
+    files += write_shards(tensors, out_dir, max_shard_size=max_shard_size, dtype=dtype, total=total, progress=progress)
     if tokenizer is not None:
         files += [os.path.basename(f) for f in copy_tokenizer(tokenizer, out_dir)]
     if usage_files:
         written = [hf_usage.write_generation_config(out_dir), hf_usage.write_chat_template(out_dir)]
-        if weight_map.architecture == "LlavaOnevisionForConditionalGeneration":
+        if not qwen and weight_map.architecture == "LlavaOnevisionForConditionalGeneration":
             written += hf_usage.write_processor_configs(out_dir, cfg)
         files += [os.path.basename(f) for f in written if f]
     return sorted(set(files), key=files.index)
@@ -120,6 +134,8 @@ def _same_shapes(a: ModelConfig, b: ModelConfig) -> bool:
         if isinstance(c, VLMConfig):
             vision = dataclasses.replace(c.vision, freeze=False, freeze_projector=False, max_frames=1)
             return dataclasses.replace(c, vision=vision)
+        if hasattr(c, "vision"):  # Qwen2.5-VL
+            return dataclasses.replace(c, vision=dataclasses.replace(c.vision, freeze=False, max_frames=1))
         return c
 
     return type(a) is type(b) and norm(a) == norm(b)
@@ -147,6 +163,10 @@ def _export_config(cfg: ModelConfig, part: str, source_config: Optional[dict], c
             for key, value in (config_kwargs or {}).items():
                 setattr(config.get_text_config() if hasattr(config, "get_text_config") else config, key, value)
             return config
+    if hasattr(target, "vision") and not isinstance(target, VLMConfig):
+        from megatron_longvideo.models.qwen2_5_vl.hf import hf_config as qwen_hf_config
+
+        return qwen_hf_config(target, **(config_kwargs or {}))
     return hf_config(target, **(config_kwargs or {}))
 
 

@@ -16,7 +16,7 @@ import torch
 from megatron_longvideo.models.llm import LLMConfig
 
 __all__ = ["llm_config_from_hf", "language_model_items", "vision_config_from_hf", "vision_items", "hf_vision_items",
-           "hf_language_model_items"]
+           "hf_language_model_items", "megatron_items", "hf_items", "hf_config", "canonical_hf_name"]
 
 
 def _get(config, name, default=None):
@@ -164,3 +164,54 @@ def hf_language_model_items(items: Iterable[tuple[str, torch.Tensor]]) -> Iterat
     """Inverse of :func:`language_model_items`: Qwen2 names -> transformers 5's Qwen2.5-VL names."""
     for name, t in items:
         yield ("lm_head.weight" if name == "lm_head.weight" else "model.language_model." + name[len("model."):]), t
+
+
+def megatron_items(read, cfg) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full-state ``(name, tensor)`` of a Qwen2.5-VL checkpoint, streamed in two passes over ``read()``
+    (an iterator factory over its HF tensors): the language model, then the tower."""
+    from megatron_longvideo.checkpoint.hf_map import WeightMap
+
+    yield from WeightMap(cfg.llm, megatron_prefix="llm.").to_megatron(language_model_items(read()))
+    for name, t in vision_items(read(), cfg.vision):
+        yield "vision." + name, t
+
+
+def hf_items(state, cfg) -> Iterator[tuple[str, torch.Tensor]]:
+    """Inverse of :func:`megatron_items`: ``state`` a mapping or an iterator factory of full-state pairs."""
+    from megatron_longvideo.checkpoint.hf_map import WeightMap
+
+    def read():
+        return iter(state.items()) if hasattr(state, "items") else iter(state())
+
+    yield from hf_language_model_items(WeightMap(cfg.llm, megatron_prefix="llm.", ignore_prefixes=("vision.",)).to_hf(read()))
+    vision = ((k[len("vision."):], v) for k, v in read() if k.startswith("vision."))
+    yield from hf_vision_items(vision, cfg.vision)
+
+
+def hf_config(cfg, **text_extra):
+    """``Qwen2_5_VLConfig`` of our Qwen2.5-VL config."""
+    from transformers import Qwen2_5_VLConfig
+
+    llm, v = cfg.llm, cfg.vision
+    text = dict(vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, intermediate_size=llm.ffn_hidden_size,
+                num_hidden_layers=llm.num_layers, num_attention_heads=llm.num_attention_heads,
+                num_key_value_heads=llm.num_query_groups, max_position_embeddings=llm.max_position_embeddings,
+                rms_norm_eps=llm.norm_eps, tie_word_embeddings=llm.tie_word_embeddings, initializer_range=llm.init_std,
+                rope_parameters={"rope_type": "default", "rope_theta": llm.rotary_base, "mrope_section": list(llm.mrope_section)},
+                **text_extra)
+    vision = dict(depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_heads=v.num_heads,
+                  out_hidden_size=v.out_hidden_size, patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+                  spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
+                  fullatt_block_indexes=list(v.fullatt_block_indexes), tokens_per_second=v.tokens_per_second)
+    extra = {} if cfg.image_token_id is None else {"image_token_id": cfg.image_token_id}
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, video_token_id=cfg.video_token_id,
+                            tie_word_embeddings=llm.tie_word_embeddings, **extra)
+
+
+def canonical_hf_name(name: str) -> str:
+    """A Qwen2.5-VL tensor name in transformers 5's spelling (4.x checkpoints: ``model.*``, ``visual.*``)."""
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model.") and not name.startswith(("model.language_model.", "model.visual.")):
+        return "model.language_model." + name[len("model."):]
+    return name
