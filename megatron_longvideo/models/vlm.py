@@ -47,22 +47,19 @@ class VLMConfig:
         return cls(llm=LLMConfig.qwen2_7b(), vision=VisionConfig.siglip_so400m(freeze=True), video_token_id=151647)
 
 
-class VideoLanguageModel(MegatronModule):
-    """LLM + vision encoder (first pipeline stage only)."""
+class VisionLanguageModel(MegatronModule):
+    """What every family shares: the LLM (``llm``), a vision tower on the first pipeline stage only
+    (``vision``, from ``build_tower(llm)``), megatron's module interface delegated to the LLM, and a
+    sharded state dict with the replicated tower under ``vision.``."""
 
-    def __init__(self, cfg: VLMConfig, groups: ParallelGroups, *, seed: int = 0, **llm_kwargs):
+    def __init__(self, cfg, groups: ParallelGroups, build_tower, **llm_kwargs):
         self.cfg = cfg
         llm = build_llm(cfg.llm, groups, **llm_kwargs)
         super().__init__(config=llm.config)
         self.model_type = llm.model_type
         self.llm = llm
         self.tp_group = groups.tp  # the vision tower is replicated over it (see sharded_state_dict)
-        self.vision = None
-        if llm.pre_process:  # the tower takes the LLM's kernel, dtype and device
-            self.vision = build_vision_encoder(cfg.vision, cfg.llm.hidden_size, groups, seed=seed + 1,
-                                               attention_kernel=llm_kwargs.get("attention_kernel", "auto"),
-                                               params_dtype=llm_kwargs.get("params_dtype", torch.float32),
-                                               device=llm_kwargs.get("device"))
+        self.vision = build_tower(llm) if llm.pre_process else None
 
     @property
     def sequence_context(self):
@@ -92,6 +89,19 @@ class VideoLanguageModel(MegatronModule):
             sd.update(sharded_state_dict_default(self.vision, f"{prefix}vision.", sharded_offsets, metadata,
                                                  tp_group=self.tp_group))
         return sd
+
+
+class VideoLanguageModel(VisionLanguageModel):
+    """LLM + SigLIP vision encoder and projector (the LLaVA-OneVision family)."""
+
+    def __init__(self, cfg: VLMConfig, groups: ParallelGroups, *, seed: int = 0, **llm_kwargs):
+        def tower(llm):  # the tower takes the LLM's kernel, dtype and device
+            return build_vision_encoder(cfg.vision, cfg.llm.hidden_size, groups, seed=seed + 1,
+                                        attention_kernel=llm_kwargs.get("attention_kernel", "auto"),
+                                        params_dtype=llm_kwargs.get("params_dtype", torch.float32),
+                                        device=llm_kwargs.get("device"))
+
+        super().__init__(cfg, groups, tower, **llm_kwargs)
 
 
 def build_vlm(cfg: VLMConfig, groups: ParallelGroups, *, seed: int = 0, **llm_kwargs) -> VideoLanguageModel:

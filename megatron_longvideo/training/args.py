@@ -251,8 +251,6 @@ def _family_defaults(args) -> None:
 
 
 def _qwen_config(args, tokenizer):
-    import dataclasses
-
     from megatron_longvideo.models.llm import LLMConfig
     from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig
     from megatron_longvideo.models.qwen2_5_vl.vision import QwenVisionConfig

@@ -9,8 +9,6 @@ varying length, so GRPO has rewards to rank).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<video>", "<image>", "<think>", "</think>", "<answer>",

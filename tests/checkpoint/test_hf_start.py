@@ -177,20 +177,6 @@ def length_reward(inp) -> float:
     return len(inp.response) / 10.0
 
 
-def _grpo_worker(rank, world_size, argv):
-    import importlib.util
-
-    from megatron_longvideo.checkpoint.dist_ckpt import close_checkpoint_writer
-
-    spec = importlib.util.spec_from_file_location("example_train_grpo", os.path.join(ROOT, "examples", "train_grpo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    try:
-        return module.main(argv)
-    finally:
-        close_checkpoint_writer()
-
-
 def _frames(tmp_path, data) -> str:
     """The first record's video, decoded and sampled as our loader does, as uint8 [T, H, W, 3] in a .npy."""
     import numpy as np
@@ -225,7 +211,7 @@ def test_public_checkpoint_to_grpo_at_cp2_to_transformers(tmp_path):
     from megatron_longvideo.data import load_records
     from megatron_longvideo.data.prompts import PromptConfig, render_example_text
     from megatron_longvideo.data.tokenizer import SpecialTokens
-    from tests.training.helpers import make_data, run_example
+    from tests.training.helpers import make_data, run_example, run_grpo_example
 
     data = make_data(str(tmp_path / "data"), num_videos=4)
     texts = [t for r in load_records(data["qa"]).records for t in render_example_text(r, PromptConfig(), SpecialTokens())]
@@ -242,7 +228,7 @@ def test_public_checkpoint_to_grpo_at_cp2_to_transformers(tmp_path):
         assert trained["start"] == 0 and sorted(trained["losses"]) == [1], trained
         saved = find_checkpoint(str(tmp_path / script))
         assert sorted(os.listdir(os.path.join(saved, "hf"))) == sorted(os.listdir(os.path.join(tmp_path / "init" / "iter_0000000" / "hf")))
-    out = run_ranks(_grpo_worker, 2, [
+    out = run_ranks(run_grpo_example, 2, [
         "--load", str(tmp_path / "init"), "--use-checkpoint-args", "--context-parallel-size", "2",
         "--data-path", data["qa"], "--video-root", data["video_root"], "--num-frames", str(fx.FRAMES),
         "--group-size", "4", "--prompts-per-step", "2", "--max-new-tokens", "6", "--train-iters", "2", "--lr", "1e-4",

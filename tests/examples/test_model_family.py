@@ -4,26 +4,8 @@ projector (merger) pretraining, CoT-SFT from it with ``--finetune``, then GRPO f
 
 from __future__ import annotations
 
-import os
-
 from tests.dist import run_ranks
-from tests.training.helpers import make_data, run_example
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _grpo(rank, world_size, argv):
-    import importlib.util
-
-    from megatron_longvideo.checkpoint.dist_ckpt import close_checkpoint_writer
-
-    spec = importlib.util.spec_from_file_location("example_train_grpo", os.path.join(ROOT, "examples", "train_grpo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    try:
-        return module.main(argv)
-    finally:
-        close_checkpoint_writer()
+from tests.training.helpers import make_data, run_example, run_grpo_example
 
 
 def test_qwen25vl_family_through_pretrain_sft_and_grpo(tmp_path):
@@ -41,7 +23,7 @@ def test_qwen25vl_family_through_pretrain_sft_and_grpo(tmp_path):
     assert out["start"] == 0 and sorted(out["losses"]) == [1, 2]
     cfg = model_config_of(str(tmp_path / "sft"))
     assert isinstance(cfg, Qwen25VLConfig) and cfg.llm.mrope_section == (2, 3, 3) and cfg.vision.patch_size == 14
-    history = run_ranks(_grpo, 2, ["--use-checkpoint-args", "--load", str(tmp_path / "sft"), "--context-parallel-size", "2",
+    history = run_ranks(run_grpo_example, 2, ["--use-checkpoint-args", "--load", str(tmp_path / "sft"), "--context-parallel-size", "2",
                                    "--video-root", data["video_root"], "--tokenizer", data["tokenizer"],
                                    "--data-path", data["qa"], "--num-frames", "3", "--group-size", "4",
                                    "--prompts-per-step", "2", "--max-new-tokens", "4", "--train-iters", "2",

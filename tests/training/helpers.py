@@ -127,3 +127,20 @@ def run_example(rank, world_size, script: str, argv: list) -> dict:
     finally:
         close_checkpoint_writer()
     return {"losses": result.losses, "skipped": result.skipped, "start": result.start_step}
+
+
+def run_grpo_example(rank, world_size, argv: list) -> list:
+    """Spawned rank: ``examples/train_grpo.py``'s ``main(argv)``; returns its per-step mean rewards."""
+    import importlib.util
+
+    from megatron_longvideo.checkpoint.dist_ckpt import close_checkpoint_writer
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples",
+                        "train_grpo.py")
+    spec = importlib.util.spec_from_file_location("example_train_grpo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        return module.main(argv)
+    finally:
+        close_checkpoint_writer()

@@ -13,10 +13,10 @@ import dataclasses
 from typing import Optional, Sequence
 
 import torch
-from megatron.core.transformer.module import MegatronModule
 
-from megatron_longvideo.models.llm import LLMConfig, build_llm, lm_forward, unwrap
+from megatron_longvideo.models.llm import LLMConfig, lm_forward, unwrap
 from megatron_longvideo.models.qwen2_5_vl.vision import QwenVisionConfig, build_qwen_vision_tower
+from megatron_longvideo.models.vlm import VisionLanguageModel
 from megatron_longvideo.parallel.groups import ParallelGroups
 
 __all__ = ["Qwen25VLConfig", "Qwen25VLModel", "build_qwen25vl", "qwen_vlm_forward", "video_grid", "qwen25vl_config_from_hf",
@@ -48,40 +48,17 @@ class Qwen25VLConfig:
         return t * (height // v.patch_size) * (width // v.patch_size) // v.merge_unit
 
 
-class Qwen25VLModel(MegatronModule):
-    """LLM + vision tower (first pipeline stage only)."""
+class Qwen25VLModel(VisionLanguageModel):
+    """LLM (multimodal RoPE) + the window-attention vision tower and merger."""
 
     def __init__(self, cfg: Qwen25VLConfig, groups: ParallelGroups, *, seed: int = 0, **llm_kwargs):
-        self.cfg = cfg
-        llm = build_llm(cfg.llm, groups, **llm_kwargs)
-        super().__init__(config=llm.config)
-        self.model_type = llm.model_type
-        self.llm = llm
-        self.tp_group = groups.tp
-        self.vision = None
-        if llm.pre_process:
-            self.vision = build_qwen_vision_tower(cfg.vision, groups, seed=seed + 1,
-                                                  attention_kernel=llm_kwargs.get("attention_kernel", "auto"),
-                                                  params_dtype=llm_kwargs.get("params_dtype", torch.float32),
-                                                  device=llm_kwargs.get("device"))
+        def tower(llm):
+            return build_qwen_vision_tower(cfg.vision, groups, seed=seed + 1,
+                                           attention_kernel=llm_kwargs.get("attention_kernel", "auto"),
+                                           params_dtype=llm_kwargs.get("params_dtype", torch.float32),
+                                           device=llm_kwargs.get("device"))
 
-    @property
-    def sequence_context(self):
-        return self.llm.sequence_context
-
-    @property
-    def pre_process(self) -> bool:
-        return self.llm.pre_process
-
-    @property
-    def post_process(self) -> bool:
-        return self.llm.post_process
-
-    def set_input_tensor(self, input_tensor):
-        self.llm.set_input_tensor(input_tensor)
-
-    def forward(self, **kwargs):
-        return self.llm(**kwargs)
+        super().__init__(cfg, groups, tower, **llm_kwargs)
 
     def prefill_positions(self, batch, videos, seconds_per_frame=None) -> torch.Tensor:
         """Multimodal positions ``[3, rows, S]`` of a prefill batch (the hook
@@ -122,15 +99,6 @@ class Qwen25VLModel(MegatronModule):
                                         spatial_merge_size=cfg.vision.spatial_merge_size, text_after=cfg.text_after)
             out.append(pos[:, 0])
         return out
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
-        from megatron.core.transformer.utils import sharded_state_dict_default
-
-        sd = self.llm.sharded_state_dict(prefix=f"{prefix}llm.", sharded_offsets=sharded_offsets, metadata=metadata)
-        if self.vision is not None:  # replicated over TP: one main replica (as the SigLIP family's tower)
-            sd.update(sharded_state_dict_default(self.vision, f"{prefix}vision.", sharded_offsets, metadata,
-                                                 tp_group=self.tp_group))
-        return sd
 
 
 def build_qwen25vl(cfg: Qwen25VLConfig, groups: ParallelGroups, *, seed: int = 0, **llm_kwargs) -> Qwen25VLModel:

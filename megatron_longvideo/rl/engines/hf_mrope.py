@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from megatron_longvideo.checkpoint.hf_map import WeightMap
-from megatron_longvideo.rl.engines.base import Completion, SamplingConfig, Weights, check_prompt_embeds
+from megatron_longvideo.rl.engines.base import Completion, SamplingConfig, check_prompt_embeds
 from megatron_longvideo.rl.engines.hf_engine import HFEngine, trim_completion
 
 __all__ = ["MultimodalRoPEEngine", "text_config"]
@@ -68,22 +68,6 @@ class MultimodalRoPEEngine(HFEngine):
             self.model = _LanguageModel(llm).to(dtype).eval()
         self.model.requires_grad_(False)
         self._synced, self._sleep_level, self._shapes = False, 0, {}
-
-    @torch.no_grad()
-    def sync_weights(self, weights: Weights) -> None:
-        if self._sleep_level:
-            raise RuntimeError("sync_weights: the engine is asleep; call wake() first")
-        params = dict(self.model.named_parameters())
-        seen = set()
-        for name, t in self.weight_map.to_hf(weights):  # Qwen2 names: model.* and lm_head.weight
-            if name not in params:
-                raise KeyError(f"{name}: the engine's model has no such parameter")
-            params[name].copy_(t.to(device=self.device, dtype=self.dtype))
-            seen.add(name)
-        missing = sorted(set(params) - seen)
-        if missing:
-            raise KeyError(f"sync_weights: no weights for {missing[:5]}")
-        self._synced = True
 
     def _step(self, embeds: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """``[n, s, h]`` embeddings at ``[3, n, s]`` positions -> last-position logits ``[n, vocab]`` (fp32)."""
