@@ -311,24 +311,12 @@ GPU_7B = dict(ranks=8, group_size=8, response_len=512, text_len=64, act_bytes=2,
 """The 8-GPU plan the capacity table assumes (see docs/performance.md)."""
 
 
-def capacity_report(gpu_gib: float = 80.0, usable: float = 0.9) -> str:
-    """Largest frame count per mode (and CP schedule) on 8 GPUs of ``gpu_gib`` for a Qwen2-7B +
-    SigLIP-so400m shape, from the memory model: with the tile engine, and with the dense attention
-    this library had before it; and what then binds."""
+def _capacity_rows(llm, vision, cap: float, image_size=None) -> list[str]:
+    """Table rows: per mode and CP schedule, the largest frame count with the tile engine and with dense
+    scores, the GiB at 1,024 frames and what binds at the limit."""
     from megatron_longvideo.memory_model import StepLayout, max_frames, predict_step_memory
-    from megatron_longvideo.models.llm import LLMConfig
-    from megatron_longvideo.models.vision import VisionConfig
 
-    llm, vision = LLMConfig.qwen2_7b(), VisionConfig.siglip_so400m()
-    cap = gpu_gib * usable * 2**30
-    lines = [f"## Predicted: largest frame count on 8 x {gpu_gib:.0f} GB (memory model, not measured)", "",
-             f"Qwen2-7B LLM + SigLIP-so400m tower ({vision.tokens_per_frame} tokens per frame), G=8 responses of 512 "
-             f"tokens, 8 ranks sharing each prompt; bf16 weights and gradients, Adam state sharded over the 8 ranks, "
-             f"activation recompute, reference offloaded between its passes, rollout engine (vLLM: prefill chunks of 8,192 "
-             f"tokens; one KV copy of a prompt for its samples, except in the baseline) asleep outside the rollout; "
-             f"{usable:.0%} of each GPU usable.", "",
-             "| mode | CP schedule | before: dense scores | tile engine | GiB at 1,024 frames | phase that limits | its largest term |",
-             "|---|---|---:|---:|---:|---|---|"]
+    lines = []
     for mode in MODES:
         for comm in ("all_gather", "a2a", "p2p") if mode.startswith("stage12") else ("-",):
             common = dict(mode=mode, engine_prefix_sharing=mode != "baseline",
@@ -336,16 +324,53 @@ def capacity_report(gpu_gib: float = 80.0, usable: float = 0.9) -> str:
                           cp_comm_type="all_gather" if comm == "-" else comm, **GPU_7B)
             layout = StepLayout(attention="engine", **common)
             try:
-                n = max_frames(llm, vision, layout, cap)
+                n = max_frames(llm, vision, layout, cap, image_size=image_size)
             except ValueError as e:  # Ulysses needs the heads divisible by CP
                 lines.append(f"| {LABELS[mode]} | {comm} | n/a | n/a | - | - | {e} |")
                 continue
-            before = max_frames(llm, vision, StepLayout(attention="dense", **common), cap)
-            at_limit = predict_step_memory(llm, vision, min(n + 1, 8192), layout)
-            at_1024 = predict_step_memory(llm, vision, 1024, layout)
+            before = max_frames(llm, vision, StepLayout(attention="dense", **common), cap, image_size=image_size)
+            at_limit = predict_step_memory(llm, vision, min(n + 1, 8192), layout, image_size=image_size)
+            at_1024 = predict_step_memory(llm, vision, 1024, layout, image_size=image_size)
             lines.append(f"| {LABELS[mode]} | {comm} | {before:,} | {n:,}{'+' if n == 8192 else ''} | "
                          f"{at_1024.peak / 2**30:.0f} | {at_limit.peak_phase} | {at_limit.binding_term} |")
-    return "\n".join(lines)
+    return lines
+
+
+_HEADER = ["| mode | CP schedule | before: dense scores | tile engine | GiB at 1,024 frames | phase that limits | its largest term |",
+           "|---|---|---:|---:|---:|---|---|"]
+_SETTING = ("G=8 responses of 512 tokens, 8 ranks sharing each prompt; bf16 weights and gradients, Adam state sharded "
+            "over the 8 ranks, activation recompute, reference offloaded between its passes, rollout engine (vLLM: "
+            "prefill chunks of 8,192 tokens; one KV copy of a prompt for its samples, except in the baseline) asleep "
+            "outside the rollout")
+
+
+def capacity_report(gpu_gib: float = 80.0, usable: float = 0.9) -> str:
+    """Largest frame count per mode (and CP schedule) on 8 GPUs of ``gpu_gib`` for a Qwen2-7B +
+    SigLIP-so400m shape, from the memory model: with the tile engine, and with the dense attention
+    this library had before it; and what then binds."""
+    from megatron_longvideo.models.llm import LLMConfig
+    from megatron_longvideo.models.vision import VisionConfig
+
+    llm, vision = LLMConfig.qwen2_7b(), VisionConfig.siglip_so400m()
+    lines = [f"## Predicted: largest frame count on 8 x {gpu_gib:.0f} GB (memory model, not measured)", "",
+             f"Qwen2-7B LLM + SigLIP-so400m tower ({vision.tokens_per_frame} tokens per frame), {_SETTING}; "
+             f"{usable:.0%} of each GPU usable.", ""] + _HEADER
+    return "\n".join(lines + _capacity_rows(llm, vision, gpu_gib * usable * 2**30))
+
+
+def qwen_capacity_report(gpu_gib: float = 80.0, usable: float = 0.9, image_size: int = 448) -> str:
+    """As :func:`capacity_report` for Qwen2.5-VL-7B's shape with square frames of ``image_size`` pixels."""
+    from megatron_longvideo.models.llm import LLMConfig
+    from megatron_longvideo.models.qwen2_5_vl.vision import QwenVisionConfig
+
+    llm = LLMConfig(vocab_size=152064, hidden_size=3584, num_layers=28, num_attention_heads=28, num_query_groups=4,
+                    ffn_hidden_size=18944, max_position_embeddings=128000, rotary_base=1e6, mrope_section=(16, 24, 24))
+    vision = QwenVisionConfig(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                              fullatt_block_indexes=(7, 15, 23, 31), freeze=True)
+    per_two = (image_size // 14) ** 2 // 4
+    lines = [f"## Predicted: Qwen2.5-VL-7B, {image_size} px frames, on 8 x {gpu_gib:.0f} GB (memory model, not measured)", "",
+             f"Qwen2.5-VL-7B ({per_two} tokens per two frames), {_SETTING}; {usable:.0%} of each GPU usable.", ""] + _HEADER
+    return "\n".join(lines + _capacity_rows(llm, vision, gpu_gib * usable * 2**30, image_size=image_size))
 
 
 def plot(results: dict, opts: dict, path: str) -> None:

@@ -55,8 +55,18 @@ def llm_param_count(llm: LLMConfig) -> int:
     return emb + llm.num_layers * layer + h + (0 if llm.tie_word_embeddings else emb)
 
 
+def _is_qwen(vision) -> bool:
+    return hasattr(vision, "temporal_patch_size")  # the Qwen2.5-VL tower's config
+
+
 def vision_param_count(vision: VisionConfig, llm_hidden: int) -> int:
-    """Parameters of the ViT tower, projector and newline vector."""
+    """Parameters of the ViT tower, projector and newline vector (SigLIP family), or of the Qwen2.5-VL
+    tower and its merger (a ``QwenVisionConfig``)."""
+    if _is_qwen(vision):
+        c, f, u = vision.hidden_size, vision.intermediate_size, vision.merge_unit
+        layer = 2 * c + 3 * c * c + 3 * c + c * c + c + 2 * (c * f + f) + f * c + c  # norms, qkv, proj, SwiGLU
+        merger = c + (u * c) * (u * c) + u * c + (u * c) * vision.out_hidden_size + vision.out_hidden_size
+        return vision.patch_dim * c + vision.depth * layer + merger
     vh, vf, p = vision.hidden_size, vision.ffn_hidden_size, vision.patch_size
     patches = vision.grid**2
     embed = 3 * p * p * vh + vh + patches * vh  # patch conv (with bias), position embeddings
@@ -224,8 +234,35 @@ def attention_terms(llm: LLMConfig, tokens: float, *, cp: int, mode: str = "all_
     return saved * tokens, forward * tokens, backward * tokens
 
 
-def predict_step_memory(llm: LLMConfig, vision: VisionConfig, frames: int, layout: StepLayout) -> MemoryEstimate:
-    """Predicted per-rank memory of one GRPO step (see module docstring)."""
+def _vision_terms(vision, frames: int, image_size: Optional[int], encode_group: int, act_bytes: float,
+                  dense: bool, prompts: int) -> tuple[int, float, float]:
+    """(video tokens, raw frame bytes, the tower's activations of one layer on this rank's share)."""
+    a = act_bytes
+    if _is_qwen(vision):
+        if image_size is None:
+            raise ValueError("image_size: the Qwen2.5-VL tower takes frames of any size; say which (pixels per side)")
+        side = image_size // vision.patch_size
+        units = -(-frames // vision.temporal_patch_size)  # temporal patches, split over the encode group
+        tokens = units * side * side // vision.merge_unit
+        local = -(-units // encode_group) * side * side  # patches this rank encodes
+        vit = local * (4 * vision.hidden_size + 2 * vision.intermediate_size) * a
+        if dense:
+            window = min(side, vision.window_size // vision.patch_size) ** 2
+            vit += local * vision.num_heads * window * a * 2
+        return tokens, frames * 3 * image_size**2 * 4 * prompts, vit
+    vis_frames = -(-frames // encode_group)
+    patches = vision.grid**2 + 1
+    vit = vis_frames * patches * (4 * vision.hidden_size + vision.ffn_hidden_size) * a
+    if dense:
+        vit += vis_frames * vision.num_attention_heads * patches**2 * a * 2
+    return vision.num_video_tokens(frames), frames * 3 * vision.image_size**2 * 4 * prompts, vit
+
+
+def predict_step_memory(llm: LLMConfig, vision: VisionConfig, frames: int, layout: StepLayout,
+                        image_size: Optional[int] = None) -> MemoryEstimate:
+    """Predicted per-rank memory of one GRPO step (see module docstring). ``vision`` is the SigLIP
+    family's ``VisionConfig`` or a Qwen2.5-VL ``QwenVisionConfig``; the latter needs ``image_size``
+    (square frames of that many pixels per side, a multiple of 28)."""
     L, h, V = layout, llm.hidden_size, llm.vocab_size
     tp, cp, n = L.tensor_parallel, L.cp, L.ranks
     heads = llm.num_attention_heads / tp
@@ -243,7 +280,8 @@ def predict_step_memory(llm: LLMConfig, vision: VisionConfig, frames: int, layou
         static += engine_weights
 
     # sequence shapes
-    video = vision.num_video_tokens(frames)
+    encode_group = 1 if L.mode == "baseline" else n
+    video, frame_bytes, vit = _vision_terms(vision, frames, image_size, encode_group, a, L.attention == "dense", L.prompts)
     prefix = video + L.text_len
     g_rank = L.responses_per_rank
     per_mb = min(L.responses_per_microbatch or g_rank, g_rank)  # responses in one micro-batch
@@ -254,15 +292,7 @@ def predict_step_memory(llm: LLMConfig, vision: VisionConfig, frames: int, layou
     tokens = rows * row_len / cp  # this rank's tokens in one micro-batch
     targets = per_mb * L.response_len / cp
     embeds = video * h * a * L.prompts  # one video's embeddings, all-gathered to every rank
-    frame_bytes = frames * 3 * vision.image_size**2 * 4 * L.prompts
-
     # vision: the frames this rank encodes, one ViT layer's activations at a time (no grad)
-    encode_group = 1 if L.mode == "baseline" else n
-    vis_frames = -(-frames // encode_group)
-    patches = vision.grid**2 + 1
-    vit = vis_frames * patches * (4 * vision.hidden_size + vision.ffn_hidden_size) * a
-    if L.attention == "dense":
-        vit += vis_frames * vision.num_attention_heads * patches**2 * a * 2
     encode = frame_bytes + vit + embeds
 
     # attention core, per layer: (saved for backward, transient on top while it runs)
@@ -316,12 +346,12 @@ def predict_step_memory(llm: LLMConfig, vision: VisionConfig, frames: int, layou
 
 
 def max_frames(llm: LLMConfig, vision: VisionConfig, layout: StepLayout, capacity_bytes: float,
-               *, limit: int = 8192) -> int:
+               *, limit: int = 8192, image_size: Optional[int] = None) -> int:
     """The largest frame count (up to ``limit``) whose predicted peak fits ``capacity_bytes``; 0 if none."""
     lo, hi = 0, limit
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if predict_step_memory(llm, vision, mid, layout).peak <= capacity_bytes:
+        if predict_step_memory(llm, vision, mid, layout, image_size=image_size).peak <= capacity_bytes:
             lo = mid
         else:
             hi = mid - 1

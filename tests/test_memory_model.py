@@ -124,3 +124,61 @@ def test_attention_terms_match_the_measured_layer():
             if any(abs(r - 1) > 0.25 for r in ratios):
                 bad[(cp, dtype, kv_heads, mode)] = [round(r, 3) for r in ratios]
     assert not bad, f"predicted / measured outside 25%: {bad}"
+
+
+QWEN25_VL_7B = {  # Qwen2.5-VL-7B's shape
+    "text_config": {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                    "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 128000,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}},
+    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
+                      "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112, "tokens_per_second": 2},
+    "video_token_id": 151656, "image_token_id": 151655,
+}
+
+
+def _qwen_count_worker(rank, world_size, cfgs):
+    from megatron_longvideo.models.qwen2_5_vl.model import build_qwen25vl
+    from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
+
+    init_cpu_dist()
+    groups = initialize_parallel(ParallelConfig())
+    out = []
+    for cfg, meta in cfgs:
+        with torch.device("meta" if meta else "cpu"):
+            model = build_qwen25vl(cfg, groups, device="cpu")
+        out.append((sum(p.numel() for p in model.llm.parameters()), sum(p.numel() for p in model.vision.parameters())))
+    destroy_parallel()
+    return out
+
+
+def test_qwen25vl_counts_and_predictions():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from megatron_longvideo.memory_model import StepLayout, llm_param_count, max_frames, predict_step_memory, vision_param_count
+    from megatron_longvideo.models.llm import LLMConfig
+    from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig, qwen25vl_config_from_hf
+    from megatron_longvideo.models.qwen2_5_vl.vision import QwenVisionConfig
+
+    config = Qwen2_5_VLConfig(**QWEN25_VL_7B)
+    with torch.device("meta"):
+        hf_count = sum(p.numel() for p in Qwen2_5_VLForConditionalGeneration(config).parameters())
+    seven = qwen25vl_config_from_hf(config)
+    tiny = Qwen25VLConfig(llm=LLMConfig(vocab_size=304, mrope_section=(2, 3, 3)),
+                          vision=QwenVisionConfig(intermediate_size=40, fullatt_block_indexes=(0,)))
+    built = run_ranks(_qwen_count_worker, 1, [(tiny, False), (seven, True)])[0]
+    for cfg, (n_llm, n_vis) in zip((tiny, seven), built):
+        assert llm_param_count(cfg.llm) == n_llm and vision_param_count(cfg.vision, cfg.llm.hidden_size) == n_vis
+    assert sum(built[1]) == hf_count  # the 7B shape: every transformers parameter, nothing carried aside
+
+    gpu = dict(ranks=8, group_size=8, response_len=512, act_bytes=2, param_bytes=2, grad_bytes=2, optimizer_bytes=12,
+               distributed_optimizer=True, attention="engine", recompute=True, reference="offloaded", engine="sleep",
+               engine_prefix_sharing=True, engine_bytes=2)
+    layout = StepLayout(mode="stage12_packed", **gpu)
+    with pytest.raises(ValueError, match="image_size"):
+        predict_step_memory(seven.llm, seven.vision, 64, layout)
+    peaks = [predict_step_memory(seven.llm, seven.vision, f, layout, image_size=448).peak for f in (64, 256, 1024)]
+    assert peaks == sorted(peaks)
+    cap = 80 * 2**30
+    n = max_frames(seven.llm, seven.vision, layout, cap, image_size=448)
+    assert 0 < n < 8192
+    assert predict_step_memory(seven.llm, seven.vision, n, layout, image_size=448).peak <= cap
