@@ -79,21 +79,11 @@ def _from_hf(args) -> str:
 
 def full_state_from_dist_checkpoint(path: str):
     """``(config, full state)`` of a dist checkpoint, whatever layout saved it, read on one process."""
-    from megatron_longvideo.checkpoint.dist_ckpt import load_checkpoint, model_config_of
     from megatron_longvideo.checkpoint.full_state import gather_full_state
-    from megatron_longvideo.checkpoint.hf_checkpoint import build_empty_model, ensure_process_group, saved_dtype
-    from megatron_longvideo.checkpoint.dist_ckpt import find_checkpoint
-    from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
+    from megatron_longvideo.checkpoint.hf_checkpoint import load_on_one_process
 
-    cfg = model_config_of(path)
-    ensure_process_group()
-    groups = initialize_parallel(ParallelConfig())
-    try:
-        model = build_empty_model(cfg, groups, params_dtype=saved_dtype(find_checkpoint(path)))
-        load_checkpoint(path, model=model, groups=groups, weights_only=True)
+    with load_on_one_process(path) as (cfg, model, _, _, groups):
         return cfg, gather_full_state(model, groups)
-    finally:
-        destroy_parallel()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

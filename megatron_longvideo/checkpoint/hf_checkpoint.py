@@ -19,6 +19,7 @@ HF writer with those ``hf/`` files, so HF -> ours -> HF reproduces every tensor 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["ensure_process_group", "build_empty_model", "hf_checkpoint_dtype", "import_hf_checkpoint",
-           "export_dist_checkpoint", "saved_dtype", "UNUSED_FILE"]
+           "export_dist_checkpoint", "load_on_one_process", "saved_dtype", "UNUSED_FILE"]
 
 UNUSED_FILE = "unused.safetensors"
 NAMES_FILE = "tensor_names.json"
@@ -169,18 +170,12 @@ def saved_dtype(ckpt: str) -> torch.dtype:
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
-def export_dist_checkpoint(path: str, out_dir: str, *, part: str = "all", dtype: Optional[torch.dtype] = None,
-                           tokenizer=None, max_shard_size="5GB", progress: bool = True) -> list[str]:
-    """Write the dist checkpoint at ``path`` (any layout it was saved in) as a HF folder, on one process.
-
-    ``dtype`` defaults to the saved one. The tokenizer is ``tokenizer`` if given, else the one the
-    checkpoint carries under ``hf/``, else the ``--tokenizer`` its run recorded (when that path exists)."""
-    from safetensors.torch import load as load_safetensors
-
+@contextlib.contextmanager
+def load_on_one_process(path: str):
+    """``(config, model, loaded checkpoint, saved dtype, groups)`` of the dist checkpoint at ``path`` (any
+    layout it was saved in), rebuilt in this one process in the dtype it was saved in; megatron's groups
+    live for the block."""
     from megatron_longvideo.checkpoint.dist_ckpt import CheckpointError, find_checkpoint, load_checkpoint, model_config_of
-    from megatron_longvideo.checkpoint.full_state import iter_full_state
-    from megatron_longvideo.checkpoint.hf_convert import save_hf
-    from megatron_longvideo.checkpoint.hf_io import _TOKENIZER_FILES
     from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
 
     ckpt = find_checkpoint(path)
@@ -195,6 +190,24 @@ def export_dist_checkpoint(path: str, out_dir: str, *, part: str = "all", dtype:
         stored = saved_dtype(ckpt)
         model = build_empty_model(cfg, groups, params_dtype=stored)
         loaded = load_checkpoint(ckpt, model=model, groups=groups, weights_only=True)
+        yield cfg, model, loaded, stored, groups
+    finally:
+        destroy_parallel()
+
+
+def export_dist_checkpoint(path: str, out_dir: str, *, part: str = "all", dtype: Optional[torch.dtype] = None,
+                           tokenizer=None, max_shard_size="5GB", progress: bool = True) -> list[str]:
+    """Write the dist checkpoint at ``path`` (any layout it was saved in) as a HF folder, on one process.
+
+    ``dtype`` defaults to the saved one. The tokenizer is ``tokenizer`` if given, else the one the
+    checkpoint carries under ``hf/``, else the ``--tokenizer`` its run recorded (when that path exists)."""
+    from safetensors.torch import load as load_safetensors
+
+    from megatron_longvideo.checkpoint.full_state import iter_full_state
+    from megatron_longvideo.checkpoint.hf_convert import save_hf
+    from megatron_longvideo.checkpoint.hf_io import _TOKENIZER_FILES
+
+    with load_on_one_process(path) as (cfg, model, loaded, stored, _):
         assets = loaded.assets or {}
         passthrough = load_safetensors(assets[UNUSED_FILE]) if UNUSED_FILE in assets else {}
         source_config = json.loads(assets["config.json"]) if "config.json" in assets else None
@@ -215,5 +228,3 @@ def export_dist_checkpoint(path: str, out_dir: str, *, part: str = "all", dtype:
                         source_names=source_names,
                         max_shard_size=max_shard_size, progress=progress)
         return sorted(set(files) | set(carried))
-    finally:
-        destroy_parallel()

@@ -153,8 +153,9 @@ def vlm_forward(
     from megatron_longvideo.training.lm_step import cp_shard
 
     inner = unwrap(model)
-    if hasattr(inner, "rollout_positions"):  # the Qwen2.5-VL family (multimodal RoPE)
-        from megatron_longvideo.models.qwen2_5_vl.model import qwen_vlm_forward
+    from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLModel, qwen_vlm_forward
+
+    if isinstance(inner, Qwen25VLModel):
 
         if video_embeds is not None:
             raise ValueError("video_embeds: not supported for Qwen2.5-VL yet; pass videos")

@@ -14,26 +14,15 @@ from tests.dist import init_cpu_dist, run_ranks
 
 
 def _worker(rank, world_size):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
     from megatron_longvideo.models.qwen2_5_vl.hf import vision_config_from_hf, vision_items
     from megatron_longvideo.models.qwen2_5_vl.vision import build_qwen_vision_tower, frames_to_patches
     from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
+    from tests.models.test_qwen2_5_vl_model import _hf
 
     init_cpu_dist()
     groups = initialize_parallel(ParallelConfig())
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=64, hidden_size=64, intermediate_size=80, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                                                 "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=3, hidden_size=32, intermediate_size=40, num_heads=2, out_hidden_size=64,
-                           fullatt_block_indexes=[1], window_size=56))
-    torch.manual_seed(0)
-    hf = Qwen2_5_VLForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name or "ln_q" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
+    hf = _hf()  # tower: a window layer, then a full-attention layer; 56 px windows
+    config = hf.config
     cfg = vision_config_from_hf(config)
     tower = build_qwen_vision_tower(cfg, groups)
     tower.load_state_dict(dict(vision_items(hf.state_dict().items(), cfg)), strict=True)

@@ -89,18 +89,22 @@ def vision_config_from_hf(config, **overrides):
     return QwenVisionConfig(**kwargs)
 
 
+# transformers' name -> ours, for the tower tensors that are only renamed (the rest change layout)
+_LAYER_RENAMES = {"norm1.weight": "input_layernorm.weight", "norm2.weight": "pre_mlp_layernorm.weight",
+                  "attn.proj.weight": "self_attention.linear_proj.weight", "attn.proj.bias": "self_attention.linear_proj.bias",
+                  "mlp.down_proj.weight": "mlp.linear_fc2.weight", "mlp.down_proj.bias": "mlp.linear_fc2.bias"}
+_TOP_RENAMES = {"patch_embed.proj.weight": "patch_embed.weight", "merger.ln_q.weight": "merger_norm.weight",
+                "merger.mlp.0.weight": "merger.encoder.linear_fc1.weight", "merger.mlp.0.bias": "merger.encoder.linear_fc1.bias",
+                "merger.mlp.2.weight": "merger.encoder.linear_fc2.weight", "merger.mlp.2.bias": "merger.encoder.linear_fc2.bias"}
+
+
 def vision_items(items: Iterable[tuple[str, torch.Tensor]], cfg) -> Iterator[tuple[str, torch.Tensor]]:
     """HF ``(name, tensor)`` of a Qwen2.5-VL (any of transformers' namings) -> the state-dict names of
     :class:`~megatron_longvideo.models.qwen2_5_vl.vision.QwenVisionTower`; language-model tensors are
     passed over. q/k/v are interleaved per head (megatron's layout), gate/up concatenated."""
     from megatron_longvideo.checkpoint.hf_map import merge_qkv
 
-    renames = {"norm1.weight": "input_layernorm.weight", "norm2.weight": "pre_mlp_layernorm.weight",
-               "attn.proj.weight": "self_attention.linear_proj.weight", "attn.proj.bias": "self_attention.linear_proj.bias",
-               "mlp.down_proj.weight": "mlp.linear_fc2.weight", "mlp.down_proj.bias": "mlp.linear_fc2.bias"}
-    tops = {"patch_embed.proj.weight": "patch_embed.weight", "merger.ln_q.weight": "merger_norm.weight",
-            "merger.mlp.0.weight": "merger.encoder.linear_fc1.weight", "merger.mlp.0.bias": "merger.encoder.linear_fc1.bias",
-            "merger.mlp.2.weight": "merger.encoder.linear_fc2.weight", "merger.mlp.2.bias": "merger.encoder.linear_fc2.bias"}
+    renames, tops = _LAYER_RENAMES, _TOP_RENAMES
     gate_up: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in items:
         for prefix in ("model.visual.", "visual."):
@@ -134,12 +138,8 @@ def hf_vision_items(state: Iterable[tuple[str, torch.Tensor]], cfg) -> Iterator[
     ``model.visual.*`` names and layouts."""
     from megatron_longvideo.checkpoint.hf_map import split_qkv
 
-    tops = {"patch_embed.weight": "patch_embed.proj.weight", "merger_norm.weight": "merger.ln_q.weight",
-            "merger.encoder.linear_fc1.weight": "merger.mlp.0.weight", "merger.encoder.linear_fc1.bias": "merger.mlp.0.bias",
-            "merger.encoder.linear_fc2.weight": "merger.mlp.2.weight", "merger.encoder.linear_fc2.bias": "merger.mlp.2.bias"}
-    renames = {"input_layernorm.weight": "norm1.weight", "pre_mlp_layernorm.weight": "norm2.weight",
-               "self_attention.linear_proj.weight": "attn.proj.weight", "self_attention.linear_proj.bias": "attn.proj.bias",
-               "mlp.linear_fc2.weight": "mlp.down_proj.weight", "mlp.linear_fc2.bias": "mlp.down_proj.bias"}
+    tops = {ours: hf for hf, ours in _TOP_RENAMES.items()}
+    renames = {ours: hf for hf, ours in _LAYER_RENAMES.items()}
     p, tp = cfg.patch_size, cfg.temporal_patch_size
     for name, t in state:
         if name in tops:

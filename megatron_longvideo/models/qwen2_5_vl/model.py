@@ -41,6 +41,21 @@ class Qwen25VLConfig:
             raise ValueError(f"vision.out_hidden_size={self.vision.out_hidden_size} must equal llm.hidden_size="
                              f"{self.llm.hidden_size}")
 
+    def positions(self, input_ids: torch.Tensor, videos: Sequence[torch.Tensor],
+                  seconds_per_frame: Optional[Sequence[float]] = None):
+        """``(positions [3, b, s], deltas [b, 1])`` of host ``input_ids`` whose video runs are ``videos``
+        (frames ``[T, 3, H, W]``, in order), frames ``seconds_per_frame`` apart (default 0.5 s: 2 fps)."""
+        from megatron_longvideo.models.qwen2_5_vl.rope import mrope_position_ids
+
+        v = self.vision
+        spacing = [0.5] * len(videos) if seconds_per_frame is None else [float(x) for x in seconds_per_frame]
+        grids = [video_grid(self, frames) for frames in videos]
+        return mrope_position_ids(input_ids.cpu(), video_token_id=self.video_token_id,
+                                  video_grid_thw=torch.tensor(grids) if grids else None,
+                                  second_per_grid_ts=[x * v.temporal_patch_size for x in spacing],  # per temporal patch
+                                  tokens_per_second=v.tokens_per_second, spatial_merge_size=v.spatial_merge_size,
+                                  text_after=self.text_after)
+
     def num_video_tokens(self, num_frames: int, height: int, width: int) -> int:
         """Placeholder tokens a video of ``num_frames`` frames of ``height x width`` pixels takes."""
         v = self.vision
@@ -65,21 +80,15 @@ class Qwen25VLModel(VisionLanguageModel):
         :func:`~megatron_longvideo.models.prefill.prefill_forward` calls): each row's prefix as
         :func:`~megatron_longvideo.models.qwen2_5_vl.rope.mrope_position_ids` places it, responses where
         they would be unpacked. ``videos[g]`` are group ``g``'s frames; frames 0.5 s apart by default."""
-        from megatron_longvideo.models.qwen2_5_vl.rope import expand_positions, mrope_position_ids
+        from megatron_longvideo.models.qwen2_5_vl.rope import expand_positions
 
-        cfg, per_group = self.cfg, {}
+        per_group = {}
         prefix_positions, deltas = [], []
         for r, g in enumerate(batch.row_group):
             if g not in per_group:
                 p = int(batch.prefix_lens[r])
-                sample = [] if videos is None else videos[g]
-                grids = [video_grid(cfg, v) for v in sample]
-                spacing = [0.5] * len(sample) if seconds_per_frame is None else seconds_per_frame[g]
-                pos, delta = mrope_position_ids(batch.input_ids[r : r + 1, :p].cpu(), video_token_id=cfg.video_token_id,
-                                                video_grid_thw=torch.tensor(grids) if grids else None,
-                                                second_per_grid_ts=[x * cfg.vision.temporal_patch_size for x in spacing],
-                                                tokens_per_second=cfg.vision.tokens_per_second,
-                                                spatial_merge_size=cfg.vision.spatial_merge_size, text_after=cfg.text_after)
+                pos, delta = self.cfg.positions(batch.input_ids[r : r + 1, :p], [] if videos is None else videos[g],
+                                                None if seconds_per_frame is None else seconds_per_frame[g])
                 per_group[g] = (pos[:, 0], int(delta[0, 0]))
             prefix_positions.append(per_group[g][0])
             deltas.append(per_group[g][1])
@@ -88,17 +97,7 @@ class Qwen25VLModel(VisionLanguageModel):
     def rollout_positions(self, prompts) -> list[torch.Tensor]:
         """``[3, P_i]`` multimodal positions of RL prompts (``prompt_ids`` and ``frames``, 0.5 s apart),
         the hook the GRPO trainer hands the rollout engine."""
-        from megatron_longvideo.models.qwen2_5_vl.rope import mrope_position_ids
-
-        cfg, out = self.cfg, []
-        for p in prompts:
-            pos, _ = mrope_position_ids(p.prompt_ids[None].cpu(), video_token_id=cfg.video_token_id,
-                                        video_grid_thw=torch.tensor([video_grid(cfg, p.frames)]),
-                                        second_per_grid_ts=[0.5 * cfg.vision.temporal_patch_size],
-                                        tokens_per_second=cfg.vision.tokens_per_second,
-                                        spatial_merge_size=cfg.vision.spatial_merge_size, text_after=cfg.text_after)
-            out.append(pos[:, 0])
-        return out
+        return [self.cfg.positions(p.prompt_ids[None], [p.frames])[0][:, 0] for p in prompts]
 
 
 def build_qwen25vl(cfg: Qwen25VLConfig, groups: ParallelGroups, *, seed: int = 0, **llm_kwargs) -> Qwen25VLModel:
@@ -123,7 +122,6 @@ def qwen_vlm_forward(model, groups: ParallelGroups, *, input_ids: torch.Tensor,
     returns (per-token loss with ``labels``), and the merged batch with ``return_merged``."""
     from megatron_longvideo.models.encode import encode_videos
     from megatron_longvideo.models.merge import merge_video_tokens
-    from megatron_longvideo.models.qwen2_5_vl.rope import mrope_position_ids
     from megatron_longvideo.models.vlm import text_embeddings
     from megatron_longvideo.platform.device import device_of
     from megatron_longvideo.training.lm_step import cp_shard
@@ -134,12 +132,6 @@ def qwen_vlm_forward(model, groups: ParallelGroups, *, input_ids: torch.Tensor,
     host_ids = input_ids.cpu()
     input_ids = input_ids.to(device, non_blocking=True)
     videos = videos or [[] for _ in range(input_ids.shape[0])]
-    grids, seconds = [], []
-    for i, sample in enumerate(videos):
-        for j, frames in enumerate(sample):
-            spacing = 0.5 if seconds_per_frame is None else float(seconds_per_frame[i][j])
-            seconds.append(spacing * cfg.vision.temporal_patch_size)  # seconds one temporal patch spans
-            grids.append(video_grid(cfg, frames))
     decoder_input, merged = None, None
     if inner.pre_process:
         flat = [v for sample in videos for v in sample]
@@ -148,10 +140,8 @@ def qwen_vlm_forward(model, groups: ParallelGroups, *, input_ids: torch.Tensor,
         embeds = [[next(encoded) for _ in sample] for sample in videos]
         merged = merge_video_tokens(text_embeddings(model, input_ids), input_ids, embeds, cfg.video_token_id)
         decoder_input = cp_shard(merged.embeds, groups, dim=1).transpose(0, 1).contiguous()  # [s_local, b, h]
-    positions, _ = mrope_position_ids(host_ids, video_token_id=cfg.video_token_id,
-                                      video_grid_thw=torch.tensor(grids) if grids else None, second_per_grid_ts=seconds,
-                                      tokens_per_second=cfg.vision.tokens_per_second,
-                                      spatial_merge_size=cfg.vision.spatial_merge_size, text_after=cfg.text_after)
+    spacing = None if seconds_per_frame is None else [x for sample in seconds_per_frame for x in sample]
+    positions, _ = cfg.positions(host_ids, [v for sample in videos for v in sample], spacing)
     out = lm_forward(model, decoder_input=decoder_input,
                      position_ids=cp_shard(positions.to(device), groups, dim=-1),
                      labels=None if labels is None else cp_shard(labels.to(device), groups))
