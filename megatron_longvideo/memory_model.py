@@ -59,14 +59,23 @@ def _is_qwen(vision) -> bool:
     return hasattr(vision, "temporal_patch_size")  # the Qwen2.5-VL tower's config
 
 
-def vision_param_count(vision: VisionConfig, llm_hidden: int) -> int:
+def vision_param_count(vision: VisionConfig, llm_hidden: int, *, tensor_parallel: int = 1) -> int:
     """Parameters of the ViT tower, projector and newline vector (SigLIP family), or of the Qwen2.5-VL
-    tower and its merger (a ``QwenVisionConfig``)."""
+    tower and its merger (a ``QwenVisionConfig``), on one rank. ``tensor_parallel`` > 1: one rank's share
+    of a Qwen2.5-VL tower sharded over that many TP ranks (``encode_group="cp"``): heads, SwiGLU and the
+    merger's fc1 / fc2 split, the patch embedding, norms and row-parallel biases whole. The SigLIP tower
+    is always replicated."""
+    t = tensor_parallel
     if _is_qwen(vision):
         c, f, u = vision.hidden_size, vision.intermediate_size, vision.merge_unit
-        layer = 2 * c + 3 * c * c + 3 * c + c * c + c + 2 * (c * f + f) + f * c + c  # norms, qkv, proj, SwiGLU
-        merger = c + (u * c) * (u * c) + u * c + (u * c) * vision.out_hidden_size + vision.out_hidden_size
+        if c % t or f % t:
+            raise ValueError(f"tensor_parallel={t} does not divide the tower (hidden_size={c}, intermediate_size={f})")
+        split = 3 * c * c + 3 * c + c * c + 2 * (c * f + f) + f * c  # qkv, proj weight, SwiGLU fc1, fc2 weight
+        layer = 2 * c + c + c + split // t  # norms, proj and fc2 biases (replicated), the split part
+        merger = c + ((u * c) * (u * c) + u * c + (u * c) * vision.out_hidden_size) // t + vision.out_hidden_size
         return vision.patch_dim * c + vision.depth * layer + merger
+    if t != 1:
+        raise ValueError(f"tensor_parallel={t}: the SigLIP family's tower is replicated over TP (use 1)")
     vh, vf, p = vision.hidden_size, vision.ffn_hidden_size, vision.patch_size
     patches = vision.grid**2
     embed = 3 * p * p * vh + vh + patches * vh  # patch conv (with bias), position embeddings
@@ -104,6 +113,11 @@ class StepLayout:
     """Adam state per parameter (+4 for an fp32 master copy of bf16 weights)."""
     distributed_optimizer: bool = False
     tensor_parallel: int = 1
+    encode_group: str = "cp"
+    """The ranks that split a video's frames, as ``ParallelConfig.encode_group``: 'cp', the N ranks (with
+    ``tensor_parallel`` > 1 the Qwen2.5-VL tower is then sharded over TP: its weights and most of its
+    activations divide by TP), or 'tp_cp', the N x TP ranks (the tower replicated). 'cp' is what this model
+    assumed before the field existed, hence the default."""
     reference: str = "resident"
     """'resident', 'offloaded' (on the GPU only for its pass) or 'none' (no KL)."""
     engine: str = "resident"
@@ -128,6 +142,8 @@ class StepLayout:
             raise ValueError(f"reference: 'resident', 'offloaded' or 'none', got {self.reference!r}")
         if self.engine not in ("resident", "sleep"):
             raise ValueError(f"engine: 'resident' or 'sleep', got {self.engine!r}")
+        if self.encode_group not in ("cp", "tp_cp"):
+            raise ValueError(f"encode_group: 'cp' or 'tp_cp', got {self.encode_group!r}")
 
     @property
     def cp(self) -> int:
@@ -136,6 +152,10 @@ class StepLayout:
     @property
     def packed(self) -> bool:
         return self.mode == "stage12_packed"
+
+    def vision_shards(self, vision) -> int:
+        """TP ranks the vision tower is sharded over: TP for a Qwen2.5-VL tower with encode_group 'cp', else 1."""
+        return self.tensor_parallel if _is_qwen(vision) and self.encode_group == "cp" else 1
 
     @property
     def responses_per_rank(self) -> int:
@@ -235,8 +255,10 @@ def attention_terms(llm: LLMConfig, tokens: float, *, cp: int, mode: str = "all_
 
 
 def _vision_terms(vision, frames: int, image_size: Optional[int], encode_group: int, act_bytes: float,
-                  dense: bool, prompts: int) -> tuple[int, float, float]:
-    """(video tokens, raw frame bytes, the tower's activations of one layer on this rank's share)."""
+                  dense: bool, prompts: int, shards: int = 1) -> tuple[int, float, float]:
+    """(video tokens, raw frame bytes, the tower's activations of one layer on this rank's share).
+    ``shards``: TP ranks a Qwen2.5-VL tower is sharded over (q/k/v, attention and the SwiGLU widths divide
+    by it; the residual stream does not)."""
     a = act_bytes
     if _is_qwen(vision):
         if image_size is None:
@@ -245,10 +267,10 @@ def _vision_terms(vision, frames: int, image_size: Optional[int], encode_group: 
         units = -(-frames // vision.temporal_patch_size)  # temporal patches, split over the encode group
         tokens = units * side * side // vision.merge_unit
         local = -(-units // encode_group) * side * side  # patches this rank encodes
-        vit = local * (4 * vision.hidden_size + 2 * vision.intermediate_size) * a
+        vit = local * (vision.hidden_size + (3 * vision.hidden_size + 2 * vision.intermediate_size) / shards) * a
         if dense:
             window = min(side, vision.window_size // vision.patch_size) ** 2
-            vit += local * vision.num_heads * window * a * 2
+            vit += local * vision.num_heads / shards * window * a * 2
         return tokens, frames * 3 * image_size**2 * 4 * prompts, vit
     vis_frames = -(-frames // encode_group)
     patches = vision.grid**2 + 1
@@ -270,7 +292,7 @@ def predict_step_memory(llm: LLMConfig, vision: VisionConfig, frames: int, layou
     a = L.act_bytes
 
     # static
-    p_llm, p_vis = llm_param_count(llm) / tp, vision_param_count(vision, h)
+    p_llm, p_vis = llm_param_count(llm) / tp, vision_param_count(vision, h, tensor_parallel=L.vision_shards(vision))
     optim_shards = n if L.distributed_optimizer else 1
     static = p_llm * (L.param_bytes + L.grad_bytes + L.optimizer_bytes / optim_shards) + p_vis * L.param_bytes
     if L.reference == "resident":
@@ -280,8 +302,9 @@ def predict_step_memory(llm: LLMConfig, vision: VisionConfig, frames: int, layou
         static += engine_weights
 
     # sequence shapes
-    encode_group = 1 if L.mode == "baseline" else n
-    video, frame_bytes, vit = _vision_terms(vision, frames, image_size, encode_group, a, L.attention == "dense", L.prompts)
+    encode_group = 1 if L.mode == "baseline" else n * (tp if L.encode_group == "tp_cp" else 1)
+    video, frame_bytes, vit = _vision_terms(vision, frames, image_size, encode_group, a, L.attention == "dense", L.prompts,
+                                            L.vision_shards(vision))
     prefix = video + L.text_len
     g_rank = L.responses_per_rank
     per_mb = min(L.responses_per_microbatch or g_rank, g_rank)  # responses in one micro-batch

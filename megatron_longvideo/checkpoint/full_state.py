@@ -1,9 +1,11 @@
 """Full (unsharded) state dicts of megatron models: gather TP/PP shards, and load a full dict back.
 
-The "full" layout is the world=1 layout of the same GPTModel with one exception that makes it
-independent of TP: the SwiGLU ``linear_fc1`` weight is ``cat(gate, up)`` over the full width (under TP
-each rank holds ``cat(gate_r, up_r)``, so a plain concatenation of shards would interleave them).
-Layer names are global (``decoder.layers.{global index}``) whatever the pipeline stage.
+The "full" layout is the world=1 layout of the same model with one exception that makes it
+independent of TP: a SwiGLU ``linear_fc1`` weight (and bias) is ``cat(gate, up)`` over the full width
+(under TP each rank holds ``cat(gate_r, up_r)``, so a plain concatenation of shards would interleave
+them). Layer names are global (``decoder.layers.{global index}``) whatever the pipeline stage. A
+replicated vision tower (``encode_replica``) is taken as it is; a TP-sharded one (Qwen2.5-VL with
+``encode_group="cp"``) is gathered like the LLM.
 
 Used by the invariance tests (parameters and gradients compared at full shape), the Hugging Face
 weight map and the rollout engines' weight sync. Tensors are moved through torch.distributed one at a
@@ -68,11 +70,18 @@ def canonical_name(name: str) -> str:
 
 
 def _is_swiglu_fc1(name: str, model) -> bool:
-    return name.endswith("mlp.linear_fc1.weight") and getattr(model.config, "gated_linear_unit", False) and "vision." not in name
+    """Whether ``name`` is the weight or bias of a gated (SwiGLU) MLP's ``linear_fc1``: its full tensor is
+    cat(gate, up) and each TP rank holds cat(gate_r, up_r). Decided by the MLP's own config, so the LLM's,
+    a SwiGLU vision tower's (Qwen2.5-VL) and a GELU tower's (SigLIP, the projectors) each get their rule."""
+    path, _, leaf = name.rpartition(".")
+    if leaf not in ("weight", "bias") or not (path == "linear_fc1" or path.endswith(".linear_fc1")):
+        return False
+    mlp = model.get_submodule(path[: -len("linear_fc1")].rstrip("."))
+    return bool(getattr(getattr(mlp, "config", None), "gated_linear_unit", False))
 
 
 def _tp_sharded(param) -> bool:
-    # the vision tower is replicated (its own one-rank TP group) even though its linears carry TP attributes
+    # a replicated vision tower (its own one-rank TP group) carries TP attributes on its linears, but no shards
     return getattr(param, "tensor_model_parallel", False) and not getattr(param, "encode_replica", False)
 
 

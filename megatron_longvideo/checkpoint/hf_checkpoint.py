@@ -6,10 +6,11 @@ entry script takes with ``--load`` (weights only: it holds no optimizer state) a
 TP / PP / CP on load. Each converting rank builds only its shard of the model, on the meta device and
 then as uninitialised host memory (no random init of billions of weights), and streams the HF tensors
 into it one at a time: memory is one model shard plus one tensor. Under ``torchrun`` with TP / PP the
-shards are split over the ranks; one process converts the whole model. The checkpoint keeps under
-``hf/`` what the weights do not carry: the source ``config.json``, the tokenizer files and chat template,
-the generation and processor configs, ``unused.safetensors`` (every source tensor the library does not
-use: SigLIP's pooling head and post-layernorm) and ``tensor_names.json`` (the source's tensor names, which
+shards are split over the ranks (a Qwen2.5-VL tower too: it is built sharded over TP, each rank slicing
+its part of q/k/v, gate/up and the merger out of the full tensors); one process converts the whole model.
+The checkpoint keeps under ``hf/`` what the weights do not carry: the source ``config.json``, the
+tokenizer files and chat template, the generation and processor configs, ``unused.safetensors`` (every
+source tensor the library does not use: SigLIP's pooling head and post-layernorm) and ``tensor_names.json`` (the source's tensor names, which
 transformers versions spell differently); later saves of the run carry them forward.
 
 ``export_dist_checkpoint`` (``convert_checkpoint.py to-hf --dist-checkpoint``) rebuilds the model from the
@@ -127,6 +128,18 @@ def _assets_of(hf_dir: str, unmapped: dict, tokenizer: Optional[str]) -> dict[st
     return assets
 
 
+def _tower_sharding_groups(groups):
+    """``groups`` with the encode group left to CP, so that at TP > 1 a Qwen2.5-VL tower is built sharded
+    over TP (:func:`~megatron_longvideo.models.qwen2_5_vl.vision.shards_over_tp`): the checkpoint holds
+    the same tensors in either tower layout, and sharding divides each converting rank's share of the tower
+    by TP. A converter never encodes, so nothing else reads the encode group."""
+    import dataclasses
+
+    if groups.config.encode_group == "cp":
+        return groups
+    return dataclasses.replace(groups, config=dataclasses.replace(groups.config, encode_group="cp"), encode=groups.cp)
+
+
 def import_hf_checkpoint(hf_dir: str, out: str, *, groups, dtype: Optional[torch.dtype] = None,
                          tokenizer: Optional[str] = None, progress: bool = True) -> str:
     """Convert the HF folder ``hf_dir`` into a dist checkpoint under the save root ``out`` (step 0) in the
@@ -142,7 +155,7 @@ def import_hf_checkpoint(hf_dir: str, out: str, *, groups, dtype: Optional[torch
 
     cfg = read_hf_config(hf_dir)
     dtype = dtype or hf_checkpoint_dtype(hf_dir)
-    model = build_empty_model(cfg, groups, params_dtype=dtype)
+    model = build_empty_model(cfg, _tower_sharding_groups(groups), params_dtype=dtype)
     unmapped: dict = {}
     rank0 = dist.get_rank() == 0
     if isinstance(cfg, Qwen25VLConfig):  # two passes over the files: language model, then tower

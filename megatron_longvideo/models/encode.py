@@ -16,7 +16,10 @@ it: ranks of the group in different CP positions hold different parts of the los
 full gradient. When the group also spans TP, the TP ranks of one CP position are replicas holding the
 same loss part, so the sum is scaled by 1/TP. Each rank's tower gradient then covers its own frames
 only: :func:`reduce_encode_replica_grads` sums the tower and projector gradients over the TP part of
-the group (DDP already sums over DP x CP), keeping every replica of the tower identical.
+the group (DDP already sums over DP x CP), keeping every replica of the tower identical. With
+``encode_group="cp"`` the TP ranks of a CP position encode the same units: a tower that is replicated
+then (SigLIP) computes identical gradients on them, and the Qwen2.5-VL tower is sharded over TP instead
+(its TP layers do their own reductions); nothing is summed here in either case.
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ def split_frames(num_frames: int, group_size: int, rank: int) -> tuple[int, int,
 
 
 def _agree_on_hits(hits: list[bool], group, device) -> list[bool]:
-    """Every rank of ``group`` must take the same cache decisions, or the gather would hang.
+    """Every rank of ``group`` must take the same cache decisions, or the gather (or a TP-sharded
+    tower's collectives) would hang.
 
     One small all-reduce and a device-to-host read per encode call (the decisions steer Python control
     flow, so they are needed on the host)."""
@@ -109,9 +113,14 @@ def encode_videos(
     use_cache = cache is not None and keys is not None and not trainable
     device = device_of(encoder)
     tokens: list[Optional[torch.Tensor]] = [None] * len(videos)
+    hits = [False] * len(videos)
     if use_cache:
         tokens = [cache.get(k, device=device) for k in keys]
-    hits = _agree_on_hits([t is not None for t in tokens], groups.encode, device) if use_cache else [False] * len(videos)
+        hits = _agree_on_hits([t is not None for t in tokens], groups.encode, device)
+        if not groups.encode_includes_tp and groups.tp_size > 1:
+            # a tower sharded over TP (Qwen2.5-VL, encode_group='cp') runs collectives over TP: its TP ranks
+            # must encode the same videos too (MIN over the encode group, then over TP: the MIN over both)
+            hits = _agree_on_hits(hits, groups.tp, device)
     todo = [i for i, hit in enumerate(hits) if not hit]
     if todo:
         on_cuda = device.type == "cuda"

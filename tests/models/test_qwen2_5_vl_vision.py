@@ -45,3 +45,32 @@ def test_vision_tower_equals_transformers():
     assert ours.shape == theirs.shape == (2 * 8 * 12 // 4 + 4, 64), (ours.shape, theirs.shape)
     rel = ((ours - theirs).norm() / theirs.norm()).item()
     assert rel < 1e-4, rel
+
+
+def test_memory_model_counts_a_sharded_tower_per_rank():
+    """With encode_group='cp' and TP > 1 the memory model takes one rank's share of the tower (its exact
+    per-rank count is checked against a built TP = 2 tower in test_qwen2_5_vl_invariance); 'tp_cp' keeps
+    it whole and splits the frames over TP instead. The SigLIP tower is never sharded."""
+    import pytest
+
+    from megatron_longvideo.memory_model import StepLayout, predict_step_memory, vision_param_count
+    from megatron_longvideo.models.llm import LLMConfig
+    from megatron_longvideo.models.qwen2_5_vl.vision import QwenVisionConfig
+    from megatron_longvideo.models.vision import VisionConfig
+
+    vision = QwenVisionConfig(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                              fullatt_block_indexes=(7, 15, 23, 31))
+    llm = LLMConfig(hidden_size=3584, num_layers=2, num_attention_heads=28, num_query_groups=4, ffn_hidden_size=18944,
+                    mrope_section=(16, 24, 24))
+    full, half = vision_param_count(vision, 3584), vision_param_count(vision, 3584, tensor_parallel=2)
+    assert full / 2 < half < full / 2 + vision.patch_dim * vision.hidden_size + 4 * vision.hidden_size * vision.depth
+    with pytest.raises(ValueError, match="tensor_parallel=8"):
+        vision_param_count(vision, 3584, tensor_parallel=8)  # 3420 / 8
+    with pytest.raises(ValueError, match="SigLIP"):
+        vision_param_count(VisionConfig(), 64, tensor_parallel=2)
+    base = dict(mode="stage12", ranks=2, group_size=4, response_len=64, tensor_parallel=2, reference="none")
+    cp, tp_cp = (predict_step_memory(llm, vision, 64, StepLayout(**base, encode_group=g), image_size=448)
+                 for g in ("cp", "tp_cp"))
+    assert cp.static < tp_cp.static and cp.parts["rollout"]["encode"] != tp_cp.parts["rollout"]["encode"]
+    with pytest.raises(ValueError, match="encode_group"):
+        StepLayout(**base, encode_group="tp")

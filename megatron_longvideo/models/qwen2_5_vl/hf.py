@@ -202,7 +202,10 @@ def hf_config(cfg, **text_extra):
     vision = dict(depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_heads=v.num_heads,
                   out_hidden_size=v.out_hidden_size, patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
                   spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
-                  fullatt_block_indexes=list(v.fullatt_block_indexes), tokens_per_second=v.tokens_per_second)
+                  fullatt_block_indexes=list(v.fullatt_block_indexes),
+                  # transformers 5 types it int (the public configs write 2); a fraction stays a float
+                  tokens_per_second=int(v.tokens_per_second) if float(v.tokens_per_second).is_integer()
+                  else v.tokens_per_second)
     extra = {} if cfg.image_token_id is None else {"image_token_id": cfg.image_token_id}
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, video_token_id=cfg.video_token_id,
                             tie_word_embeddings=llm.tie_word_embeddings, **extra)

@@ -22,6 +22,9 @@ from megatron_longvideo.parallel.groups import ParallelGroups
 __all__ = ["Qwen25VLConfig", "Qwen25VLModel", "build_qwen25vl", "qwen_vlm_forward", "video_grid", "qwen25vl_config_from_hf",
            "load_hf_state", "hf_state"]
 
+DEFAULT_SECONDS_PER_FRAME = 0.5
+"""Frame spacing taken when a video carries no timestamps (RL prompts): 2 fps, as qwen-vl-utils samples."""
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Qwen25VLConfig:
@@ -48,7 +51,7 @@ class Qwen25VLConfig:
         from megatron_longvideo.models.qwen2_5_vl.rope import mrope_position_ids
 
         v = self.vision
-        spacing = [0.5] * len(videos) if seconds_per_frame is None else [float(x) for x in seconds_per_frame]
+        spacing = [DEFAULT_SECONDS_PER_FRAME] * len(videos) if seconds_per_frame is None else [float(x) for x in seconds_per_frame]
         grids = [video_grid(self, frames) for frames in videos]
         return mrope_position_ids(input_ids.cpu(), video_token_id=self.video_token_id,
                                   video_grid_thw=torch.tensor(grids) if grids else None,
@@ -168,8 +171,8 @@ def load_hf_state(model, groups: ParallelGroups, items) -> None:
     inner = unwrap(model)
     items = list(items)
     load_full_state(inner.llm, dict(WeightMap(inner.cfg.llm).to_megatron(language_model_items(items))), groups)
-    if inner.vision is not None:
-        inner.vision.load_state_dict(dict(vision_items(items, inner.cfg.vision)), strict=True)
+    if inner.vision is not None:  # full tensors, sliced for a TP-sharded tower
+        load_full_state(inner.vision, dict(vision_items(items, inner.cfg.vision)), groups)
 
 
 def hf_state(model, groups: ParallelGroups) -> dict[str, torch.Tensor]:
@@ -185,8 +188,8 @@ def hf_state(model, groups: ParallelGroups) -> dict[str, torch.Tensor]:
     llm = gather_full_state(inner.llm, groups)
     out = dict(hf_language_model_items(WeightMap(inner.cfg.llm).to_hf(llm)))
     vision = None
-    if inner.vision is not None:
-        vision = {k: p.detach().cpu().clone() for k, p in inner.vision.named_parameters()}
+    if inner.vision is not None:  # gathered over TP when sharded; over PP below (only the first stage has it)
+        vision = {k: t.cpu() for k, t in gather_full_state(inner.vision, dataclasses.replace(groups, pp=None)).items()}
     if groups.size(groups.pp) > 1:  # the first stage's tower, to every stage
         shared = [vision]
         dist.broadcast_object_list(shared, src=dist.get_global_rank(groups.pp, 0), group=groups.pp)

@@ -19,7 +19,15 @@ Tower (``[N, 3*2*14*14]`` patches and ``grid_thw`` -> ``[N / 4, out_hidden]``):
 6. Back from window order to merge-block order.
 
 No attention crosses a temporal patch, so splitting a video's temporal patches over the encode group is
-exact (the tower is replicated over TP, like the SigLIP one).
+exact. With ``encode_group="tp_cp"`` every TP rank encodes units of its own, so the tower is replicated over
+TP (like the SigLIP one; :func:`~megatron_longvideo.models.encode.reduce_encode_replica_grads` sums its
+gradients). With ``encode_group="cp"`` and TP > 1 the TP ranks of one CP rank encode the same units, so
+the tower is sharded over TP instead (:func:`shards_over_tp`): attention heads (``linear_qkv`` column-,
+``linear_proj`` row-parallel), the SwiGLU MLP and the merger's fc1 / fc2 (column / row). What stays
+replicated, the patch embedding, the norms, the 2-D rotary and the row-parallel biases, acts on the full
+residual stream, which every TP rank holds whole; the column-parallel inputs' backward all-reduces their
+gradient over TP, so each rank's gradient of a replicated tensor is already the full one and no extra
+reduction is needed.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["QwenVisionConfig", "QwenVisionTower", "frames_to_patches", "rotary_positions", "window_order"]
+__all__ = ["QwenVisionConfig", "QwenVisionTower", "frames_to_patches", "rotary_positions", "window_order", "shards_over_tp"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -126,7 +134,13 @@ def window_order(grid_thw: Sequence[Sequence[int]], cfg: QwenVisionConfig):
     return (torch.cat(order), torch.tensor(windows, device="cpu"), torch.tensor(frames, device="cpu"))
 
 
-def _layer_config(cfg: QwenVisionConfig, params_dtype):
+def shards_over_tp(groups) -> bool:
+    """Whether the tower is sharded over TP: the encode group leaves TP out (``encode_group="cp"``) and
+    TP > 1, so the TP ranks of one CP rank encode the same units (see the module docstring)."""
+    return groups.tp_size > 1 and groups.config.encode_group == "cp"
+
+
+def _layer_config(cfg: QwenVisionConfig, params_dtype, tp: int):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
@@ -136,7 +150,7 @@ def _layer_config(cfg: QwenVisionConfig, params_dtype):
         activation_func=F.silu, hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False,
         bias_dropout_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         gradient_accumulation_fusion=False, apply_rope_fusion=False, params_dtype=params_dtype,
-        use_cpu_initialization=True, pipeline_dtype=params_dtype)
+        use_cpu_initialization=True, pipeline_dtype=params_dtype, tensor_model_parallel_size=tp)
 
 
 def _merger_config(cfg: QwenVisionConfig, params_dtype):
@@ -146,11 +160,36 @@ def _merger_config(cfg: QwenVisionConfig, params_dtype):
     return TransformerConfig(num_layers=1, hidden_size=cfg.out_hidden_size, ffn_hidden_size=width, num_attention_heads=1,
                              add_bias_linear=True, gated_linear_unit=False, activation_func=F.gelu,
                              bias_activation_fusion=False, gradient_accumulation_fusion=False, params_dtype=params_dtype,
-                             use_cpu_initialization=True)
+                             use_cpu_initialization=True)  # TP: the projector's tp_group
+
+
+def _tower_collection(groups, sharded: bool):
+    """The tower's process groups: the real TP group when sharded, else this rank alone; never CP (each
+    rank encodes whole units) nor PP (the tower lives on the first stage)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_longvideo.models.vision import _solo_collection
+
+    solo = _solo_collection(groups)
+    if not sharded:
+        return solo
+    return ProcessGroupCollection(tp=groups.tp, cp=solo.cp, pp=solo.pp, dp=solo.dp, dp_cp=solo.dp_cp, tp_cp=solo.tp_cp,
+                                  embd=None, pos_embd=None)
+
+
+def _check_divisible(cfg: QwenVisionConfig, tp: int) -> None:
+    for name in ("num_heads", "intermediate_size"):  # hidden_size * merge_unit follows from num_heads
+        if getattr(cfg, name) % tp:
+            raise ValueError(f"vision.{name}={getattr(cfg, name)} is not divisible by tensor_parallel_size={tp}: "
+                             f"with encode_group='cp' the Qwen2.5-VL tower is sharded over TP (encode_group='tp_cp' "
+                             f"replicates it instead)")
 
 
 class QwenVisionTower(torch.nn.Module):
-    """Patches ``[N, patch_dim]`` and their grids -> LLM-space tokens ``[N / 4, out_hidden_size]``."""
+    """Patches ``[N, patch_dim]`` and their grids -> LLM-space tokens ``[N / 4, out_hidden_size]``.
+
+    Replicated over TP, or sharded over it when :func:`shards_over_tp` (see the module docstring); the
+    output is whole on every rank either way."""
 
     def __init__(self, cfg: QwenVisionConfig, groups, *, params_dtype=torch.float32, attention_kernel: str = "auto"):
         super().__init__()
@@ -163,17 +202,24 @@ class QwenVisionTower(torch.nn.Module):
 
         from megatron_longvideo.attention.core import TileCoreAttention
         from megatron_longvideo.models.norm import RMSNorm
-        from megatron_longvideo.models.vision import _solo_collection
         from megatron_longvideo.parallel.context import SequenceContext
 
         self.cfg = cfg
-        pgs = _solo_collection(groups)
+        self.sharded = shards_over_tp(groups)
+        tp = groups.tp_size if self.sharded else 1
+        if self.sharded:
+            _check_divisible(cfg, tp)
+        self.tp_group = groups.tp  # sharded over it, or replicated over it (checkpoint replica ids)
+        pgs = _tower_collection(groups, self.sharded)
         self.sequence_context = SequenceContext()
-        config = _layer_config(cfg, params_dtype)
+        config = _layer_config(cfg, params_dtype, tp)
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
         spec.submodules.input_layernorm = RMSNorm
         spec.submodules.pre_mlp_layernorm = RMSNorm
+        # checkpoint keys are the state-dict names in both layouts (the local spec renames norms to TE's names)
+        spec.submodules.sharded_state_dict_keys_map = {}
         spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.no_mask}
+        # the core gets pg_collection's TP group from SelfAttention, hence this rank's heads only
         spec.submodules.self_attention.submodules.core_attention = functools.partial(
             TileCoreAttention, sequence_context=self.sequence_context, kernel=attention_kernel)
         self.patch_embed = torch.nn.Linear(cfg.patch_dim, cfg.hidden_size, bias=False, dtype=params_dtype, device="cpu")
@@ -186,11 +232,34 @@ class QwenVisionTower(torch.nn.Module):
         half = cfg.head_dim // 2
         self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, half, 2, dtype=torch.float32, device="cpu") / half),
                              persistent=False)
-        for p in self.parameters():
-            p.encode_replica = True  # replicated over TP, applied to each rank's own frames
+        if not self.sharded:
+            for p in self.parameters():
+                p.encode_replica = True  # replicated over TP, applied to each rank's own frames
         if cfg.freeze:
             self.requires_grad_(False)
         self.image_newline = None  # the encode path's hooks (models/encode.py): no newline token
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """The tower for ``dist_checkpointing``: the same keys and full global shapes whether it is sharded
+        or replicated (a checkpoint of either layout loads into the other). Replicated: one main replica
+        over TP x DP x CP. Sharded: megatron's TP layers give their shards (SwiGLU's ``linear_fc1`` as
+        gate and up fragments of cat(gate, up)); the rest is replicated over TP."""
+        from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint,
+                                                     sharded_state_dict_default)
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        if not self.sharded:
+            return make_sharded_tensors_for_checkpoint(self.state_dict(keep_vars=True), prefix, {}, sharded_offsets,
+                                                       tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+        sd = {}
+        for name, module in self.named_children():
+            if name == "layers":
+                for i, layer in enumerate(module):
+                    sd.update(layer.sharded_state_dict(f"{prefix}layers.{i}.", sharded_offsets, metadata))
+            else:
+                sd.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                     tp_group=self.tp_group))
+        return sd
 
     @property
     def vcfg(self) -> QwenVisionConfig:
@@ -254,7 +323,9 @@ class QwenVisionTower(torch.nn.Module):
 
 def build_qwen_vision_tower(cfg: QwenVisionConfig, groups, *, params_dtype=torch.float32, seed: int = 0,
                             attention_kernel: str = "auto", device=None) -> QwenVisionTower:
-    """The replicated tower, initialised on the CPU from ``seed`` alone (every rank the same), then moved."""
+    """The tower, initialised on the CPU from ``seed`` alone, then moved. Replicated: every rank the same;
+    sharded: each rank keeps its slice of the same full tower (megatron's CPU initialisation draws the
+    full weight and slices it, SwiGLU's fc1 with stride 2), so a seed gives the world=1 tower in any layout."""
     from megatron_longvideo.platform.device import to_compute_device
 
     with torch.random.fork_rng(devices=[]):
