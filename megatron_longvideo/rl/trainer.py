@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron_longvideo.checkpoint.full_state import gather_full_state
 from megatron_longvideo.models.encode import encode_stats
 from megatron_longvideo.models.llm import unwrap
-from megatron_longvideo.models.prefill import dense_values, prefill_step
+from megatron_longvideo.models.prefill import prefill_step
 from megatron_longvideo.models.video_cache import VideoEmbeddingCache, cache_key, weights_version
 from megatron_longvideo.parallel.groups import ParallelGroups
 from megatron_longvideo.platform.device import compute_device
@@ -34,7 +34,8 @@ from megatron_longvideo.rl.engines.base import SamplingConfig
 from megatron_longvideo.rl.losses import GRPOLossConfig, grpo_loss, needs_reference
 from megatron_longvideo.rl.packing import build_prefill_batch
 from megatron_longvideo.rl.rewards import compute_rewards
-from megatron_longvideo.rl.rollout import RLPrompt, generate_groups, nonempty, prompt_embeddings
+from megatron_longvideo.rl.rollout import (RLPrompt, generate_groups, nonempty, prompt_embeddings, prompt_videos,
+                                           video_prompts)
 from megatron_longvideo.rl.sampling import DynamicSampler, DynamicSamplingConfig
 from megatron_longvideo.training.engine import forward_backward
 
@@ -153,6 +154,16 @@ class GRPOTrainer:
         self.pad_id = tokenizer.pad_id
         self.reward_spec = dict(cfg.rewards)
         self._versions: dict[int, str] = {}
+        self._engine_takes_videos = self._agree_on_engine_inputs()
+
+    def _agree_on_engine_inputs(self) -> bool:
+        """Whether the engine takes VideoPrompts: only the replica's first rank holds it, but every rank
+        must build the same rollout inputs (their collectives), so it tells them (once, at start)."""
+        flag = [bool(getattr(self.engine, "takes_video_prompts", False))]
+        if self.groups.size(self.groups.tp_cp) > 1:
+            leader = dist.get_process_group_ranks(self.groups.tp_cp)[0]
+            dist.broadcast_object_list(flag, src=leader, group=self.groups.tp_cp)
+        return flag[0]
 
     # ------------------------------------------------------------------------------------------ #
     def _keys(self, prompts: Sequence[RLPrompt], model) -> list[str]:
@@ -169,12 +180,19 @@ class GRPOTrainer:
     def generate(self, prompts: Sequence[RLPrompt]) -> list[list[list[int]]]:
         """G sampled responses (token ids, ``[prompt][response]``) per prompt, on every rank of the replica."""
         cfg = self.cfg
-        with torch.no_grad():
-            embeds = prompt_embeddings(self.policy, self.groups, prompts, cache=self.cache, cache_keys=self._keys(prompts, self.policy))
         sampling = cfg.sampling.for_rank(self.groups.dp_rank * 100003 + self.step_count) if cfg.sampling.seed is not None else cfg.sampling
-        positions_of = getattr(unwrap(self.policy), "rollout_positions", None)  # multimodal RoPE families
-        positions = positions_of(prompts) if positions_of is not None else None
-        token_groups = generate_groups(self.engine, self.groups, embeds, sampling, positions=positions)
+        keys = self._keys(prompts, self.policy)
+        if self._engine_takes_videos:  # token ids and the cached videos: the engine merges and positions them
+            with torch.no_grad():
+                videos = prompt_videos(self.policy, self.groups, prompts, cache=self.cache, cache_keys=keys)
+            inputs = video_prompts(unwrap(self.policy).cfg, prompts, videos, keys)
+            token_groups = generate_groups(self.engine, self.groups, None, sampling, video_prompts=inputs)
+        else:
+            with torch.no_grad():
+                embeds = prompt_embeddings(self.policy, self.groups, prompts, cache=self.cache, cache_keys=keys)
+            positions_of = getattr(unwrap(self.policy), "rollout_positions", None)  # multimodal RoPE families
+            positions = positions_of(prompts) if positions_of is not None else None
+            token_groups = generate_groups(self.engine, self.groups, embeds, sampling, positions=positions)
         eos = self.tokenizer.eos_id
         return [[nonempty(r, eos) for r in g] for g in token_groups]
 

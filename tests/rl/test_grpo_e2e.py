@@ -96,7 +96,7 @@ def _worker(rank, world_size, tok_path, pack, split=None, family="llava_onevisio
     trainer, prompts, ddp, groups = _setup(tok_path, world_size, pack, split, family)
     queue = list(prompts)
     draw = lambda k: [queue.pop(0) for _ in range(k)]  # noqa: E731
-    losses, rewards, responses = [], [], []
+    losses, rewards = [], []
     for _ in range(2):
         metrics = trainer.step(draw)
         losses.append(metrics["train/loss"])

@@ -1,24 +1,29 @@
 """Rollout engines behind one interface (:class:`RolloutEngine`): ``hf`` (transformers, CPU default)
-and ``vllm`` (vLLM, the ``[vllm]`` extra). See :mod:`megatron_longvideo.rl.engines.base`."""
+and ``vllm`` (vLLM, the ``[vllm]`` extra), each with a variant for the Qwen2.5-VL family's multimodal
+RoPE. See :mod:`megatron_longvideo.rl.engines.base`."""
 
 from __future__ import annotations
 
-from megatron_longvideo.rl.engines.base import Completion, RolloutEngine, SamplingConfig
+from megatron_longvideo.rl.engines.base import Completion, RolloutEngine, SamplingConfig, VideoPrompt
 
-__all__ = ["Completion", "RolloutEngine", "SamplingConfig", "build_engine", "ENGINES"]
+__all__ = ["Completion", "RolloutEngine", "SamplingConfig", "VideoPrompt", "build_engine", "ENGINES"]
 
 ENGINES = ("hf", "vllm")
 
 
 def build_engine(name: str, cfg, **kwargs) -> RolloutEngine:
     """The rollout engine ``name`` ('hf' or 'vllm') for the model config ``cfg`` (LLMConfig, VLMConfig or
-    a Qwen2.5-VL config, whose multimodal RoPE takes :class:`~megatron_longvideo.rl.engines.hf_mrope.MultimodalRoPEEngine`)."""
-    if name == "hf" and getattr(getattr(cfg, "llm", None), "mrope_section", None) is not None:
+    a Qwen2.5-VL config, whose multimodal RoPE takes :class:`~megatron_longvideo.rl.engines.hf_mrope.MultimodalRoPEEngine`
+    or :class:`~megatron_longvideo.rl.engines.vllm_qwen.VLLMQwenEngine`)."""
+    mrope = getattr(getattr(cfg, "llm", None), "mrope_section", None) is not None
+    if name == "hf" and mrope:
         from megatron_longvideo.rl.engines.hf_mrope import MultimodalRoPEEngine
 
         return MultimodalRoPEEngine(cfg, **kwargs)
-    if name == "vllm" and getattr(getattr(cfg, "llm", None), "mrope_section", None) is not None:
-        raise ValueError("engine 'vllm' for a multimodal-RoPE (Qwen2.5-VL) policy is not built yet; use 'hf'")
+    if name == "vllm" and mrope:
+        from megatron_longvideo.rl.engines.vllm_qwen import VLLMQwenEngine
+
+        return VLLMQwenEngine(cfg, **kwargs)
     if name == "hf":
         from megatron_longvideo.rl.engines.hf_engine import HFEngine
 

@@ -4,10 +4,14 @@ GRPO generates G responses per prompt from the *current* policy. The trainer gat
 full-shape weights (:func:`~megatron_longvideo.checkpoint.full_state.gather_full_state`), pushes them
 with :meth:`RolloutEngine.sync_weights`, and hands :meth:`RolloutEngine.generate` the merged
 video+text prompt embeddings (``[L_i, h]`` each, computed once by our encoder: the engine never sees
-frames). Between rollout phases :meth:`sleep` frees the engine's memory for training.
+frames). An engine that places the video tokens and computes their positions itself (vLLM's
+Qwen2.5-VL, ``takes_video_prompts``) gets :class:`VideoPrompt` objects instead, through
+:meth:`RolloutEngine.generate_videos`: the token ids and the same cached video embeddings. Between
+rollout phases :meth:`sleep` frees the engine's memory for training.
 
 Engines: ``hf`` (transformers ``generate``, CPU default and test path) and ``vllm`` (vLLM with
-``enable_prompt_embeds``). Build one with :func:`megatron_longvideo.rl.engines.build_engine`.
+``enable_prompt_embeds``; for Qwen2.5-VL with ``enable_mm_embeds``). Build one with
+:func:`megatron_longvideo.rl.engines.build_engine`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["SamplingConfig", "Completion", "RolloutEngine", "Weights", "check_prompt_embeds"]
+__all__ = ["SamplingConfig", "Completion", "VideoPrompt", "RolloutEngine", "Weights", "check_prompt_embeds"]
 
 Weights = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
 """Megatron full-state weights: a dict or an iterator of ``(global name, full tensor)``."""
@@ -86,6 +90,23 @@ class Completion:
     """'stop' (a stop token or string) or 'length' (max_new_tokens reached)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class VideoPrompt:
+    """One prompt as token ids plus its videos' embeddings from our encoder (cache), for an engine that
+    merges and positions the video tokens itself. Built by :func:`~megatron_longvideo.rl.rollout.video_prompts`."""
+
+    prompt_ids: torch.Tensor
+    """``[P]`` token ids, each video's placeholder run expanded (the prompt the policy trains on)."""
+    videos: tuple[torch.Tensor, ...]
+    """``[N_v, h]`` embeddings of each video, in the order of the runs, merge-block order (the tower's output)."""
+    grids: tuple[tuple[int, int, int], ...]
+    """``(t, h, w)`` patch grid of each video (before the ``m x m`` merger: ``N_v = t * h * w / m^2``)."""
+    seconds_per_grid: tuple[float, ...]
+    """Seconds one temporal patch of each video spans (multimodal RoPE's time step)."""
+    keys: tuple[Optional[str], ...] = ()
+    """Identity of each video's embeddings (our cache keys), so an engine need not hash them; (): not known."""
+
+
 def check_prompt_embeds(prompt_embeds: Sequence[torch.Tensor], hidden_size: int) -> None:
     """Raise ValueError unless every prompt is a non-empty float ``[L_i, hidden_size]`` tensor."""
     if len(prompt_embeds) == 0:
@@ -101,6 +122,9 @@ def check_prompt_embeds(prompt_embeds: Sequence[torch.Tensor], hidden_size: int)
 class RolloutEngine(abc.ABC):
     """Generates responses from prompt embeddings with weights pushed from the Megatron policy."""
 
+    takes_video_prompts: bool = False
+    """True for an engine that takes :class:`VideoPrompt` objects (:meth:`generate_videos`), not merged embeddings."""
+
     @abc.abstractmethod
     def sync_weights(self, weights: Weights) -> None:
         """Replace the engine's weights with the policy's (Megatron full-state names; a VLM's vision
@@ -109,6 +133,10 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def generate(self, prompt_embeds: Sequence[torch.Tensor], sampling: SamplingConfig) -> list[list[Completion]]:
         """``prompt_embeds[i]`` ``[L_i, h]`` -> ``sampling.n`` completions per prompt."""
+
+    def generate_videos(self, prompts: Sequence[VideoPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
+        """``prompts[i]`` -> ``sampling.n`` completions per prompt (engines with ``takes_video_prompts``)."""
+        raise NotImplementedError(f"{type(self).__name__} takes merged prompt embeddings (generate), not VideoPrompts")
 
     @abc.abstractmethod
     def sleep(self, level: int = 1) -> None:

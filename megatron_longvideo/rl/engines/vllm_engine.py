@@ -1,11 +1,16 @@
-"""The ``vllm`` rollout engine, written to vLLM's documented offline API.
+"""The ``vllm`` rollout engine, written to vLLM's offline API (``tests/rl/test_vllm_contract.py`` checks every
+call against vLLM 0.33.0's own source).
 
-* Engine: ``vllm.LLM(model=<folder>, enable_prompt_embeds=True, enable_sleep_mode=True, ...)`` on a
-  Qwen2 folder. Without a folder of real weights the engine writes ``config.json`` of our LLM to a
+* Engine: ``vllm.LLM(model=<folder>, enable_prompt_embeds=True, enable_sleep_mode=True,
+  enable_prefix_caching=True, ...)`` on a Qwen2 folder; prefix caching lets the ``n`` samples of a prompt
+  prefill it once. Without a folder of real weights the engine writes ``config.json`` of our LLM to a
   temporary folder and starts with ``load_format="dummy"``; the first :meth:`sync_weights` fills it.
+* Tokenizer: a Hugging Face tokenizer folder (:func:`tokenizer_folder` finds the one behind our
+  tokenizers) or None: vLLM then skips tokenizer initialisation and returns token ids only (stop strings
+  need a tokenizer). vLLM never takes our tokenizer objects or a ``pad_token_id``.
 * Prompts: ``{"prompt_embeds": tensor [L, h]}`` each (vLLM's ``EmbedsPrompt``), one
-  ``SamplingParams(n, temperature, top_p, max_tokens, stop, stop_token_ids, seed, logprobs)`` per
-  prompt so that prompt i samples with ``seed + i``.
+  ``SamplingParams(n, temperature, top_p, max_tokens, stop, stop_token_ids, seed, logprobs, detokenize)``
+  per prompt so that prompt i samples with ``seed + i``.
 * Weight sync: Megatron full state -> weight map -> HF ``(name, tensor)`` chunks of bounded size ->
   the model's own ``load_weights`` on every worker, through ``LLM.collective_rpc`` and the worker
   extension :class:`WeightSyncExtension` (``worker_extension_cls``); vLLM builds without
@@ -13,8 +18,10 @@
   KV entries belong to the old weights).
 * Memory: ``LLM.sleep(level)`` / ``LLM.wake_up()``.
 
-Without a tokenizer the engine skips tokenizer initialisation and returns token ids only (stop
-strings then need a tokenizer). vLLM is imported lazily: importing this module never needs it.
+The Qwen2.5-VL family takes :class:`~megatron_longvideo.rl.engines.vllm_qwen.VLLMQwenEngine`, which
+changes the folder, the inputs and the weight names through the hooks ``_configure``,
+``_write_folder``, ``_engine_kwargs`` and :meth:`VLLMEngine.hf_weights`. vLLM is imported lazily:
+importing this module never needs it.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from megatron_longvideo.models.llm import LLMConfig
 from megatron_longvideo.models.vlm import VLMConfig
 from megatron_longvideo.rl.engines.base import Completion, RolloutEngine, SamplingConfig, Weights, check_prompt_embeds
 
-__all__ = ["VLLMEngine", "WeightSyncExtension", "import_vllm", "chunk_weights", "WORKER_EXTENSION"]
+__all__ = ["VLLMEngine", "WeightSyncExtension", "import_vllm", "chunk_weights", "tokenizer_folder", "WORKER_EXTENSION"]
 
 WORKER_EXTENSION = f"{__name__}.WeightSyncExtension"
 
@@ -52,7 +59,10 @@ class WeightSyncExtension:
 
     def mlv_load_weights(self, weights: list) -> int:
         """Load HF-named ``(name, tensor)`` pairs with the model's own loader (it shards them for TP)."""
-        self.model_runner.model.load_weights(weights=weights)
+        runner = self.model_runner
+        # get_model() unwraps the CUDA-graph wrapper vLLM may put around the model
+        model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+        model.load_weights(weights=weights)
         return len(weights)
 
 
@@ -70,6 +80,17 @@ def chunk_weights(items: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> 
         yield chunk
 
 
+def tokenizer_folder(tokenizer) -> Optional[str]:
+    """The Hugging Face tokenizer folder behind one of our tokenizers (what vLLM loads by path), or None
+    when there is none (a sentencepiece model or the byte tokenizer: vLLM then works on token ids only)."""
+    source = getattr(tokenizer, "source", tokenizer)
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        names = os.listdir(source)
+        if any(n in names for n in ("tokenizer.json", "tokenizer_config.json")):
+            return os.fspath(source)
+    return None
+
+
 def _torch_dtype(dtype: Union[str, torch.dtype]) -> Optional[torch.dtype]:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -78,59 +99,74 @@ def _torch_dtype(dtype: Union[str, torch.dtype]) -> Optional[torch.dtype]:
 
 
 class VLLMEngine(RolloutEngine):
-    """Rollouts with vLLM (CUDA machines, the ``[vllm]`` extra)."""
+    """Rollouts of the policy's Qwen2 language model from merged prompt embeddings, with vLLM (CUDA
+    machines, the ``[vllm]`` extra). ``llm_kwargs`` go to ``vllm.LLM`` as they are (vLLM's ``EngineArgs``)."""
 
     def __init__(self, cfg: Union[LLMConfig, VLMConfig], *, model_dir: Optional[str] = None, tokenizer: Optional[str] = None,
                  dtype: Union[str, torch.dtype] = "bfloat16", tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool = True, seed: int = 0,
-                 sync_chunk_bytes: int = 256 * 2**20, **llm_kwargs: Any):
+                 gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool = True, enable_prefix_caching: bool = True,
+                 seed: int = 0, sync_chunk_bytes: int = 256 * 2**20, **llm_kwargs: Any):
         vllm = import_vllm()
-        from megatron_longvideo.checkpoint.hf_config import qwen2_config
-
         if sync_chunk_bytes < 1:
             raise ValueError(f"sync_chunk_bytes: must be positive, got {sync_chunk_bytes}")
-        llm = cfg.llm if isinstance(cfg, VLMConfig) else cfg
-        self.hidden_size = llm.hidden_size
-        self.weight_map = WeightMap.language_model(cfg)
-        self.tokenizer = tokenizer
+        if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+            raise ValueError(f"tokenizer: vLLM loads a Hugging Face tokenizer folder by path (or None), got a "
+                             f"{type(tokenizer).__name__}; pass tokenizer_folder(tok) for one of ours")
+        self._configure(cfg)
+        self.tokenizer = None if tokenizer is None else os.fspath(tokenizer)
         self.dtype = _torch_dtype(dtype)
         self.sync_chunk_bytes = sync_chunk_bytes
         self._folder = None
         if model_dir is None:
             self._folder = tempfile.TemporaryDirectory(prefix="mlv_vllm_")
             model_dir = self._folder.name
-            config = qwen2_config(llm)
-            config.architectures = ["Qwen2ForCausalLM"]
-            config.save_pretrained(model_dir)
+            self._write_folder(model_dir)
             llm_kwargs.setdefault("load_format", "dummy")  # random weights until the first sync
         elif not os.path.exists(os.path.join(model_dir, "config.json")):
             raise FileNotFoundError(f"{model_dir}: no config.json (export the policy with save_hf first)")
+        self.model_dir = os.fspath(model_dir)
         kwargs = dict(
-            model=model_dir,
-            tokenizer=tokenizer,
-            skip_tokenizer_init=tokenizer is None,
-            enable_prompt_embeds=True,
+            model=self.model_dir,
             enable_sleep_mode=enable_sleep_mode,
+            enable_prefix_caching=enable_prefix_caching,
             dtype=dtype if isinstance(dtype, str) else str(dtype).replace("torch.", ""),
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
             worker_extension_cls=WORKER_EXTENSION,
+            **self._engine_kwargs(),
         )
         kwargs.update(llm_kwargs)
         self._vllm = vllm
         self.llm = vllm.LLM(**kwargs)
 
+    # -- what the model family changes ------------------------------------------------------------------
+    def _configure(self, cfg) -> None:
+        llm = cfg.llm if isinstance(cfg, VLMConfig) else cfg
+        self.hidden_size = llm.hidden_size
+        self.weight_map = WeightMap.language_model(cfg)
+        self._llm_cfg = llm
+
+    def _write_folder(self, folder: str) -> None:
+        from megatron_longvideo.checkpoint.hf_config import qwen2_config
+
+        config = qwen2_config(self._llm_cfg)
+        config.architectures = ["Qwen2ForCausalLM"]
+        config.save_pretrained(folder)
+
+    def _engine_kwargs(self) -> dict:
+        return dict(tokenizer=self.tokenizer, skip_tokenizer_init=self.tokenizer is None, enable_prompt_embeds=True)
+
     # -- requests ----------------------------------------------------------------------------------------
     def build_requests(self, prompt_embeds: Sequence[torch.Tensor]) -> list[dict]:
         """vLLM ``EmbedsPrompt`` dicts (CPU tensors in the engine's dtype)."""
         check_prompt_embeds(prompt_embeds, self.hidden_size)
-        return [{"prompt_embeds": e.detach().to("cpu", dtype=self.dtype or e.dtype)} for e in prompt_embeds]
+        return [{"prompt_embeds": e.detach().to("cpu", dtype=self.dtype or e.dtype)} for e in prompt_embeds]  # [L, h]
 
     def sampling_params(self, sampling: SamplingConfig, index: int = 0):
         """``SamplingParams`` of prompt ``index`` (its seed is ``sampling.seed + index``)."""
         if sampling.stop and self.tokenizer is None:
-            raise ValueError("sampling.stop: stop strings need a tokenizer; build the engine with tokenizer=...")
+            raise ValueError("sampling.stop: stop strings need a tokenizer; build the engine with tokenizer=<folder>")
         return self._vllm.SamplingParams(
             n=sampling.n,
             temperature=float(sampling.temperature),
@@ -144,7 +180,9 @@ class VLLMEngine(RolloutEngine):
         )
 
     def generate(self, prompt_embeds: Sequence[torch.Tensor], sampling: SamplingConfig) -> list[list[Completion]]:
-        requests = self.build_requests(prompt_embeds)
+        return self._run(self.build_requests(prompt_embeds), sampling)
+
+    def _run(self, requests: list[dict], sampling: SamplingConfig) -> list[list[Completion]]:
         params = [self.sampling_params(sampling, i) for i in range(len(requests))]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [[self._completion(o, sampling) for o in out.outputs] for out in outputs]
