@@ -14,6 +14,11 @@ Aggregation over the response mask m (``L`` = ``norm_len``):
     seq_mean            sum_i (sum_t m l / len_i) / N_seqs            (GRPO paper: every sequence weighs the same)
     seq_sum_token_mean  sum_it m l / (N_seqs * L)                     (Dr.GRPO: constant normaliser, no length bias)
 
+Rollout-engine mismatch (the engine samples with its own kernels, dtype and possibly fewer frames, so its
+log-probs ``e_it`` differ from the trainer's ``o_it`` under the same weights): truncated importance
+sampling weighs each policy-gradient term by ``w_it = min(exp(o_it - e_it), tis_cap)`` (no gradient), and
+:func:`logprob_diff` reports mean and max ``|e_it - o_it|``.
+
 Every aggregate is a sum over local tokens divided by normalisers that the caller may pass for the
 *global* batch (``num_global_tokens``, ``num_global_sequences``, and ``seq_num_tokens`` = len_i of
 sequences sharded over context-parallel ranks). Then the rank-local losses sum to the single-rank
@@ -52,6 +57,9 @@ class GRPOLossConfig:
     """Constant per-sequence normaliser L of "seq_sum_token_mean" (e.g. the generation budget); required there."""
     max_log_ratio: float = 20.0
     """Log-ratios (policy/old, reference/policy) are clamped to +-max_log_ratio before exp, so they cannot overflow."""
+    tis_cap: float | None = None
+    """Truncated importance sampling: policy-gradient terms weighted by ``min(exp(old - engine), tis_cap)``,
+    the trainer-old over rollout-engine probability ratio (> 0; 2 is a common choice). None: no correction."""
 
     def __post_init__(self):
         if not 0.0 <= self.clip_eps_low < 1.0:
@@ -70,6 +78,8 @@ class GRPOLossConfig:
             raise ValueError(f"norm_len: seq_sum_token_mean needs a positive norm_len, got {self.norm_len}")
         if not 0.0 < self.max_log_ratio < math.inf:
             raise ValueError(f"max_log_ratio: must be finite and > 0, got {self.max_log_ratio}")
+        if self.tis_cap is not None and not 0.0 < self.tis_cap < math.inf:
+            raise ValueError(f"tis_cap: must be finite and > 0 (or None), got {self.tis_cap}")
 
 
 def needs_reference(cfg: GRPOLossConfig) -> bool:
@@ -109,6 +119,25 @@ def clipped_surrogate(logp, old_logp, advantages, cfg: GRPOLossConfig):
     return loss, ratio, masks
 
 
+def truncated_is_weights(old_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float, *,
+                         max_log_ratio: float = 20.0) -> torch.Tensor:
+    """``min(exp(old_logp - engine_logp), cap)`` per token, without gradient: the trainer-old over engine
+    probability ratio of each sampled token, truncated at ``cap``."""
+    log_ratio = (old_logp.detach() - engine_logp.detach()).clamp(-max_log_ratio, max_log_ratio)
+    return torch.exp(log_ratio).clamp(max=cap)
+
+
+def logprob_diff(engine_logp: torch.Tensor, trainer_logp: torch.Tensor, mask: torch.Tensor, *,
+                 num_global_tokens: float | None = None) -> dict[str, torch.Tensor]:
+    """``{"mean": sum m |e - o| / N_tokens, "max": max over m of |e - o|}`` (detached). With the global
+    token count, an all-reduce SUM of ``mean`` and MAX of ``max`` over ranks gives the global values; no
+    masked token gives 0 for both."""
+    keep = mask.bool()
+    diff = torch.where(keep, (engine_logp.detach() - trainer_logp.detach()).abs(), 0.0)  # [n, T]
+    m = keep.to(diff.dtype)
+    return {"mean": _token_mean(diff, m, num_global_tokens), "max": diff.max() if diff.numel() else diff.new_zeros(())}
+
+
 def aggregate(
     loss: torch.Tensor,
     mask: torch.Tensor,
@@ -139,6 +168,7 @@ def grpo_loss(
     cfg: GRPOLossConfig,
     *,
     entropy: torch.Tensor | None = None,
+    engine_logp: torch.Tensor | None = None,
     num_global_tokens: float | None = None,
     num_global_sequences: float | None = None,
     seq_num_tokens: torch.Tensor | None = None,
@@ -148,14 +178,19 @@ def grpo_loss(
     ``logp``, ``old_logp``, ``ref_logp``, ``mask``, ``entropy``: [n, T] per response token (values
     under mask == 0 are ignored, even inf/nan, and get zero gradient); ``advantages``: [n] or [n, T].
     ``old_logp=None`` means on-policy (old = logp.detach(), ratio 1). ``ref_logp`` is required when
-    ``cfg.kl_beta > 0`` and otherwise only used for the ``kl_ref`` metric. Normalisers: module doc.
+    ``cfg.kl_beta > 0`` and otherwise only used for the ``kl_ref`` metric. ``engine_logp`` [n, T]: the
+    rollout engine's log-probs of the sampled tokens, required when ``cfg.tis_cap`` is set (the
+    policy-gradient terms are then weighted by :func:`truncated_is_weights` of the old log-probs).
+    Normalisers: module doc.
 
     Metrics: loss, pg_loss, kl_loss, kl_ref, clip_frac_low, clip_frac_high, dual_clip_frac,
-    approx_kl (k3 of the policy vs the old policy), ratio_mean, entropy (each when it applies).
+    approx_kl (k3 of the policy vs the old policy), ratio_mean, entropy, tis_weight_mean, tis_clip_frac
+    (each when it applies).
     """
     if logp.dim() != 2:
         raise ValueError(f"logp: expected [n, T], got shape {tuple(logp.shape)}")
-    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask), ("entropy", entropy)):
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask), ("entropy", entropy),
+                    ("engine_logp", engine_logp)):
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"{name}: expected shape {tuple(logp.shape)}, got {tuple(t.shape)}")
     if advantages.shape == logp.shape[:1]:
@@ -166,6 +201,8 @@ def grpo_loss(
         )
     if cfg.kl_beta > 0 and ref_logp is None:
         raise ValueError("ref_logp: required when kl_beta > 0")
+    if cfg.tis_cap is not None and engine_logp is None:
+        raise ValueError("engine_logp: required when tis_cap is set (the rollout engine's log-probs of the sampled tokens)")
 
     keep = mask.bool()
     m = keep.to(logp.dtype)  # [n, T]
@@ -180,6 +217,11 @@ def grpo_loss(
     )
 
     pg_tok, ratio, clip_masks = clipped_surrogate(logp, old_logp, advantages, cfg)  # [n, T]
+    tis = None
+    if cfg.tis_cap is not None:
+        engine_logp = torch.where(keep, engine_logp.detach(), 0.0)
+        tis = truncated_is_weights(old_logp, engine_logp, cfg.tis_cap, max_log_ratio=cfg.max_log_ratio)  # [n, T]
+        pg_tok = tis * pg_tok
     loss_tok = pg_tok
     metrics: dict[str, torch.Tensor] = {"pg_loss": aggregate(pg_tok, m, cfg, **norms)}
     if ref_logp is not None:
@@ -201,6 +243,9 @@ def grpo_loss(
         metrics["ratio_mean"] = _token_mean(ratio, m, num_global_tokens)
         if entropy is not None:
             metrics["entropy"] = _token_mean(torch.where(keep, entropy, 0.0), m, num_global_tokens)
+        if tis is not None:
+            metrics["tis_weight_mean"] = _token_mean(tis, m, num_global_tokens)
+            metrics["tis_clip_frac"] = _token_mean((tis >= cfg.tis_cap).to(m.dtype), m, num_global_tokens)
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 

@@ -12,7 +12,9 @@ from megatron_longvideo.rl.losses import (
     clipped_surrogate,
     grpo_loss,
     kl_penalty,
+    logprob_diff,
     needs_reference,
+    truncated_is_weights,
 )
 
 LN2 = math.log(2.0)
@@ -42,6 +44,8 @@ def test_config_defaults_and_needs_reference():
         (dict(aggregation="seq_sum_token_mean"), "norm_len"),
         (dict(aggregation="seq_sum_token_mean", norm_len=0), "norm_len"),
         (dict(max_log_ratio=0.0), "max_log_ratio"),
+        (dict(tis_cap=0.0), "tis_cap"),
+        (dict(tis_cap=math.inf), "tis_cap"),
     ],
 )
 def test_config_validation_names_the_field(kwargs, field):
@@ -230,3 +234,40 @@ def test_split_batch_with_global_normalisers_matches_whole(cfg):
     total.backward()
     torch.testing.assert_close(total, loss)
     torch.testing.assert_close(cols.grad, whole.grad)
+
+
+def test_truncated_importance_sampling_by_hand():
+    """w = min(exp(old - engine), cap), no gradient; the policy-gradient term of each token is scaled by it."""
+    old = torch.log(torch.tensor([[0.5, 0.4, 0.1]]))
+    engine = torch.log(torch.tensor([[0.25, 0.4, 0.5]]))  # ratios 2, 1, 0.2
+    w = truncated_is_weights(old, engine, 1.5)
+    assert torch.allclose(w, torch.tensor([[1.5, 1.0, 0.2]])) and not w.requires_grad
+
+    logp = old.clone().requires_grad_(True)
+    adv, mask = torch.tensor([2.0]), torch.ones(1, 3)
+    cfg = GRPOLossConfig(tis_cap=1.5)
+    loss, metrics = grpo_loss(logp, old, None, adv, mask, cfg, engine_logp=engine)
+    # at ratio 1 (old == logp) each token's surrogate is -A; weighted: -(1.5 + 1 + 0.2) * 2 / 3
+    assert math.isclose(loss.item(), -(1.5 + 1.0 + 0.2) * 2 / 3, rel_tol=1e-6)
+    loss.backward()
+    assert torch.allclose(logp.grad, -torch.tensor([[1.5, 1.0, 0.2]]) * 2 / 3, rtol=1e-6)
+    assert math.isclose(metrics["tis_weight_mean"].item(), 2.7 / 3, rel_tol=1e-6)
+    assert math.isclose(metrics["tis_clip_frac"].item(), 1 / 3, rel_tol=1e-6)
+    plain, _ = grpo_loss(old, old, None, adv, mask, GRPOLossConfig(), engine_logp=engine)
+    assert math.isclose(plain.item(), -2.0, rel_tol=1e-6)  # without tis_cap the engine log-probs change nothing
+    with pytest.raises(ValueError, match="engine_logp: required when tis_cap"):
+        grpo_loss(old, old, None, adv, mask, cfg)
+
+
+def test_logprob_diff_by_hand_and_over_split_batches():
+    engine = torch.tensor([[-1.0, -2.0, float("nan")], [-0.5, -0.5, -0.5]])
+    trainer = torch.tensor([[-1.5, -2.0, 0.0], [-0.5, -3.5, -0.4]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    out = logprob_diff(engine, trainer, mask)
+    assert math.isclose(out["mean"].item(), (0.5 + 0 + 0 + 3.0 + 0.1) / 5, rel_tol=1e-6)
+    assert math.isclose(out["max"].item(), 3.0, rel_tol=1e-6)
+    halves = [logprob_diff(engine[i : i + 1], trainer[i : i + 1], mask[i : i + 1], num_global_tokens=5) for i in (0, 1)]
+    assert math.isclose(sum(h["mean"].item() for h in halves), out["mean"].item(), rel_tol=1e-6)
+    assert max(h["max"].item() for h in halves) == out["max"].item()
+    none = logprob_diff(engine, trainer, torch.zeros_like(mask))
+    assert none["mean"].item() == 0.0 and none["max"].item() == 0.0
