@@ -66,14 +66,14 @@ def add_grpo_args(parser):
 
 
 def parse_args(argv=None):
-    from megatron_longvideo.training.args import parse, resolve_tokenizer
+    from megatron_longvideo.training.args import parse, resolve_family, resolve_tokenizer
 
     args = parse(argv, description="GRPO for long-video VLMs on Megatron-Core",
                  defaults={"train_iters": 20, "lr": 1e-3, "keep_checkpoints": 3}, extend=add_grpo_args)
     if args.synthetic_data:
         from megatron_longvideo.training.stage import ensure_synthetic_data
 
-        paths = ensure_synthetic_data(args.synthetic_data, seed=args.seed)
+        paths = ensure_synthetic_data(args.synthetic_data, seed=args.seed, family=resolve_family(args))
         args.data_path = args.data_path or paths["qa"]
         args.video_root = args.video_root or paths["video_root"]
         args.tokenizer = args.tokenizer or paths["tokenizer"]
@@ -89,20 +89,20 @@ def build(args):
 
     from megatron_longvideo.data.dataset import LongVideoDataset, VideoDatasetConfig
     from megatron_longvideo.data.sampler import DistributedVideoSampler
-    from megatron_longvideo.data.tokenizer import load_tokenizer
     from megatron_longvideo.models import build_model, family_of, video_token_counter
     from megatron_longvideo.parallel.groups import initialize_parallel
     from megatron_longvideo.platform import enable_cpu_mode
     from megatron_longvideo.rl.prompt_stream import PromptStream
     from megatron_longvideo.models.llm import check_layout_supported
-    from megatron_longvideo.training.args import frame_sampling, model_config, model_options, parallel_config
+    from megatron_longvideo.training.args import (frame_sampling, load_tokenizer_for, model_config, model_options,
+                                                  parallel_config)
 
     if not args.no_pack:  # refuse at start-up what the first packed forward would refuse
         check_layout_supported(args.core_attention, packed=True)
     enable_cpu_mode()
     groups = initialize_parallel(parallel_config(args), seed=args.seed)
     random.seed(args.seed)
-    tok = load_tokenizer(args.tokenizer)
+    tok = load_tokenizer_for(args)
     cfg = model_config(args, tok)
     if family_of(cfg) == "qwen2_5_vl":
         if args.train_projector:
@@ -209,9 +209,13 @@ def main(argv=None):
     engine = None
     if is_replica_leader(groups):  # rollouts in the policy's precision (vLLM: bf16 unless the policy is 16-bit)
         dtype = params_dtype(args)
-        if args.engine == "vllm" and dtype == torch.float32:
-            dtype = torch.bfloat16
-        engine = build_engine(args.engine, cfg, tokenizer=tok, pad_token_id=tok.pad_id, dtype=dtype)
+        if args.engine == "vllm":  # vLLM loads a tokenizer folder by path (none: token ids only), pads itself
+            from megatron_longvideo.rl.engines.vllm_engine import tokenizer_folder
+
+            engine = build_engine("vllm", cfg, tokenizer=tokenizer_folder(tok),
+                                  dtype=torch.bfloat16 if dtype == torch.float32 else dtype)
+        else:
+            engine = build_engine(args.engine, cfg, tokenizer=tok, pad_token_id=tok.pad_id, dtype=dtype)
     writer = None
     if rank0 and args.tensorboard_dir:
         from torch.utils.tensorboard import SummaryWriter
@@ -246,7 +250,6 @@ def _progress(enabled: bool, start: int, total: int):
     def show(m):
         if not enabled:
             return
-        step = int(m.get("step", 0)) or None
         done = show.count = getattr(show, "count", start) + 1
         eta = (time.perf_counter() - t0) / (done - start) * (total - done)
         print(f"[grpo {done}/{total}] reward {m['reward/mean']:.3f} (acc {m.get('reward/accuracy', float('nan')):.2f}) "

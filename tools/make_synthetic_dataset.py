@@ -2,7 +2,8 @@
 
 Each video shows one coloured shape on a grey background for a stretch of frames; ``qa.jsonl`` asks
 its colour (multiple choice, with a reasoning string for CoT-SFT), ``captions.jsonl`` describes it
-(projector pretraining), and ``tokenizer.model`` is a small sentencepiece model trained on the text.
+(projector pretraining), and ``tokenizer.model`` is a small sentencepiece model trained on the text with
+LLaVA-OneVision's chat tokens (``tokenizer_qwen2_5_vl.model``: the same with Qwen2.5-VL's).
 Deterministic for a seed. Leaves out: audio, multi-video records.
 
     python tools/make_synthetic_dataset.py --out /tmp/synth --num-videos 64
@@ -32,11 +33,21 @@ from megatron_longvideo.data.tokenizer import train_tokenizer_for_records
 
 def make_dataset(out_dir: str, config: SyntheticDatasetConfig | None = None, *, tokenizer_vocab_size: int = 512,
                  ) -> tuple[SyntheticDataset, str]:
-    """Videos + ``qa.jsonl`` + ``captions.jsonl`` + ``tokenizer.model`` under ``out_dir``."""
+    """Videos + ``qa.jsonl`` + ``captions.jsonl`` + a tokenizer per model family under ``out_dir``; returns
+    the dataset and the LLaVA-OneVision tokenizer (``tokenizer.model``)."""
+    from megatron_longvideo.models import FAMILIES, special_tokens
+
     ds = make_synthetic_dataset(out_dir, config)
     records = load_records(ds.qa_path).records + load_records(ds.caption_path, kind="caption").records
-    model = train_tokenizer_for_records(records, os.path.join(out_dir, "tokenizer"), vocab_size=tokenizer_vocab_size)
-    return ds, model
+    models = [train_tokenizer_for_records(records, os.path.join(out_dir, tokenizer_name(family)[: -len(".model")]),
+                                          vocab_size=tokenizer_vocab_size, special=special_tokens(family))
+              for family in FAMILIES]
+    return ds, models[0]
+
+
+def tokenizer_name(family: str) -> str:
+    """The file name of the synthetic data's tokenizer for a model family."""
+    return "tokenizer.model" if family == "llava_onevision" else f"tokenizer_{family}.model"
 
 
 def main(argv: list[str] | None = None) -> int:

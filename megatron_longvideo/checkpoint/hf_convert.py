@@ -114,8 +114,12 @@ def save_hf(
     if tokenizer is not None:
         files += [os.path.basename(f) for f in copy_tokenizer(tokenizer, out_dir)]
     if usage_files:
-        written = [hf_usage.write_generation_config(out_dir), hf_usage.write_chat_template(out_dir)]
-        if not qwen and weight_map.architecture == "LlavaOnevisionForConditionalGeneration":
+        from megatron_longvideo.models import family_of, special_tokens
+
+        vlm = qwen or weight_map.architecture == "LlavaOnevisionForConditionalGeneration"
+        special = special_tokens(family_of(cfg)) if vlm else None
+        written = [hf_usage.write_generation_config(out_dir), hf_usage.write_chat_template(out_dir, special)]
+        if vlm:
             written += hf_usage.write_processor_configs(out_dir, cfg)
         files += [os.path.basename(f) for f in written if f]
     return sorted(set(files), key=files.index)

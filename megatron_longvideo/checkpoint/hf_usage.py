@@ -3,15 +3,18 @@ chat template.
 
 * ``generation_config.json``: ``eos_token_id`` (the end of an assistant turn, ``<|im_end|>``, plus the
   tokenizer's own eos when it differs) and ``pad_token_id``, so ``generate`` stops where our rollouts stop.
-* For a video-language export, LLaVA-OneVision's processor configs in the layout public checkpoints use
+* For a LLaVA-OneVision export, its processor configs in the layout public checkpoints use
   (``preprocessor_config.json`` for images, ``video_preprocessor_config.json`` for videos,
   ``processor_config.json`` for the processor itself): frames resized to the tower's size (bilinear,
   antialiased, as our decoders do), scaled to 0..1 and normalised with SigLIP's mean and std of 0.5, and
   ``num_image_tokens`` = the patch grid squared, from which ``LlavaOnevisionProcessor`` expands one
   ``<video>`` into ``frames x ceil(grid / 2)^2 + 1`` placeholders, the count our model takes. Needs a
   Hugging Face tokenizer (``AutoProcessor`` loads one); a sentencepiece model gets no processor.
-* ``chat_template.jinja``: the ChatML turns our prompt builder writes, a video item rendered as
-  ``<video>`` and a newline before the text, unless the tokenizer brought a template of its own.
+* For a Qwen2.5-VL export, ``Qwen2_5_VLProcessor``'s (see
+  :mod:`megatron_longvideo.models.qwen2_5_vl.inputs`), which expands ``<|video_pad|>`` to ``t * h * w / 4``.
+* ``chat_template.jinja``: the ChatML turns our prompt builder writes, a video item rendered as the
+  family renders it (``<video>`` and a newline; ``<|vision_start|><|video_pad|><|vision_end|>``) before
+  the text, unless the tokenizer brought a template of its own.
 
 Files already present (carried from the Hugging Face checkpoint a run started from) are kept as they are.
 """
@@ -31,7 +34,8 @@ _BILINEAR = 2  # PIL.Image.BILINEAR, the resample code transformers' processors 
 
 
 def chat_template(special=None) -> str:
-    """A Jinja chat template that renders messages exactly as :func:`~megatron_longvideo.data.prompts.render_prompt`."""
+    """A Jinja chat template that renders messages exactly as :func:`~megatron_longvideo.data.prompts.render_prompt`
+    does with the tokens ``special`` (a family's :class:`~megatron_longvideo.data.tokenizer.SpecialTokens`)."""
     from megatron_longvideo.data.tokenizer import SpecialTokens
 
     s = special or SpecialTokens()
@@ -39,7 +43,7 @@ def chat_template(special=None) -> str:
         "{% for message in messages %}" + s.im_start + "{{ message['role'] }}\n"
         "{% if message['content'] is string %}{{ message['content'] }}"
         "{% else %}{% for item in message['content'] %}"
-        "{% if item['type'] == 'video' %}" + s.video + "\n"
+        "{% if item['type'] == 'video' %}" + s.video_item() +
         "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
         "{% endfor %}{% endif %}" + s.im_end + "\n{% endfor %}"
         "{% if add_generation_prompt %}" + s.im_start + "assistant\n{% endif %}"
@@ -104,9 +108,9 @@ def write_generation_config(out_dir: str) -> Optional[str]:
     return path
 
 
-def write_chat_template(out_dir: str) -> Optional[str]:
-    """``chat_template.jinja`` unless the tokenizer brought one (as a file or inside its config); None
-    when ``out_dir`` holds no tokenizer."""
+def write_chat_template(out_dir: str, special=None) -> Optional[str]:
+    """``chat_template.jinja`` for the tokens ``special`` unless the tokenizer brought one (as a file or
+    inside its config); None when ``out_dir`` holds no tokenizer."""
     if not (_is_hf_tokenizer_folder(out_dir) or os.path.isfile(os.path.join(out_dir, "tokenizer.model"))):
         return None
     if any(os.path.exists(os.path.join(out_dir, n)) for n in _TEMPLATE_FILES):
@@ -118,7 +122,7 @@ def write_chat_template(out_dir: str) -> Optional[str]:
                 return None
     path = os.path.join(out_dir, "chat_template.jinja")
     with open(path, "w") as f:
-        f.write(chat_template())
+        f.write(chat_template(special))
     return path
 
 
@@ -128,20 +132,38 @@ def _write_json(path: str, obj: dict) -> None:
         f.write("\n")
 
 
-def write_processor_configs(out_dir: str, cfg, *, image_token: str = "<image>") -> list[str]:
-    """LLaVA-OneVision's processor configs for the VLM ``cfg`` (see the module docstring); files already
-    present are kept. Returns the files written; [] when ``out_dir`` holds no Hugging Face tokenizer."""
+def write_processor_configs(out_dir: str, cfg) -> list[str]:
+    """The processor configs of ``cfg``'s family (see the module docstring); files already present are
+    kept. Returns the files written; [] when ``out_dir`` holds no Hugging Face tokenizer."""
+    from megatron_longvideo.models import family_of
+
+    if not _is_hf_tokenizer_folder(out_dir):
+        return []
+    if family_of(cfg) == "qwen2_5_vl":
+        from megatron_longvideo.models.qwen2_5_vl.inputs import processor_configs
+
+        files = processor_configs(cfg)
+    else:
+        files = _llava_processor_configs(cfg)
+    written = []
+    for name, obj in files.items():
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            _write_json(path, obj)
+            written.append(path)
+    return written
+
+
+def _llava_processor_configs(cfg, image_token: str = "<image>") -> dict[str, dict]:
     from megatron_longvideo.checkpoint.hf_config import _grid_pinpoints
     from megatron_longvideo.data.sampling import FrameSamplingConfig
     from megatron_longvideo.data.tokenizer import SpecialTokens
 
-    if not _is_hf_tokenizer_folder(out_dir):
-        return []
     sampling, v = FrameSamplingConfig(), cfg.vision
     frames = {"do_resize": True, "size": {"height": v.image_size, "width": v.image_size}, "resample": _BILINEAR,
               "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(sampling.mean),
               "image_std": list(sampling.std), "do_convert_rgb": True, "processor_class": "LlavaOnevisionProcessor"}
-    files = {
+    return {
         "preprocessor_config.json": {"image_processor_type": "LlavaOnevisionImageProcessor", "do_pad": True,
                                      "image_grid_pinpoints": _grid_pinpoints(v.image_size), **frames},
         "video_preprocessor_config.json": {"video_processor_type": "LlavaOnevisionVideoProcessor",
@@ -150,10 +172,3 @@ def write_processor_configs(out_dir: str, cfg, *, image_token: str = "<image>") 
                                   "video_token": SpecialTokens().video, "num_image_tokens": v.grid**2,
                                   "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9"},
     }
-    written = []
-    for name, obj in files.items():
-        path = os.path.join(out_dir, name)
-        if not os.path.exists(path):
-            _write_json(path, obj)
-            written.append(path)
-    return written

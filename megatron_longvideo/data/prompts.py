@@ -1,9 +1,13 @@
 """Chat prompts and targets for projector pretraining, CoT-SFT and GRPO.
 
-Template (ChatML spelling by default; ``<video>`` is one placeholder in the text, expanded to
-``num_video_tokens`` ids after tokenization):
+Template (ChatML turns; the video is one placeholder in the text, expanded to ``num_video_tokens`` ids
+after tokenization), with the video rendered as the model family's chat template renders it
+(:meth:`~megatron_longvideo.data.tokenizer.SpecialTokens.video_item`):
 
-    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n<video>\\n{question}\\n{hint} {format}<|im_end|>\\n<|im_start|>assistant\\n
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{video}{question}\\n{hint} {format}<|im_end|>\\n<|im_start|>assistant\\n
+
+    {video}, LLaVA-OneVision: <video>\\n
+    {video}, Qwen2.5-VL:      <|vision_start|><|video_pad|><|vision_end|>
 
 Responses use ``<think>{reasoning}</think><answer>{answer}</answer>`` followed by ``<|im_end|>``.
 The prompt and the response are tokenized separately (so the label boundary is exact and a rollout
@@ -107,7 +111,7 @@ def render_prompt(user_text: str, config: PromptConfig, special: SpecialTokens) 
     """The prompt string with one video placeholder, ending where the assistant starts."""
     s = special
     return (f"{s.im_start}system\n{config.system_prompt}{s.im_end}\n"
-            f"{s.im_start}user\n{s.video}\n{user_text}{s.im_end}\n"
+            f"{s.im_start}user\n{s.video_item()}{user_text}{s.im_end}\n"
             f"{s.im_start}assistant\n")
 
 

@@ -4,6 +4,11 @@ The prompt builders need: ``encode`` / ``decode`` of plain text (special tokens 
 e.g. ``<|im_start|>``, come out as their single ids), and the ids of the pad, eos, video placeholder
 and chat-turn tokens. ``load_tokenizer(path)`` picks the implementation from what ``path`` is.
 
+Which tokens must be single ids: the chat turns, the video placeholder and the family's vision
+delimiters (:meth:`SpecialTokens.structural`). The response tags (``<think>``, ``<answer>``) are text
+the model writes and the reward reads from decoded text, so a public tokenizer that spells them as
+several pieces is fine; the tokenizers trained here make them single pieces anyway.
+
 ``train_sentencepiece(texts, model_prefix)`` builds a small model offline in about a second, with the
 special tokens as user-defined symbols; ``train_tokenizer_for_records`` feeds it a dataset's text plus
 the chat template's, which is what the CPU demo uses.
@@ -30,6 +35,12 @@ class SpecialTokens:
     video: str = "<video>"
     """The video placeholder, repeated ``num_video_tokens`` times in a tokenized prompt."""
 
+    vision_start: str | None = None
+    """Opens the video span (Qwen2.5-VL: ``<|vision_start|>``); None: the family has no delimiters."""
+
+    vision_end: str | None = None
+    """Closes the video span (Qwen2.5-VL: ``<|vision_end|>``)."""
+
     pad: str = "<|endoftext|>"
     """Padding token, used when the tokenizer defines none."""
 
@@ -48,15 +59,35 @@ class SpecialTokens:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if value is None and f.name in _OPTIONAL:
+                continue
             if not isinstance(value, str) or not value or value.isspace():
                 raise ValueError(f"{f.name} must be a non-empty token string, got {value!r}")
-        spellings = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        if (self.vision_start is None) != (self.vision_end is None):
+            raise ValueError(f"vision_start and vision_end come together, got {self.vision_start!r} and {self.vision_end!r}")
+        spellings = self.all()
         if len(set(spellings)) != len(spellings):
             raise ValueError(f"special tokens must be distinct, got {spellings}")
 
     def all(self) -> list[str]:
-        """Every spelling, in field order."""
-        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+        """Every spelling that is set, in field order."""
+        return [v for v in (getattr(self, f.name) for f in dataclasses.fields(self)) if v is not None]
+
+    def structural(self) -> list[str]:
+        """The spellings a tokenizer must hold as single tokens: the chat turns, the video placeholder and
+        the vision delimiters (the pad is the tokenizer's own when it has one)."""
+        return [t for t in (self.im_start, self.im_end, self.video, self.vision_start, self.vision_end) if t is not None]
+
+    def video_item(self) -> str:
+        """What a video renders as in a user turn, before the turn's text: ``<video>`` and a newline
+        (LLaVA-OneVision's template), or the placeholder between the vision delimiters with the text
+        straight after (Qwen2.5-VL's)."""
+        if self.vision_start is None:
+            return f"{self.video}\n"
+        return f"{self.vision_start}{self.video}{self.vision_end}"
+
+
+_OPTIONAL = ("vision_start", "vision_end")
 
 
 class Tokenizer:
@@ -105,9 +136,10 @@ class Tokenizer:
         return self.token_id(self.special.im_end)
 
     def check_special_tokens(self) -> None:
-        """Raise ``ValueError`` naming the first special token the vocabulary lacks."""
-        for token in self.special.all():
+        """Raise ``ValueError`` naming the first structural token (and pad) the vocabulary lacks."""
+        for token in self.special.structural():
             self.token_id(token)
+        self.pad_id  # noqa: B018 (raises when there is no pad)
 
 
 class SentencePieceTokenizer(Tokenizer):

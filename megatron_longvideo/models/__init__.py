@@ -6,7 +6,7 @@ LLaVA-OneVision (SigLIP + MLP projector + Qwen2: ``vision``, ``vlm``) and Qwen2.
 
 from __future__ import annotations
 
-__all__ = ["FAMILIES", "build_model", "family_of", "video_token_counter"]
+__all__ = ["FAMILIES", "build_model", "family_of", "special_tokens", "video_token_counter"]
 
 FAMILIES = ("llava_onevision", "qwen2_5_vl")
 
@@ -21,6 +21,20 @@ def family_of(cfg) -> str:
     if isinstance(cfg, VLMConfig):
         return "llava_onevision"
     raise TypeError(f"not a video-language model config: {type(cfg).__name__}")
+
+
+def special_tokens(family: str):
+    """The chat tokens of ``family`` (its checkpoints' tokenizers hold them): LLaVA-OneVision's ``<video>``,
+    Qwen2.5-VL's ``<|vision_start|><|video_pad|><|vision_end|>``."""
+    if family not in FAMILIES:
+        raise ValueError(f"model family: must be one of {FAMILIES}, got {family!r}")
+    if family == "qwen2_5_vl":
+        from megatron_longvideo.models.qwen2_5_vl.inputs import SPECIAL_TOKENS
+
+        return SPECIAL_TOKENS
+    from megatron_longvideo.data.tokenizer import SpecialTokens
+
+    return SpecialTokens()
 
 
 def build_model(cfg, groups, *, seed: int = 0, **kwargs):

@@ -330,6 +330,30 @@ def resolve_tokenizer(args) -> None:
             return
 
 
+def resolve_family(args) -> str:
+    """The model family: that of ``--hf-config`` / ``--use-checkpoint-args`` when a config names the shape
+    (``--model-family`` must agree), else ``--model-family``."""
+    _config_from_source(args)
+    return getattr(args, "model_family", "llava_onevision")
+
+
+def load_tokenizer_for(args):
+    """The tokenizer ``--tokenizer`` names, read with the chat tokens of the model family: ``--model-family``,
+    or the family of ``--hf-config`` / ``--use-checkpoint-args`` (LLaVA-OneVision's ``<video>``; Qwen2.5-VL's
+    ``<|vision_start|><|video_pad|><|vision_end|>``, which its public tokenizers hold)."""
+    from megatron_longvideo.data.tokenizer import load_tokenizer
+    from megatron_longvideo.models import special_tokens
+
+    family = resolve_family(args)
+    try:
+        return load_tokenizer(args.tokenizer, special=special_tokens(family))
+    except ValueError as e:
+        if "is not in the tokenizer's vocabulary" not in str(e):
+            raise
+        raise ValueError(f"--tokenizer {args.tokenizer}: the {family} family's prompts need its chat tokens "
+                         f"{special_tokens(family).structural()}: {e}") from None
+
+
 def frame_sampling(args):
     """Frame sampling from the flags (uniform ``--num-frames``, or ``--fps`` capped by ``--max-frames``);
     Qwen2.5-VL frames are normalised with its CLIP mean and std."""
@@ -338,7 +362,9 @@ def frame_sampling(args):
     _family_defaults(args)
     norm = {}
     if getattr(args, "model_family", "llava_onevision") == "qwen2_5_vl":
-        norm = dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+        from megatron_longvideo.models.qwen2_5_vl.inputs import CLIP_MEAN, CLIP_STD
+
+        norm = dict(mean=CLIP_MEAN, std=CLIP_STD)
     return FrameSamplingConfig(num_frames=None if args.fps else args.num_frames, fps=args.fps,
                                max_frames=args.max_frames, image_size=args.image_size, **norm)
 

@@ -10,7 +10,6 @@ frozen parts -> :func:`megatron_longvideo.training.loop.train` with :func:`vlm_l
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 
@@ -87,12 +86,13 @@ def build_stage_model(cfg: VLMConfig, groups: ParallelGroups, *, trained: tuple[
 
 def run_stage(stage: str, args):
     """Run ``stage`` ("pretrain" or "sft") from parsed flags (:func:`megatron_longvideo.training.args.parse`)."""
-    from megatron_longvideo.data import load_tokenizer
     from megatron_longvideo.parallel.groups import destroy_parallel, initialize_parallel
     from megatron_longvideo.platform import enable_cpu_mode
     from megatron_longvideo.training.args import (
         model_options,
         frame_sampling,
+        load_tokenizer_for,
+        resolve_family,
         model_config,
         optim_config,
         parallel_config,
@@ -111,7 +111,7 @@ def run_stage(stage: str, args):
     groups = initialize_parallel(parallel, seed=args.seed)
     try:
         if args.synthetic_data:
-            paths = ensure_synthetic_data(args.synthetic_data, seed=args.seed)
+            paths = ensure_synthetic_data(args.synthetic_data, seed=args.seed, family=resolve_family(args))
             args.data_path = args.data_path or paths["captions" if mode == "pretrain" else "qa"]
             args.video_root = args.video_root or paths["video_root"]
             args.tokenizer = args.tokenizer or paths["tokenizer"]
@@ -119,7 +119,7 @@ def run_stage(stage: str, args):
         for flag in ("data_path", "video_root", "tokenizer"):
             if not getattr(args, flag):
                 raise ValueError(f"--{flag.replace('_', '-')} is required (or --synthetic-data DIR)")
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = load_tokenizer_for(args)
         cfg = model_config(args, tokenizer)
         from megatron_longvideo.models import video_token_counter
 
@@ -137,23 +137,29 @@ def run_stage(stage: str, args):
         destroy_parallel()
 
 
-def ensure_synthetic_data(root: str, *, num_videos: int = 64, seed: int = 0) -> dict[str, str]:
-    """Write the synthetic dataset and its tokenizer under ``root`` once (rank 0; others wait).
+def ensure_synthetic_data(root: str, *, num_videos: int = 64, seed: int = 0, family: str = "llava_onevision") -> dict[str, str]:
+    """Write the synthetic dataset under ``root`` once, and a tokenizer with ``family``'s chat tokens once
+    per family (rank 0; others wait).
 
     Returns ``{"qa", "captions", "video_root", "tokenizer"}`` paths.
     """
     import torch.distributed as dist
 
+    from megatron_longvideo.models import special_tokens
+
+    name = "tokenizer.model" if family == "llava_onevision" else f"tokenizer_{family}.model"  # as make_synthetic_dataset.py
     paths = {"qa": os.path.join(root, "qa.jsonl"), "captions": os.path.join(root, "captions.jsonl"),
-             "video_root": os.path.join(root, "videos"), "tokenizer": os.path.join(root, "tokenizer.model")}
+             "video_root": os.path.join(root, "videos"), "tokenizer": os.path.join(root, name)}
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     if rank == 0 and not os.path.isfile(paths["tokenizer"]):
         from megatron_longvideo.data import SyntheticDatasetConfig, load_records, make_synthetic_dataset
         from megatron_longvideo.data import train_tokenizer_for_records
 
-        make_synthetic_dataset(root, SyntheticDatasetConfig(num_videos=num_videos, min_frames=16, max_frames=48, seed=seed))
+        if not os.path.isfile(paths["qa"]):
+            make_synthetic_dataset(root, SyntheticDatasetConfig(num_videos=num_videos, min_frames=16, max_frames=48, seed=seed))
         records = load_records(paths["qa"]).records + load_records(paths["captions"], kind="caption").records
-        train_tokenizer_for_records(records, paths["tokenizer"][: -len(".model")], vocab_size=512)
+        train_tokenizer_for_records(records, paths["tokenizer"][: -len(".model")], vocab_size=512,
+                                    special=special_tokens(family))
     if dist.is_initialized():
         dist.barrier()
     return paths

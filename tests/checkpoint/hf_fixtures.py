@@ -13,23 +13,27 @@ import torch
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<video>", "<image>", "<think>", "</think>", "<answer>",
            "</answer>"]
+# Qwen2.5-VL's public tokenizers: the vision tokens, and no response tags (they are plain text there)
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<|video_pad|>"]
 IMAGE_SIZE, PATCH, FRAMES = 32, 8, 4
 EOS_LOGIT = 4.0
 
 
-def make_tokenizer(texts, out_dir: str):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts``, saved to ``out_dir``."""
+def make_tokenizer(texts, out_dir: str, special=SPECIAL):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` with the tokens ``special`` (pad
+    first), saved to ``out_dir``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=list(special), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     bpe.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=SPECIAL[1:])
+                                   additional_special_tokens=list(special[1:]))
     fast.save_pretrained(out_dir)
     return fast
 

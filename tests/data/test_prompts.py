@@ -120,3 +120,45 @@ def test_byte_tokenizer_needs_no_file_and_round_trips():
     assert ids.count(tok.video_id) == 2 and ids[0] == tok.im_start_id and ids[-1] == tok.eos_id
     assert max(ids) < tok.vocab_size and all(0 <= i < 256 for i in tok.encode("plain bytes"))
     tok.check_special_tokens()
+
+
+def test_qwen_family_tokens_render_the_video_between_its_delimiters(synth):
+    """Qwen2.5-VL's spelling: ``<|vision_start|><|video_pad|><|vision_end|>`` with the text straight after;
+    the response tags need not be single tokens (public Qwen tokenizers spell them as pieces)."""
+    from megatron_longvideo.data.prompts import PromptConfig, render_prompt
+    from megatron_longvideo.data.tokenizer import ByteTokenizer
+    from megatron_longvideo.models import special_tokens
+
+    qwen = special_tokens("qwen2_5_vl")
+    assert qwen.structural() == ["<|im_start|>", "<|im_end|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    text = render_prompt("Q?", PromptConfig(system_prompt="S"), qwen)
+    assert text == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>Q?"
+                    "<|im_end|>\n<|im_start|>assistant\n")
+    assert render_prompt("Q?", PromptConfig(system_prompt="S"), special_tokens("llava_onevision")).count("<video>\nQ?") == 1
+
+    class NoTags(ByteTokenizer):  # a vocabulary without <think> / <answer> as tokens
+        def _id(self, token):
+            return None if token in (qwen.think_start, qwen.think_end, qwen.answer_start, qwen.answer_end) else super()._id(token)
+
+    tok = NoTags(special=qwen)
+    tok.check_special_tokens()
+    ex = build_rl_prompt(load_records(synth.qa_path).records[0], tok, 6)
+    ids = ex.input_ids.tolist()
+    start = ex.video_start
+    assert ids[start - 1] == tok.token_id("<|vision_start|>") and ids[start + 6] == tok.token_id("<|vision_end|>")
+    assert ids[start : start + 6] == [tok.video_id] * 6
+
+    with pytest.raises(ValueError, match="vision_start and vision_end come together"):
+        SpecialTokens(vision_start="<|vision_start|>")
+    with pytest.raises(ValueError, match="model family: must be one of"):
+        special_tokens("llava")
+
+
+def test_entry_scripts_read_the_tokenizer_with_the_familys_tokens(tokenizer):
+    """``--model-family qwen2_5_vl`` with a tokenizer made for LLaVA-OneVision is refused, naming the tokens."""
+    from megatron_longvideo.training.args import load_tokenizer_for, parse
+
+    args = parse(["--model-family", "qwen2_5_vl", "--tokenizer", tokenizer.source])
+    with pytest.raises(ValueError, match=r"the qwen2_5_vl family's prompts need its chat tokens .*<\|video_pad\|>"):
+        load_tokenizer_for(args)
+    assert load_tokenizer_for(parse(["--tokenizer", tokenizer.source])).video_id == tokenizer.video_id

@@ -12,14 +12,17 @@ import torch
 NUM_FRAMES = 4
 
 
-def make_data(root: str, num_videos: int = 8) -> dict:
-    """Synthetic videos (16-24 frames), their QA / caption records and a tokenizer, under ``root``."""
+def make_data(root: str, num_videos: int = 8, family: str = "llava_onevision") -> dict:
+    """Synthetic videos (16-24 frames), their QA / caption records and a tokenizer with ``family``'s chat
+    tokens, under ``root``."""
     from megatron_longvideo.data import SyntheticDatasetConfig, load_records, make_synthetic_dataset
     from megatron_longvideo.data import train_tokenizer_for_records
+    from megatron_longvideo.models import special_tokens
 
     ds = make_synthetic_dataset(root, SyntheticDatasetConfig(num_videos=num_videos, min_frames=16, max_frames=24, seed=5))
     records = load_records(ds.qa_path).records + load_records(ds.caption_path, kind="caption").records
-    tokenizer = train_tokenizer_for_records(records, os.path.join(root, "tokenizer"), vocab_size=400)
+    tokenizer = train_tokenizer_for_records(records, os.path.join(root, "tokenizer"), vocab_size=400,
+                                            special=special_tokens(family))
     return {"qa": ds.qa_path, "captions": ds.caption_path, "video_root": ds.video_root, "tokenizer": tokenizer}
 
 
