@@ -37,7 +37,7 @@ from megatron_longvideo.parallel import collectives
 from megatron_longvideo.parallel.groups import ParallelGroups
 from megatron_longvideo.platform.device import device_of
 
-__all__ = ["encode_videos", "reduce_encode_replica_grads", "split_frames", "EncodeStats", "encode_stats"]
+__all__ = ["encode_videos", "mark_encode_replica", "reduce_encode_replica_grads", "split_frames", "EncodeStats", "encode_stats"]
 
 
 @dataclasses.dataclass
@@ -186,6 +186,17 @@ def _encode_parallel(encoder, videos: Sequence[torch.Tensor], groups: ParallelGr
         out.append(gathered[offset : offset + n].reshape(n * gathered.shape[1], gathered.shape[2]))
         offset += n
     return out
+
+
+def mark_encode_replica(params) -> None:
+    """Mark a tower's parameters as replicated on every rank and applied to each rank's own frames
+    (:func:`reduce_encode_replica_grads` completes their gradients). Their megatron linears carry
+    ``tensor_model_parallel`` although their TP group is this rank alone; cleared here, or megatron's
+    gradient norm would count each such parameter once per TP rank (it skips only non-TP duplicates
+    off TP rank 0)."""
+    for p in params:
+        p.encode_replica = True
+        p.tensor_model_parallel = False
 
 
 def reduce_encode_replica_grads(model, groups: ParallelGroups) -> None:

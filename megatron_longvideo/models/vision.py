@@ -201,8 +201,9 @@ class VisionEncoder(torch.nn.Module):
         if vcfg.newline:  # initialised on the CPU like the rest, moved with the module
             self.image_newline = torch.nn.Parameter(torch.randn(llm_hidden, dtype=params_dtype, device="cpu") * 0.02)
         # Parameters applied to each rank's own frames: their gradients are partial per rank.
-        for p in list(self.vit.parameters()) + list(self.projector.parameters()):
-            p.encode_replica = True
+        from megatron_longvideo.models.encode import mark_encode_replica
+
+        mark_encode_replica(list(self.vit.parameters()) + list(self.projector.parameters()))
         if vcfg.freeze:
             self.vit.requires_grad_(False)
         if vcfg.freeze_projector:

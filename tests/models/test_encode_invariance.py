@@ -43,7 +43,7 @@ def _run(layout, full_weights, batch, encode_group="tp_cp", vision=None):
     from megatron_longvideo.models.vision import VisionConfig
     from megatron_longvideo.models.vlm import VLMConfig, build_vlm, vlm_forward
     from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
-    from megatron_longvideo.training.engine import forward_backward, wrap_ddp
+    from megatron_longvideo.training.engine import OptimConfig, build_optimizer, forward_backward, wrap_ddp
     from megatron_longvideo.training.lm_step import cp_shard
 
     config = ParallelConfig(
@@ -83,9 +83,11 @@ def _run(layout, full_weights, batch, encode_group="tp_cp", vision=None):
     everyone = [torch.empty_like(vision_grad) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, vision_grad)
     spread[0] = max((e - vision_grad).abs().max() for e in everyone)
+    # the gradient norm megatron's optimizer clips by: each replicated tower parameter counted once
+    _, grad_norm, _ = build_optimizer([ddp], OptimConfig(lr=0.0, clip_grad=1e9)).step()
     destroy_parallel()
     return {"loss": (totals[0] / totals[1]).item(), "grads": grads, "weights": weights,
-            "merged": merged_out["embeds"], "replica_spread": spread.item()}
+            "merged": merged_out["embeds"], "replica_spread": spread.item(), "grad_norm": float(grad_norm)}
 
 
 def _rel(a, b):
@@ -105,6 +107,7 @@ def _worker(rank, world_size, layouts, vision=None):
             "grad": max(_rel(got["grads"][k], ref["grads"][k]) for k in ref["grads"]),
             "vision_grad": max(_rel(got["grads"][k], ref["grads"][k]) for k in ref["grads"] if k.startswith("vision.")),
             "replica_spread": got["replica_spread"],
+            "grad_norm": abs(got["grad_norm"] - ref["grad_norm"]) / ref["grad_norm"],
         }
     frozen = (vision or {}).get("freeze", False)
     zero = [k for k, g in ref["grads"].items() if g.abs().max() == 0 and not (frozen and "vision.vit." in k)]

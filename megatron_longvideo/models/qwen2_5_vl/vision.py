@@ -232,9 +232,10 @@ class QwenVisionTower(torch.nn.Module):
         half = cfg.head_dim // 2
         self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, half, 2, dtype=torch.float32, device="cpu") / half),
                              persistent=False)
-        if not self.sharded:
-            for p in self.parameters():
-                p.encode_replica = True  # replicated over TP, applied to each rank's own frames
+        if not self.sharded:  # replicated over TP, applied to each rank's own frames
+            from megatron_longvideo.models.encode import mark_encode_replica
+
+            mark_encode_replica(self.parameters())
         if cfg.freeze:
             self.requires_grad_(False)
         self.image_newline = None  # the encode path's hooks (models/encode.py): no newline token
