@@ -30,7 +30,7 @@ def _worker(rank, world_size, frame_counts, repeats, cache_step, vision):
     init_cpu_dist()
     from megatron_longvideo.models.encode import encode_videos
     from megatron_longvideo.models.video_cache import VideoEmbeddingCache, cache_key, weights_version
-    from megatron_longvideo.models.vision import VisionConfig, build_vision_encoder
+    from megatron_longvideo.models.llava_onevision.vision import VisionConfig, build_vision_encoder
     from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
 
     groups = initialize_parallel(ParallelConfig(context_parallel_size=world_size))

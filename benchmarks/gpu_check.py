@@ -106,8 +106,8 @@ def check_grpo_step(quick: bool) -> tuple[list[str], bool]:
     from megatron_longvideo.data.tokenizer import load_tokenizer
     from megatron_longvideo.models.llm import LLMConfig
     from megatron_longvideo.models.video_cache import VideoEmbeddingCache
-    from megatron_longvideo.models.vision import VisionConfig
-    from megatron_longvideo.models.vlm import VLMConfig, build_vlm
+    from megatron_longvideo.models.llava_onevision.vision import VisionConfig
+    from megatron_longvideo.models.llava_onevision.model import VLMConfig, build_vlm
     from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
     from megatron_longvideo.platform import enable_cpu_mode
     from megatron_longvideo.rl.engines import build_engine

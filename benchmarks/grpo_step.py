@@ -125,9 +125,8 @@ def _worker(rank, world_size, mode, frame_counts, opts):
     import torch.distributed as dist
 
     from megatron_longvideo.data.tokenizer import load_tokenizer
+    from megatron_longvideo.models.llava_onevision.model import VLMConfig, build_vlm
     from megatron_longvideo.models.video_cache import VideoEmbeddingCache
-    from megatron_longvideo.models.vision import VisionConfig
-    from megatron_longvideo.models.vlm import VLMConfig, build_vlm
     from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
     from megatron_longvideo.rl.engines import build_engine
     from megatron_longvideo.rl.engines.base import SamplingConfig
@@ -227,7 +226,7 @@ def _predicted(mode, frames, row, opts):
 
 def _model(opts):
     from megatron_longvideo.models.llm import LLMConfig
-    from megatron_longvideo.models.vision import VisionConfig
+    from megatron_longvideo.models.llava_onevision.vision import VisionConfig
 
     h = opts["hidden"]
     llm = LLMConfig.tiny(vocab_size=304, hidden_size=h, num_layers=opts["layers"], num_attention_heads=4,
@@ -349,7 +348,7 @@ def capacity_report(gpu_gib: float = 80.0, usable: float = 0.9) -> str:
     SigLIP-so400m shape, from the memory model: with the tile engine, and with the dense attention
     this library had before it; and what then binds."""
     from megatron_longvideo.models.llm import LLMConfig
-    from megatron_longvideo.models.vision import VisionConfig
+    from megatron_longvideo.models.llava_onevision.vision import VisionConfig
 
     llm, vision = LLMConfig.qwen2_7b(), VisionConfig.siglip_so400m()
     lines = [f"## Predicted: largest frame count on 8 x {gpu_gib:.0f} GB (memory model, not measured)", "",

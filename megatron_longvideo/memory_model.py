@@ -39,7 +39,7 @@ import dataclasses
 from typing import Optional
 
 from megatron_longvideo.models.llm import LLMConfig
-from megatron_longvideo.models.vision import VisionConfig
+from megatron_longvideo.models.llava_onevision.vision import VisionConfig
 
 __all__ = ["MODES", "StepLayout", "MemoryEstimate", "llm_param_count", "vision_param_count", "predict_step_memory",
            "max_frames", "attention_terms"]

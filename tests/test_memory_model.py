@@ -11,7 +11,7 @@ from tests.dist import init_cpu_dist, run_ranks
 
 def _count_worker(rank, world_size, configs):
     init_cpu_dist()
-    from megatron_longvideo.models.vlm import VLMConfig, build_vlm
+    from megatron_longvideo.models.llava_onevision.model import VLMConfig, build_vlm
     from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
 
     groups = initialize_parallel(ParallelConfig())
@@ -26,7 +26,7 @@ def _count_worker(rank, world_size, configs):
 def test_param_counts_match_built_models():
     from megatron_longvideo.memory_model import llm_param_count, vision_param_count
     from megatron_longvideo.models.llm import LLMConfig
-    from megatron_longvideo.models.vision import VisionConfig
+    from megatron_longvideo.models.llava_onevision.vision import VisionConfig
 
     configs = [
         (LLMConfig.tiny(vocab_size=304), VisionConfig()),
@@ -42,7 +42,7 @@ def test_param_counts_match_built_models():
 def test_predictions_follow_the_layouts():
     from megatron_longvideo.memory_model import StepLayout, max_frames, predict_step_memory
     from megatron_longvideo.models.llm import LLMConfig
-    from megatron_longvideo.models.vision import VisionConfig
+    from megatron_longvideo.models.llava_onevision.vision import VisionConfig
 
     llm, vision = LLMConfig.qwen2_7b(), VisionConfig.siglip_so400m()
     gpu = dict(ranks=8, group_size=8, response_len=512, act_bytes=2, param_bytes=2, grad_bytes=2, optimizer_bytes=12,

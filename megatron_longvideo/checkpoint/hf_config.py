@@ -1,40 +1,24 @@
 """Hugging Face config objects for our models, and back.
 
-Our ``LLMConfig`` is a ``Qwen2Config``; our ``VLMConfig`` is a ``LlavaOnevisionConfig`` with a
-``SiglipVisionConfig`` tower and a Qwen2 text model. What LLaVA-OneVision fixes and we must match
-(and so refuse to export otherwise):
-
-* features of the **last** ViT layer before the post-layernorm: ``vision_feature_layer=-1``,
-  ``vision_feature_select_strategy="full"`` (the exported ``post_layernorm`` is never used);
-* projector Linear - exact GELU - Linear with biases (``projector_hidden_act="gelu"``);
-* video pooling is not a config field in transformers: LLaVA-OneVision always bilinear-resizes each
-  frame's g x g grid to ceil(g/2) x ceil(g/2) after the projector and appends one ``image_newline``
-  per video. Only our ``pooling="bilinear", newline=True`` does the same; ``"none"`` and VILA's
-  ``"merge2x2"`` (channel concatenation before the projector) have no LLaVA-OneVision equivalent.
-* ``vision_aspect_ratio`` and ``image_grid_pinpoints`` only matter for still images (anyres tiling);
-  they are written as LLaVA-OneVision's defaults scaled to our image size.
+Our ``LLMConfig`` is a ``Qwen2Config``. The families' own configs are converted in their folders
+(:mod:`megatron_longvideo.models.llava_onevision.hf`, :mod:`megatron_longvideo.models.qwen2_5_vl.hf`);
+:func:`hf_config` and :func:`config_from_hf` dispatch to them.
 
 Supported transformers versions: :data:`SUPPORTED_TRANSFORMERS` (4.57 up to, not including, 6).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 from megatron_longvideo.models.llm import LLMConfig
-from megatron_longvideo.models.vision import VisionConfig
-from megatron_longvideo.models.vlm import VLMConfig
 
 __all__ = [
     "SUPPORTED_TRANSFORMERS",
     "check_transformers_version",
     "qwen2_config",
-    "siglip_vision_config",
-    "llava_onevision_config",
     "hf_config",
     "llm_config_from_hf",
-    "vision_config_from_hf",
-    "vlm_config_from_hf",
     "config_from_hf",
 ]
 
@@ -85,69 +69,11 @@ def qwen2_config(llm: LLMConfig, **extra):
     return Qwen2Config(**kwargs)
 
 
-def _check_exportable_vision(vision: VisionConfig) -> None:
-    if vision.pooling != "bilinear":
-        raise ValueError(
-            f"vision.pooling={vision.pooling!r} has no LLaVA-OneVision equivalent: its video path always pools "
-            f"bilinearly to ceil(g/2) x ceil(g/2) after the projector (our pooling='bilinear')"
-            + ("; 'merge2x2' concatenates 2x2 neighbours before the projector (VILA), which LLaVA-OneVision cannot express"
-               if vision.pooling == "merge2x2" else "")
-        )
-    if not vision.newline:
-        raise ValueError("vision.newline=False has no LLaVA-OneVision equivalent: it appends one image_newline per video")
+def hf_config(cfg, **kwargs):
+    """The HF config of ``cfg``: Qwen2 for an LLM, LLaVA-OneVision for a LLaVA-OneVision VLM."""
+    from megatron_longvideo.models.llava_onevision.hf import llava_onevision_config
+    from megatron_longvideo.models.llava_onevision.model import VLMConfig
 
-
-def siglip_vision_config(vision: VisionConfig):
-    """``SiglipVisionConfig`` of our ViT (no pooling head; the post-layernorm exists but is unused)."""
-    from transformers import SiglipVisionConfig
-
-    return SiglipVisionConfig(
-        hidden_size=vision.hidden_size,
-        intermediate_size=vision.ffn_hidden_size,
-        num_hidden_layers=vision.num_layers,
-        num_attention_heads=vision.num_attention_heads,
-        num_channels=3,
-        image_size=vision.image_size,
-        patch_size=vision.patch_size,
-        hidden_act="gelu_pytorch_tanh",
-        layer_norm_eps=vision.norm_eps,
-        attention_dropout=0.0,
-        vision_use_head=False,
-    )
-
-
-def _grid_pinpoints(image_size: int) -> list[list[int]]:
-    # LLaVA-OneVision's default anyres grid (1..6 tiles per side at 384 px), scaled to our tile size
-    return [[h * image_size, w * image_size] for h in range(1, 7) for w in range(1, 7)]
-
-
-def llava_onevision_config(cfg: VLMConfig, *, image_token_id: Optional[int] = None, **text_extra):
-    """``LlavaOnevisionConfig`` for our VLM. ``image_token_id`` defaults to ``video_token_id - 1``
-    (LLaVA-OneVision's convention, 151646 / 151647); it is only used for still images."""
-    from transformers import LlavaOnevisionConfig
-
-    _check_exportable_vision(cfg.vision)
-    if image_token_id is None:
-        image_token_id = cfg.video_token_id - 1 if cfg.video_token_id > 0 else cfg.video_token_id + 1
-    if image_token_id == cfg.video_token_id:
-        raise ValueError(f"image_token_id must differ from video_token_id={cfg.video_token_id}")
-    return LlavaOnevisionConfig(
-        vision_config=siglip_vision_config(cfg.vision),
-        text_config=qwen2_config(cfg.llm, **text_extra),
-        image_token_index=image_token_id,
-        video_token_index=cfg.video_token_id,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-        multimodal_projector_bias=True,
-        tie_word_embeddings=cfg.llm.tie_word_embeddings,
-        image_grid_pinpoints=_grid_pinpoints(cfg.vision.image_size),
-        vision_aspect_ratio="anyres_max_9",
-    )
-
-
-def hf_config(cfg: Union[LLMConfig, VLMConfig], **kwargs):
-    """The HF config of ``cfg``: Qwen2 for an LLM, LLaVA-OneVision for a VLM."""
     if isinstance(cfg, VLMConfig):
         return llava_onevision_config(cfg, **kwargs)
     if isinstance(cfg, LLMConfig):
@@ -198,61 +124,12 @@ def llm_config_from_hf(config, **overrides) -> LLMConfig:
     return LLMConfig(**kwargs)
 
 
-def vision_config_from_hf(config, **overrides) -> VisionConfig:
-    """Our ``VisionConfig`` (bilinear pooling, newline on) from a ``SiglipVisionConfig`` (or its dict)."""
-    model_type = _get(config, "model_type")
-    if model_type not in ("siglip_vision_model", "siglip"):
-        raise ValueError(f"expected a SigLIP vision config (model_type 'siglip_vision_model'), got {model_type!r}")
-    if _get(config, "hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-        raise ValueError(f"vision hidden_act={_get(config, 'hidden_act')!r} is not supported (SigLIP: 'gelu_pytorch_tanh')")
-    if _get(config, "num_channels", 3) != 3:
-        raise ValueError(f"vision num_channels={_get(config, 'num_channels')} is not supported (RGB frames: 3)")
-    kwargs = dict(
-        image_size=_get(config, "image_size"),
-        patch_size=_get(config, "patch_size"),
-        hidden_size=_get(config, "hidden_size"),
-        num_layers=_get(config, "num_hidden_layers"),
-        num_attention_heads=_get(config, "num_attention_heads"),
-        ffn_hidden_size=_get(config, "intermediate_size"),
-        norm_eps=_get(config, "layer_norm_eps", 1e-6),
-        pooling="bilinear",
-        newline=True,
-    )
-    kwargs.update(overrides)
-    return VisionConfig(**kwargs)
-
-
-def vlm_config_from_hf(config, *, llm_overrides: Optional[dict] = None, vision_overrides: Optional[dict] = None) -> VLMConfig:
-    """Our ``VLMConfig`` from a ``LlavaOnevisionConfig``; refuses settings our video path does not follow."""
-    model_type = _get(config, "model_type")
-    if model_type != "llava_onevision":
-        raise ValueError(f"expected a LLaVA-OneVision config (model_type 'llava_onevision'), got {model_type!r}")
-    vision = _get(config, "vision_config")
-    layer = _get(config, "vision_feature_layer", -1)
-    if layer not in (-1, _get(vision, "num_hidden_layers")):
-        raise ValueError(f"vision_feature_layer={layer!r} is not supported: our encoder takes the last ViT layer (-1)")
-    strategy = _get(config, "vision_feature_select_strategy", "full")
-    if strategy != "full":
-        raise ValueError(f"vision_feature_select_strategy={strategy!r} is not supported: SigLIP has no class token ('full')")
-    if _get(config, "projector_hidden_act", "gelu") != "gelu":
-        raise ValueError(f"projector_hidden_act={_get(config, 'projector_hidden_act')!r} is not supported (exact 'gelu')")
-    if not _get(config, "multimodal_projector_bias", True):
-        raise ValueError("multimodal_projector_bias=False is not supported (our projector has biases)")
-    text = _get(config, "text_config")
-    llm_overrides = dict(llm_overrides or {})
-    tied = bool(_get(config, "tie_word_embeddings", False) or _get(text, "tie_word_embeddings", False))
-    llm_overrides.setdefault("tie_word_embeddings", tied)
-    return VLMConfig(
-        llm=llm_config_from_hf(text, **llm_overrides),
-        vision=vision_config_from_hf(vision, **(vision_overrides or {})),
-        video_token_id=_get(config, "video_token_index", _get(config, "video_token_id")),
-    )
-
-
-def config_from_hf(config) -> Union[LLMConfig, VLMConfig]:
+def config_from_hf(config):
     """Our config of a Qwen2 or LLaVA-OneVision HF config (object or ``config.json`` dict)."""
     model_type = _get(config, "model_type")
     if model_type == "llava_onevision":
+        from megatron_longvideo.models.llava_onevision.hf import vlm_config_from_hf
+
         return vlm_config_from_hf(config)
     if model_type == "qwen2":
         return llm_config_from_hf(config)

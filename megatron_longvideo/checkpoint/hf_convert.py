@@ -26,7 +26,7 @@ from megatron_longvideo.checkpoint.hf_config import check_transformers_version, 
 from megatron_longvideo.checkpoint.hf_io import copy_tokenizer, read_checkpoint, write_shards
 from megatron_longvideo.checkpoint.hf_map import Items, WeightMap
 from megatron_longvideo.models.llm import LLMConfig
-from megatron_longvideo.models.vlm import VLMConfig
+from megatron_longvideo.models.llava_onevision.model import VLMConfig
 
 __all__ = ["HFCheckpoint", "save_hf", "export_model", "load_hf", "load_hf_into_model", "read_hf_config",
            "save_full_state_file", "load_full_state_file"]
@@ -276,7 +276,7 @@ def _config_to_dict(cfg: ModelConfig) -> dict:
 
 
 def _config_from_dict(d: dict) -> ModelConfig:
-    from megatron_longvideo.models.vision import VisionConfig
+    from megatron_longvideo.models.llava_onevision.vision import VisionConfig
 
     d = dict(d)
     kind = d.pop("kind", None)

@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 import torch
 
 from megatron_longvideo.models.llm import LLMConfig
-from megatron_longvideo.models.vlm import VLMConfig
+from megatron_longvideo.models.llava_onevision.model import VLMConfig
 
 __all__ = ["CheckpointMismatchError", "WeightMap", "megatron_to_hf", "hf_to_megatron", "split_qkv", "merge_qkv"]
 
@@ -117,9 +117,9 @@ class WeightMap:
             self._by_hf = {name: r for r in self.rules for name in r.hf}
             return
         if isinstance(cfg, VLMConfig):
-            from megatron_longvideo.checkpoint.hf_config import _check_exportable_vision
+            from megatron_longvideo.models.llava_onevision.hf import check_exportable_vision
 
-            _check_exportable_vision(cfg.vision)
+            check_exportable_vision(cfg.vision)
             self.architecture = "LlavaOnevisionForConditionalGeneration"
             llm, mg, hf, head = cfg.llm, "llm.", "language_model.model.", "language_model.lm_head.weight"
         elif isinstance(cfg, LLMConfig):

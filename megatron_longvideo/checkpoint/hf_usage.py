@@ -3,15 +3,12 @@ chat template.
 
 * ``generation_config.json``: ``eos_token_id`` (the end of an assistant turn, ``<|im_end|>``, plus the
   tokenizer's own eos when it differs) and ``pad_token_id``, so ``generate`` stops where our rollouts stop.
-* For a LLaVA-OneVision export, its processor configs in the layout public checkpoints use
-  (``preprocessor_config.json`` for images, ``video_preprocessor_config.json`` for videos,
-  ``processor_config.json`` for the processor itself): frames resized to the tower's size (bilinear,
-  antialiased, as our decoders do), scaled to 0..1 and normalised with SigLIP's mean and std of 0.5, and
-  ``num_image_tokens`` = the patch grid squared, from which ``LlavaOnevisionProcessor`` expands one
-  ``<video>`` into ``frames x ceil(grid / 2)^2 + 1`` placeholders, the count our model takes. Needs a
-  Hugging Face tokenizer (``AutoProcessor`` loads one); a sentencepiece model gets no processor.
-* For a Qwen2.5-VL export, ``Qwen2_5_VLProcessor``'s (see
-  :mod:`megatron_longvideo.models.qwen2_5_vl.inputs`), which expands ``<|video_pad|>`` to ``t * h * w / 4``.
+* The family's processor configs (``preprocessor_config.json``, ``video_preprocessor_config.json``,
+  ``processor_config.json``), from which transformers' processor expands one video placeholder into the
+  count our model takes: :mod:`megatron_longvideo.models.llava_onevision.inputs` (``<video>`` into
+  ``frames x ceil(grid / 2)^2 + 1``), :mod:`megatron_longvideo.models.qwen2_5_vl.inputs` (``<|video_pad|>``
+  into ``t * h * w / 4``). Needs a Hugging Face tokenizer (``AutoProcessor`` loads one); a sentencepiece
+  model gets no processor.
 * ``chat_template.jinja``: the ChatML turns our prompt builder writes, a video item rendered as the
   family renders it (``<video>`` and a newline; ``<|vision_start|><|video_pad|><|vision_end|>``) before
   the text, unless the tokenizer brought a template of its own.
@@ -30,7 +27,6 @@ __all__ = ["chat_template", "write_generation_config", "write_processor_configs"
 
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
 _TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
-_BILINEAR = 2  # PIL.Image.BILINEAR, the resample code transformers' processors take
 
 
 def chat_template(special=None) -> str:
@@ -141,10 +137,9 @@ def write_processor_configs(out_dir: str, cfg) -> list[str]:
         return []
     if family_of(cfg) == "qwen2_5_vl":
         from megatron_longvideo.models.qwen2_5_vl.inputs import processor_configs
-
-        files = processor_configs(cfg)
     else:
-        files = _llava_processor_configs(cfg)
+        from megatron_longvideo.models.llava_onevision.inputs import processor_configs
+    files = processor_configs(cfg)
     written = []
     for name, obj in files.items():
         path = os.path.join(out_dir, name)
@@ -152,23 +147,3 @@ def write_processor_configs(out_dir: str, cfg) -> list[str]:
             _write_json(path, obj)
             written.append(path)
     return written
-
-
-def _llava_processor_configs(cfg, image_token: str = "<image>") -> dict[str, dict]:
-    from megatron_longvideo.checkpoint.hf_config import _grid_pinpoints
-    from megatron_longvideo.data.sampling import FrameSamplingConfig
-    from megatron_longvideo.data.tokenizer import SpecialTokens
-
-    sampling, v = FrameSamplingConfig(), cfg.vision
-    frames = {"do_resize": True, "size": {"height": v.image_size, "width": v.image_size}, "resample": _BILINEAR,
-              "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(sampling.mean),
-              "image_std": list(sampling.std), "do_convert_rgb": True, "processor_class": "LlavaOnevisionProcessor"}
-    return {
-        "preprocessor_config.json": {"image_processor_type": "LlavaOnevisionImageProcessor", "do_pad": True,
-                                     "image_grid_pinpoints": _grid_pinpoints(v.image_size), **frames},
-        "video_preprocessor_config.json": {"video_processor_type": "LlavaOnevisionVideoProcessor",
-                                           "do_sample_frames": False, **frames},
-        "processor_config.json": {"processor_class": "LlavaOnevisionProcessor", "image_token": image_token,
-                                  "video_token": SpecialTokens().video, "num_image_tokens": v.grid**2,
-                                  "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9"},
-    }

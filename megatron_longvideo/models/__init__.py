@@ -1,8 +1,14 @@
-"""Models built from megatron-core parts: the Qwen2-style LLM (``llm``), its norm and rotary
-embedding, the vision tower and projector, and the video-language model of each family:
-LLaVA-OneVision (SigLIP + MLP projector + Qwen2: ``vision``, ``vlm``) and Qwen2.5-VL (``qwen2_5_vl/``).
+"""Models built from megatron-core parts, one folder per family over shared parts.
 
-:func:`build_model` builds either from its config."""
+Shared: the Qwen2-style LLM on GPTModel (``llm``), its norm (``norm``) and explicit-position rotary
+embedding (``rotary``, multimodal RoPE included), parallel frame encoding (``encode``), the merge of video
+tokens into text (``merge``), the video embedding cache (``video_cache``), sequence-parallel prefill
+(``prefill``) and the module and forward both families share (``vlm``).
+
+Families: ``llava_onevision/`` (SigLIP + MLP projector + Qwen2) and ``qwen2_5_vl/`` (window-attention
+tower, multimodal RoPE), each with its config and model, tower, HF maps and inputs (chat tokens,
+processor configs). :func:`build_model` builds either from its config.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ FAMILIES = ("llava_onevision", "qwen2_5_vl")
 def family_of(cfg) -> str:
     """The family name of a model config."""
     from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig
-    from megatron_longvideo.models.vlm import VLMConfig
+    from megatron_longvideo.models.llava_onevision.model import VLMConfig
 
     if isinstance(cfg, Qwen25VLConfig):
         return "qwen2_5_vl"
@@ -32,9 +38,9 @@ def special_tokens(family: str):
         from megatron_longvideo.models.qwen2_5_vl.inputs import SPECIAL_TOKENS
 
         return SPECIAL_TOKENS
-    from megatron_longvideo.data.tokenizer import SpecialTokens
+    from megatron_longvideo.models.llava_onevision.inputs import SPECIAL_TOKENS
 
-    return SpecialTokens()
+    return SPECIAL_TOKENS
 
 
 def build_model(cfg, groups, *, seed: int = 0, **kwargs):
@@ -43,7 +49,7 @@ def build_model(cfg, groups, *, seed: int = 0, **kwargs):
         from megatron_longvideo.models.qwen2_5_vl.model import build_qwen25vl
 
         return build_qwen25vl(cfg, groups, seed=seed, **kwargs)
-    from megatron_longvideo.models.vlm import build_vlm
+    from megatron_longvideo.models.llava_onevision.model import build_vlm
 
     return build_vlm(cfg, groups, seed=seed, **kwargs)
 

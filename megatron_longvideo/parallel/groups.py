@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["ParallelConfig", "ParallelGroups", "initialize_parallel", "destroy_parallel", "single_rank_groups"]
+__all__ = ["ParallelConfig", "ParallelGroups", "initialize_parallel", "destroy_parallel", "single_rank_groups",
+           "solo_collection"]
 
 _CP_COMM_TYPES = ("all_gather", "a2a", "p2p")
 _ENCODE_GROUPS = ("tp_cp", "cp")
@@ -229,3 +230,18 @@ def destroy_parallel(*, destroy_process_group: bool = False) -> None:
     ps.destroy_model_parallel()
     if destroy_process_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def solo_collection(groups: ParallelGroups):
+    """A megatron ``ProcessGroupCollection`` of this rank alone on every axis, for modules replicated on
+    every rank but built from megatron layers that take process groups (the vision towers)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    solo = groups.solo
+    if solo is None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise ValueError("solo_collection: needs torch.distributed initialized (initialize_parallel)")
+        solo, _ = dist.new_subgroups(group_size=1)
+    return ProcessGroupCollection(tp=solo, cp=solo, pp=solo, dp=solo, dp_cp=solo, tp_cp=solo, embd=None, pos_embd=None)

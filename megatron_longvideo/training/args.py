@@ -202,7 +202,7 @@ def _config_from_source(args):
     import dataclasses
 
     from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig
-    from megatron_longvideo.models.vlm import VLMConfig
+    from megatron_longvideo.models.llava_onevision.model import VLMConfig
 
     if args.hf_config and getattr(args, "use_checkpoint_args", False):
         raise ValueError("--hf-config and --use-checkpoint-args both name the model shape: give one")
@@ -284,7 +284,7 @@ def model_config(args, tokenizer):
     the next stage given the same model flags. With ``--hf-config`` / ``--use-checkpoint-args`` the
     shape is that config's, which must hold the tokenizer (vocabulary, video id) and split over TP."""
     from megatron_longvideo.models.llm import LLMConfig
-    from megatron_longvideo.models.vision import VisionConfig
+    from megatron_longvideo.models.llava_onevision.vision import VisionConfig
     from megatron_longvideo.training.stage import vlm_config_for
 
     cfg, source = _config_from_source(args)

@@ -21,8 +21,8 @@ from megatron_longvideo.data import (
     VideoDatasetConfig,
 )
 from megatron_longvideo.models.llm import LLMConfig
-from megatron_longvideo.models.vision import VisionConfig
-from megatron_longvideo.models.vlm import VLMConfig
+from megatron_longvideo.models.llava_onevision.vision import VisionConfig
+from megatron_longvideo.models.llava_onevision.model import VLMConfig
 from megatron_longvideo.parallel.groups import ParallelGroups
 
 __all__ = ["STAGES", "vlm_config_for", "build_data_loader", "build_stage_model", "run_stage"]

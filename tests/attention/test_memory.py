@@ -65,7 +65,7 @@ def _llm_worker(rank, world_size, lengths):
         peaks[s], largest[s] = meter.peak, meter.largest
     # the vision tower runs the same engine: 32 x 32 = 1,024 patches per frame, no [patches, patches] scores
     from megatron_longvideo.attention.core import TileCoreAttention
-    from megatron_longvideo.models.vision import VisionConfig, build_vision_encoder
+    from megatron_longvideo.models.llava_onevision.vision import VisionConfig, build_vision_encoder
 
     vcfg = VisionConfig(image_size=128, patch_size=4, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64)
     tower = build_vision_encoder(vcfg, 64, groups)

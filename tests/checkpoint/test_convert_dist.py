@@ -17,7 +17,7 @@ def _save_worker(rank, world_size, root):
     from megatron_longvideo.checkpoint.full_state import gather_full_state
     from megatron_longvideo.checkpoint.hf_map import WeightMap
     from megatron_longvideo.models.llm import LLMConfig
-    from megatron_longvideo.models.vlm import VLMConfig, build_vlm
+    from megatron_longvideo.models.llava_onevision.model import VLMConfig, build_vlm
     from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
 
     groups = initialize_parallel(ParallelConfig(tensor_parallel_size=2))

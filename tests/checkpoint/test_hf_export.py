@@ -26,8 +26,8 @@ LAYOUTS = {"tp1": {}, "tp2": {"tp": 2}, "pp2": {"pp": 2}}
 
 def _cfgs():
     from megatron_longvideo.models.llm import LLMConfig
-    from megatron_longvideo.models.vision import VisionConfig
-    from megatron_longvideo.models.vlm import VLMConfig
+    from megatron_longvideo.models.llava_onevision.vision import VisionConfig
+    from megatron_longvideo.models.llava_onevision.model import VLMConfig
 
     vlm = VLMConfig(llm=LLMConfig.tiny(vocab_size=VOCAB), vision=VisionConfig(image_size=40, patch_size=8), video_token_id=VIDEO_ID)
     return {"vlm": vlm, "llm": LLMConfig.tiny(vocab_size=VOCAB, tie_word_embeddings=True, rotary_base=5e5)}
@@ -75,7 +75,7 @@ def _megatron_logits(model, groups, kind, ids, frames):
 def _layouts_worker(rank, world_size, hf_dirs, out_root):
     from megatron_longvideo.checkpoint.hf_convert import export_model, load_hf_into_model
     from megatron_longvideo.models.llm import build_llm
-    from megatron_longvideo.models.vlm import build_vlm
+    from megatron_longvideo.models.llava_onevision.model import build_vlm
     from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
 
     init_cpu_dist()

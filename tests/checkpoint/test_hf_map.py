@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from megatron_longvideo.checkpoint import hf_config as hc
+from megatron_longvideo.models.llava_onevision import hf as llava_hf
 from megatron_longvideo.checkpoint.hf_convert import load_hf, save_full_state_file, save_hf
 from megatron_longvideo.checkpoint.hf_io import INDEX_FILE, read_checkpoint
 from megatron_longvideo.checkpoint.hf_map import CheckpointMismatchError, WeightMap, merge_qkv, split_qkv
 from megatron_longvideo.models.llm import LLMConfig
-from megatron_longvideo.models.vision import VisionConfig
-from megatron_longvideo.models.vlm import VLMConfig
+from megatron_longvideo.models.llava_onevision.vision import VisionConfig
+from megatron_longvideo.models.llava_onevision.model import VLMConfig
 
 VLM = VLMConfig(llm=LLMConfig.tiny(vocab_size=96), vision=VisionConfig(image_size=24, patch_size=8), video_token_id=5)
 LLM = LLMConfig.tiny(vocab_size=96, num_layers=1)
@@ -47,10 +48,10 @@ def test_configs_round_trip_and_match_llava_onevision_defaults():
     assert hc.llm_config_from_hf(hc.qwen2_config(LLM)) == LLM
     tied = LLMConfig.tiny(tie_word_embeddings=True, rotary_base=1e6)
     assert hc.config_from_hf(hc.qwen2_config(tied).to_dict()) == tied
-    back = hc.vlm_config_from_hf(hc.llava_onevision_config(VLM))
+    back = llava_hf.vlm_config_from_hf(llava_hf.llava_onevision_config(VLM))
     assert back == VLM
     # 7B-shaped (VLMConfig.seven_b() itself cannot be built yet: VisionConfig refuses 384 px / patch 14)
-    seven = hc.llava_onevision_config(VLMConfig(
+    seven = llava_hf.llava_onevision_config(VLMConfig(
         llm=LLMConfig.qwen2_7b(), video_token_id=151647,
         vision=VisionConfig(image_size=384, patch_size=16, hidden_size=1152, num_layers=26, num_attention_heads=16, ffn_hidden_size=4304)))
     from transformers import LlavaOnevisionConfig
@@ -70,17 +71,17 @@ def test_configs_round_trip_and_match_llava_onevision_defaults():
 ])
 def test_poolings_without_hf_equivalent_are_refused(vision, words):
     cfg = VLMConfig(llm=LLMConfig.tiny(), vision=vision)
-    for build in (hc.llava_onevision_config, WeightMap):
+    for build in (llava_hf.llava_onevision_config, WeightMap):
         with pytest.raises(ValueError) as e:
             build(cfg)
         assert all(w in str(e.value) for w in words), str(e.value)
 
 
 def test_unsupported_hf_settings_are_refused():
-    config = hc.llava_onevision_config(VLM)
+    config = llava_hf.llava_onevision_config(VLM)
     config.vision_feature_layer = -2
     with pytest.raises(ValueError, match="vision_feature_layer=-2"):
-        hc.vlm_config_from_hf(config)
+        llava_hf.vlm_config_from_hf(config)
     with pytest.raises(ValueError, match="model_type 'llama'"):
         hc.config_from_hf({"model_type": "llama"})
 
@@ -199,7 +200,7 @@ def test_vlm_parts_from_public_qwen2_and_siglip_folders(tmp_path):
     part = load_hf(qwen, VLM, part="language_model")
     assert set(part.state) == {k for k in WeightMap(VLM).megatron_shapes if k.startswith("llm.")}
     torch.manual_seed(4)
-    vision = hc.siglip_vision_config(VLM.vision)
+    vision = llava_hf.siglip_vision_config(VLM.vision)
     siglip = SiglipModel(SiglipConfig(vision_config=vision.to_dict(), text_config={"vocab_size": 50, "hidden_size": 16,
                                       "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}))
     siglip.save_pretrained(str(tmp_path / "siglip"))

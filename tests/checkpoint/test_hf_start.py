@@ -52,7 +52,7 @@ def _convert(*argv, timeout=600):
 
 def _count_worker(rank, world_size, cfg):
     init_cpu_dist()
-    from megatron_longvideo.models.vlm import build_vlm
+    from megatron_longvideo.models.llava_onevision.model import build_vlm
     from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
 
     groups = initialize_parallel(ParallelConfig())
@@ -66,7 +66,7 @@ def _count_worker(rank, world_size, cfg):
 def test_7b_shape_from_its_hf_config_has_transformers_parameter_count():
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    from megatron_longvideo.checkpoint.hf_config import vlm_config_from_hf
+    from megatron_longvideo.models.llava_onevision.hf import vlm_config_from_hf
     from megatron_longvideo.checkpoint.hf_map import WeightMap
 
     config = LlavaOnevisionConfig(**LLAVA_OV_7B)

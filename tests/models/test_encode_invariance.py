@@ -19,7 +19,7 @@ TOL = 1e-5
 
 
 def _batch():
-    from megatron_longvideo.models.vision import VisionConfig
+    from megatron_longvideo.models.llava_onevision.vision import VisionConfig
 
     vcfg = VisionConfig()
     g = torch.Generator().manual_seed(3)
@@ -40,8 +40,9 @@ def _run(layout, full_weights, batch, encode_group="tp_cp", vision=None):
 
     from megatron_longvideo.checkpoint.full_state import gather_full_state, load_full_state
     from megatron_longvideo.models.llm import LLMConfig
-    from megatron_longvideo.models.vision import VisionConfig
-    from megatron_longvideo.models.vlm import VLMConfig, build_vlm, vlm_forward
+    from megatron_longvideo.models.llava_onevision.vision import VisionConfig
+    from megatron_longvideo.models.llava_onevision.model import VLMConfig, build_vlm
+    from megatron_longvideo.models.vlm import vlm_forward
     from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
     from megatron_longvideo.training.engine import OptimConfig, build_optimizer, forward_backward, wrap_ddp
     from megatron_longvideo.training.lm_step import cp_shard

@@ -19,7 +19,7 @@ TOL = 1e-5
 
 
 def _problem():
-    from megatron_longvideo.models.vision import VisionConfig
+    from megatron_longvideo.models.llava_onevision.vision import VisionConfig
 
     vcfg = VisionConfig(freeze=True)
     g = torch.Generator().manual_seed(5)
@@ -41,7 +41,7 @@ def _run(layout, full_weights, pack):
     from megatron_longvideo.models.llm import LLMConfig
     from megatron_longvideo import kernels
     from megatron_longvideo.models.prefill import dense_values, plan_shard, prefill_step, unshard_sequence
-    from megatron_longvideo.models.vlm import VLMConfig, build_vlm
+    from megatron_longvideo.models.llava_onevision.model import VLMConfig, build_vlm
     from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
     from megatron_longvideo.rl.packing import build_prefill_batch
     from megatron_longvideo.training.engine import forward_backward, wrap_ddp

@@ -56,7 +56,7 @@ def test_memory_model_counts_a_sharded_tower_per_rank():
     from megatron_longvideo.memory_model import StepLayout, predict_step_memory, vision_param_count
     from megatron_longvideo.models.llm import LLMConfig
     from megatron_longvideo.models.qwen2_5_vl.vision import QwenVisionConfig
-    from megatron_longvideo.models.vision import VisionConfig
+    from megatron_longvideo.models.llava_onevision.vision import VisionConfig
 
     vision = QwenVisionConfig(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                               fullatt_block_indexes=(7, 15, 23, 31))

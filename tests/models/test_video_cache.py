@@ -114,8 +114,9 @@ def _family(name):
         cfg = Qwen25VLConfig(llm=LLMConfig(vocab_size=128, mrope_section=(2, 3, 3)), vision=QwenVisionConfig(freeze=True))
         return (cfg, build_qwen25vl, qwen_vlm_forward, cfg.num_video_tokens(8, 28, 28), 28,
                 lambda m: m.vision.patch_embed.weight, 0, 8)
-    from megatron_longvideo.models.vision import VisionConfig
-    from megatron_longvideo.models.vlm import VLMConfig, build_vlm, vlm_forward
+    from megatron_longvideo.models.llava_onevision.vision import VisionConfig
+    from megatron_longvideo.models.llava_onevision.model import VLMConfig, build_vlm
+    from megatron_longvideo.models.vlm import vlm_forward
 
     cfg = VLMConfig(llm=LLMConfig.tiny(vocab_size=128), vision=VisionConfig(freeze=True, freeze_projector=True))
     return cfg, build_vlm, vlm_forward, cfg.vision.num_video_tokens(6), 32, lambda m: m.vision.vit.conv1.weight, 1, 6
@@ -201,8 +202,9 @@ def _errors_worker(rank, world_size):
     init_cpu_dist()
     from megatron_longvideo.models.encode import encode_videos
     from megatron_longvideo.models.llm import LLMConfig
-    from megatron_longvideo.models.vision import VisionConfig
-    from megatron_longvideo.models.vlm import VLMConfig, build_vlm, vlm_forward
+    from megatron_longvideo.models.llava_onevision.vision import VisionConfig
+    from megatron_longvideo.models.llava_onevision.model import VLMConfig, build_vlm
+    from megatron_longvideo.models.vlm import vlm_forward
     from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
 
     groups = initialize_parallel(ParallelConfig())

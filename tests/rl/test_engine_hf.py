@@ -37,7 +37,8 @@ def _megatron_next_tokens(model, groups, prompt, tokens):
 def _worker(rank, world_size):
     from megatron_longvideo.checkpoint.full_state import gather_full_state
     from megatron_longvideo.models.llm import LLMConfig
-    from megatron_longvideo.models.vlm import VLMConfig, build_vlm, vlm_forward
+    from megatron_longvideo.models.llava_onevision.model import VLMConfig, build_vlm
+    from megatron_longvideo.models.vlm import vlm_forward
     from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
     from megatron_longvideo.rl.engines import SamplingConfig, build_engine
 

@@ -33,8 +33,8 @@ from megatron_longvideo.checkpoint.hf_map import WeightMap
 from megatron_longvideo.models.llm import LLMConfig
 from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig
 from megatron_longvideo.models.qwen2_5_vl.vision import QwenVisionConfig
-from megatron_longvideo.models.vision import VisionConfig
-from megatron_longvideo.models.vlm import VLMConfig
+from megatron_longvideo.models.llava_onevision.vision import VisionConfig
+from megatron_longvideo.models.llava_onevision.model import VLMConfig
 from megatron_longvideo.rl.engines import SamplingConfig, build_engine
 from megatron_longvideo.rl.engines.vllm_engine import WeightSyncExtension, chunk_weights
 from megatron_longvideo.rl.rollout import ROLLOUT_SECONDS_PER_FRAME

@@ -36,8 +36,8 @@ def _family(family, tok):
         cfg = Qwen25VLConfig(llm=LLMConfig(vocab_size=vocab, init_std=0.1, mrope_section=(2, 3, 3)),
                              vision=QwenVisionConfig(window_size=56, freeze=True), video_token_id=tok.video_id)
         return cfg, build_qwen25vl, 56, lambda t: cfg.num_video_tokens(t, 56, 56)
-    from megatron_longvideo.models.vision import VisionConfig
-    from megatron_longvideo.models.vlm import VLMConfig, build_vlm
+    from megatron_longvideo.models.llava_onevision.vision import VisionConfig
+    from megatron_longvideo.models.llava_onevision.model import VLMConfig, build_vlm
 
     cfg = VLMConfig(llm=LLMConfig.tiny(vocab_size=vocab, init_std=0.1), vision=VisionConfig(freeze=True, freeze_projector=True),
                     video_token_id=tok.video_id)

@@ -39,7 +39,7 @@ class Run:
     def __init__(self, layout: dict, data: dict, *, seed: int = 0, micro_batch_size: int = 1, hidden_size: int = 32):
         from megatron_longvideo.data import FrameSamplingConfig, load_tokenizer
         from megatron_longvideo.models.llm import LLMConfig
-        from megatron_longvideo.models.vision import VisionConfig
+        from megatron_longvideo.models.llava_onevision.vision import VisionConfig
         from megatron_longvideo.parallel.groups import initialize_parallel
         from megatron_longvideo.training.stage import build_data_loader, vlm_config_for
         from megatron_longvideo.training.vlm_step import vlm_loss_step

@@ -1,2 +1,3 @@
-"""Qwen2.5-VL as a model family (issue 14, in progress): multimodal RoPE positions and the language
-model's Hugging Face map so far; the window-attention vision tower follows."""
+"""Qwen2.5-VL as a model family: the window-attention vision tower (``vision``), multimodal RoPE positions
+(``rope``), the model and its forward (``model``), the Hugging Face config and weight maps (``hf``), and
+its chat tokens and processor configs (``inputs``)."""

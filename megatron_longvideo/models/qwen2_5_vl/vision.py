@@ -168,9 +168,9 @@ def _tower_collection(groups, sharded: bool):
     rank encodes whole units) nor PP (the tower lives on the first stage)."""
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_longvideo.models.vision import _solo_collection
+    from megatron_longvideo.parallel.groups import solo_collection
 
-    solo = _solo_collection(groups)
+    solo = solo_collection(groups)
     if not sharded:
         return solo
     return ProcessGroupCollection(tp=groups.tp, cp=solo.cp, pp=solo.pp, dp=solo.dp, dp_cp=solo.dp_cp, tp_cp=solo.tp_cp,

@@ -34,7 +34,7 @@ import torch
 
 from megatron_longvideo.checkpoint.hf_map import WeightMap
 from megatron_longvideo.models.llm import LLMConfig
-from megatron_longvideo.models.vlm import VLMConfig
+from megatron_longvideo.models.llava_onevision.model import VLMConfig
 from megatron_longvideo.rl.engines.base import Completion, RolloutEngine, SamplingConfig, Weights, check_prompt_embeds
 
 __all__ = ["VLLMEngine", "WeightSyncExtension", "import_vllm", "chunk_weights", "tokenizer_folder", "WORKER_EXTENSION"]

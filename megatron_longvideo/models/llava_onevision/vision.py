@@ -92,19 +92,6 @@ class VisionConfig:
         return cls(**base)
 
 
-def _solo_collection(groups):
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    solo = groups.solo
-    if solo is None:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            raise ValueError("the vision encoder needs torch.distributed initialized (initialize_parallel)")
-        solo, _ = dist.new_subgroups(group_size=1)
-    return ProcessGroupCollection(tp=solo, cp=solo, pp=solo, dp=solo, dp_cp=solo, tp_cp=solo, embd=None, pos_embd=None)
-
-
 def _vit_config(vcfg: VisionConfig, params_dtype):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -161,6 +148,7 @@ class VisionEncoder(torch.nn.Module):
         import functools
 
         from megatron_longvideo.attention.core import TileCoreAttention
+        from megatron_longvideo.parallel.groups import solo_collection
         from megatron.core.models.vision.clip_vit_model import CLIPViTModel
         from megatron.core.models.vision.multimodal_projector import MultimodalProjector
         from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
@@ -171,7 +159,7 @@ class VisionEncoder(torch.nn.Module):
 
         self.vcfg = vcfg
         self.llm_hidden = llm_hidden
-        pgs = _solo_collection(groups)
+        pgs = solo_collection(groups)
         spec = get_vit_layer_with_local_spec()
         spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.no_mask}  # the local ViT spec is causal
         spec.submodules.self_attention.submodules.core_attention = functools.partial(TileCoreAttention, kernel=attention_kernel)
