@@ -48,6 +48,11 @@ def add_grpo_args(parser):
     g.add_argument("--clip-high", type=float, default=0.28, help="DAPO clip-higher")
     g.add_argument("--loss-aggregation", default="token_mean", choices=["token_mean", "seq_mean", "seq_sum_token_mean"])
     g.add_argument("--advantage-scale", default="std", choices=["std", "none"], help="std: GRPO; none: Dr.GRPO")
+    g.add_argument("--tis-cap", type=float, default=None,
+                   help="truncated importance sampling: weight the policy loss by min(trainer-old / engine probability, "
+                        "cap) per token (e.g. 2; needs the engine's log-probs, which it turns on)")
+    g.add_argument("--engine-logprobs", action="store_true",
+                   help="log rollout/logprob_diff_mean and _max: engine vs trainer log-probs of the sampled tokens")
     g.add_argument("--reward", action="append", default=None, metavar="NAME=WEIGHT",
                    help="reward (registered name or module:function) and weight, repeatable (default accuracy=1.0, format=0.2)")
     g.add_argument("--dynamic-sampling", action="store_true", help="drop groups with equal rewards and refill (DAPO)")
@@ -201,7 +206,9 @@ def main(argv=None):
                                 stop_token_ids=(tok.eos_id,), seed=args.seed),
         loss=GRPOLossConfig(clip_eps_low=args.clip_low, clip_eps_high=args.clip_high, kl_beta=args.kl_beta,
                             kl_estimator=args.kl_estimator, aggregation=args.loss_aggregation,
-                            norm_len=args.max_new_tokens if args.loss_aggregation == "seq_sum_token_mean" else None),
+                            norm_len=args.max_new_tokens if args.loss_aggregation == "seq_sum_token_mean" else None,
+                            tis_cap=args.tis_cap),
+        engine_logprobs=args.engine_logprobs,
         advantage_scale=args.advantage_scale, rewards=rewards, dynamic_sampling=args.dynamic_sampling,
         num_minibatches=args.num_minibatches, update_epochs=args.update_epochs, log_samples_every=args.log_samples_every,
         offload_reference=args.offload_reference, responses_per_microbatch=args.responses_per_microbatch,

@@ -86,10 +86,12 @@ def video_prompts(cfg, prompts: Sequence[RLPrompt], videos: Sequence[torch.Tenso
 
 def generate_groups(engine, groups: ParallelGroups, embeds: Optional[Sequence[torch.Tensor]], sampling,
                     positions: Optional[Sequence[torch.Tensor]] = None,
-                    video_prompts: Optional[Sequence[VideoPrompt]] = None) -> list[list[list[int]]]:
+                    video_prompts: Optional[Sequence[VideoPrompt]] = None, *, return_logprobs: bool = False):
     """Sampled token ids, ``[prompt][response]``, identical on every rank of the replica. ``positions``:
     the prompts' multimodal RoPE positions ``[3, P_i]`` (a Qwen2.5-VL policy), for the engine.
-    ``video_prompts`` (in place of ``embeds``): for an engine with ``takes_video_prompts``."""
+    ``video_prompts`` (in place of ``embeds``): for an engine with ``takes_video_prompts``. With
+    ``return_logprobs`` (``sampling.logprobs`` on): ``(token ids, the engine's log-probs of them)``, the
+    log-probs ``[prompt][response]`` lists of floats (None where the engine gave none)."""
     payload: list = [None]
     if is_replica_leader(groups):
         if video_prompts is not None:
@@ -97,11 +99,12 @@ def generate_groups(engine, groups: ParallelGroups, embeds: Optional[Sequence[to
         else:
             extra = {} if positions is None else {"positions": positions}
             completions = engine.generate([e.detach().float() for e in embeds], sampling, **extra)
-        payload[0] = [[list(c.token_ids) for c in group] for group in completions]
+        payload[0] = ([[list(c.token_ids) for c in group] for group in completions],
+                      [[None if c.logprobs is None else list(c.logprobs) for c in group] for group in completions])
     if groups.size(groups.tp_cp) > 1:
         leader = dist.get_process_group_ranks(groups.tp_cp)[0]
         dist.broadcast_object_list(payload, src=leader, group=groups.tp_cp)
-    return payload[0]
+    return payload[0] if return_logprobs else payload[0][0]
 
 
 def nonempty(token_ids: list[int], fallback: int) -> list[int]:

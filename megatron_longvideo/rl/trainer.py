@@ -31,7 +31,7 @@ from megatron_longvideo.parallel.groups import ParallelGroups
 from megatron_longvideo.platform.device import compute_device
 from megatron_longvideo.rl.advantages import group_advantages
 from megatron_longvideo.rl.engines.base import SamplingConfig
-from megatron_longvideo.rl.losses import GRPOLossConfig, grpo_loss, needs_reference
+from megatron_longvideo.rl.losses import GRPOLossConfig, grpo_loss, logprob_diff, needs_reference
 from megatron_longvideo.rl.packing import build_prefill_batch
 from megatron_longvideo.rl.rewards import compute_rewards
 from megatron_longvideo.rl.rollout import (RLPrompt, generate_groups, nonempty, prompt_embeddings, prompt_videos,
@@ -78,6 +78,9 @@ class GRPOConfig:
     """Keep the reference model in CPU memory between its passes (GPU runs)."""
     log_samples_every: int = 10
     """Print/log one sample rollout every this many steps (0: never)."""
+    engine_logprobs: bool = False
+    """Have the engine return its log-probs of the sampled tokens and report how far they are from the
+    trainer's (``rollout/logprob_diff_mean`` / ``_max``); implied by ``loss.tis_cap``, which needs them."""
 
     def __post_init__(self):
         if self.group_size < 2 and self.advantage_scale == "std":
@@ -96,7 +99,8 @@ class GRPOConfig:
             raise ValueError(f"groups_per_microbatch: must be >= 1, got {self.groups_per_microbatch}")
         if self.responses_per_microbatch is not None and self.responses_per_microbatch < 1:
             raise ValueError(f"responses_per_microbatch: must be >= 1 or None, got {self.responses_per_microbatch}")
-        object.__setattr__(self, "sampling", dataclasses.replace(self.sampling, n=self.group_size))
+        logprobs = self.sampling.logprobs or self.engine_logprobs or self.loss.tis_cap is not None
+        object.__setattr__(self, "sampling", dataclasses.replace(self.sampling, n=self.group_size, logprobs=logprobs))
 
 
 @dataclasses.dataclass
@@ -116,6 +120,9 @@ class Rollouts:
     (what the reward metrics report: the kept groups are biased towards mixed rewards)."""
     generated_parts: Optional[dict] = None
     """Reward parts of all generated groups."""
+    engine_logprobs: Optional[list] = None
+    """``[group][response]`` the engine's log-probs of the response tokens (lists of floats; None for a
+    response it gave none for), when the sampling asked for them."""
 
     def __post_init__(self):
         if self.generated_rewards is None:
@@ -175,10 +182,17 @@ class GRPOTrainer:
 
     def rollout(self, prompts: Sequence[RLPrompt]) -> Rollouts:
         """Generate G responses per prompt with the current policy and score them."""
-        return self.score(prompts, self.generate(prompts))
+        if not self.cfg.sampling.logprobs:
+            return self.score(prompts, self.generate(prompts))
+        token_groups, logprobs = self.generate(prompts, with_logprobs=True)
+        ro = self.score(prompts, token_groups)
+        ro.engine_logprobs = logprobs
+        return ro
 
-    def generate(self, prompts: Sequence[RLPrompt]) -> list[list[list[int]]]:
-        """G sampled responses (token ids, ``[prompt][response]``) per prompt, on every rank of the replica."""
+    def generate(self, prompts: Sequence[RLPrompt], *, with_logprobs: bool = False):
+        """G sampled responses (token ids, ``[prompt][response]``) per prompt, on every rank of the replica;
+        ``with_logprobs``: and the engine's log-probs of each response's tokens (None where a response was
+        empty and got the eos fallback token, or the engine gave none)."""
         cfg = self.cfg
         sampling = cfg.sampling.for_rank(self.groups.dp_rank * 100003 + self.step_count) if cfg.sampling.seed is not None else cfg.sampling
         keys = self._keys(prompts, self.policy)
@@ -186,15 +200,21 @@ class GRPOTrainer:
             with torch.no_grad():
                 videos = prompt_videos(self.policy, self.groups, prompts, cache=self.cache, cache_keys=keys)
             inputs = video_prompts(unwrap(self.policy).cfg, prompts, videos, keys)
-            token_groups = generate_groups(self.engine, self.groups, None, sampling, video_prompts=inputs)
+            out = generate_groups(self.engine, self.groups, None, sampling, video_prompts=inputs, return_logprobs=True)
         else:
             with torch.no_grad():
                 embeds = prompt_embeddings(self.policy, self.groups, prompts, cache=self.cache, cache_keys=keys)
             positions_of = getattr(unwrap(self.policy), "rollout_positions", None)  # multimodal RoPE families
             positions = positions_of(prompts) if positions_of is not None else None
-            token_groups = generate_groups(self.engine, self.groups, embeds, sampling, positions=positions)
+            out = generate_groups(self.engine, self.groups, embeds, sampling, positions=positions, return_logprobs=True)
+        token_groups, logprob_groups = out
         eos = self.tokenizer.eos_id
-        return [[nonempty(r, eos) for r in g] for g in token_groups]
+        responses = [[nonempty(r, eos) for r in g] for g in token_groups]
+        if not with_logprobs:
+            return responses
+        logprobs = [[lp if lp is not None and len(lp) == len(r) else None for r, lp in zip(rg, lg)]
+                    for rg, lg in zip(responses, logprob_groups)]
+        return responses, logprobs
 
     def score(self, prompts: Sequence[RLPrompt], token_groups: list[list[list[int]]]) -> Rollouts:
         """Rewards and group advantages of generated responses."""
@@ -250,7 +270,9 @@ class GRPOTrainer:
                                        micro_batch_size=max(b.input_ids.shape[0] for b, *_ in batches))
         return [r["logp"] for r in reports]
 
-    def _loss_fn(self, batch, advantages, old, ref):
+    def _loss_fn(self, batch, advantages, old, ref, engine=None):
+        """The loss of one micro-batch; ``engine``: the engine's log-probs of its targets (dense, NaN
+        where the engine gave none), for TIS and the ``rollout/logprob_diff_*`` metrics."""
         cfg, groups, device = self.cfg, self.groups, self.device
         lengths = batch.response_lengths.float()  # [R] (host)
         max_len = int(lengths.max())
@@ -258,6 +280,7 @@ class GRPOTrainer:
         # what meets the log-probs, on their device (one copy each per micro-batch)
         response_index, position = batch.response_index.to(device), position.to(device)
         lengths_d, advantages = lengths.to(device), advantages.to(device)
+        engine = None if engine is None else engine.to(device)
         seq_level = cfg.loss.aggregation != "token_mean"
 
         def loss_fn(logp, entropy, plan):
@@ -268,9 +291,17 @@ class GRPOTrainer:
                 return values.new_zeros(shape).index_put((rows, cols), values)
 
             mask = grid(torch.ones_like(logp))
+            old_owned = old[plan.owned]
+            engine_grid, diff = None, None
+            if engine is not None:
+                given = ~torch.isnan(engine[plan.owned])  # a response without engine log-probs: ratio 1
+                engine_grid = grid(torch.where(given, engine[plan.owned], old_owned))
+                known = grid(given.to(logp.dtype))
+                diff = logprob_diff(engine_grid, grid(old_owned), known, num_global_tokens=1.0)
+                diff = torch.stack([diff["mean"], known.sum(), diff["max"]])  # [sum |e - o|, tokens, max]
             loss, metrics = grpo_loss(
-                grid(logp), grid(old[plan.owned]), None if ref is None else grid(ref[plan.owned]),
-                advantages, mask, cfg.loss, entropy=grid(entropy.detach()),
+                grid(logp), grid(old_owned), None if ref is None else grid(ref[plan.owned]),
+                advantages, mask, cfg.loss, entropy=grid(entropy.detach()), engine_logp=engine_grid,
                 num_global_tokens=1.0, num_global_sequences=1.0, seq_num_tokens=lengths_d,
             )
             # per-token loss normalisation by megatron: count each target (or each sequence) once
@@ -285,6 +316,8 @@ class GRPOTrainer:
                 "tokens": torch.tensor(float(plan.owned.numel()), device=logp.device),
                 "count": torch.tensor(float(count), device=logp.device),
             }
+            if diff is not None:
+                report["logprob_diff"] = diff.float()
             return loss, torch.tensor(count, dtype=torch.int, device=logp.device), report
 
         return loss_fn
@@ -297,8 +330,12 @@ class GRPOTrainer:
         steps = []
         for j, (batch, videos, keys, piece) in enumerate(batches):
             adv = torch.cat([ro.advantages[i, a:b] for i, a, b in piece])  # [R] in (group, response) order, as the batch
+            engine = None
+            if ro.engine_logprobs is not None:  # [targets]: each response's tokens in turn, as the batch's targets
+                engine = torch.cat([torch.tensor(lp if lp is not None else [math.nan] * len(r), dtype=torch.float32, device="cpu")
+                                    for i, a, b in piece for r, lp in zip(ro.responses[i][a:b], ro.engine_logprobs[i][a:b])])
             steps.append(prefill_step(self.groups, batch, videos=videos, cache=self.cache, cache_keys=keys, pad_id=self.pad_id,
-                                      loss_fn=self._loss_fn(batch, adv, old[j], None if ref is None else ref[j])))
+                                      loss_fn=self._loss_fn(batch, adv, old[j], None if ref is None else ref[j], engine)))
         # one schedule call over all micro-batches: megatron reduces and normalises the gradients once
         reports = forward_backward(self.policy, lambda step, chunk: step(None, chunk), steps,
                                    seq_length=max(b.input_ids.shape[1] for b, *_ in batches),
@@ -312,6 +349,15 @@ class GRPOTrainer:
         nt = len(_TOKEN_METRICS)
         metrics = {k: (v / tokens).item() for k, v in zip(_TOKEN_METRICS, totals[:nt])}
         metrics.update({k: (v / count).item() for k, v in zip(_LOSS_METRICS, totals[nt : nt + len(_LOSS_METRICS)])})
+        if self.cfg.loss.tis_cap is None:
+            metrics.pop("tis_weight_mean"), metrics.pop("tis_clip_frac")
+        if "logprob_diff" in reports[0]:  # engine vs trainer-old log-probs of the sampled tokens
+            diff = torch.stack([r["logprob_diff"] for r in reports])  # [micro-batches, 3]
+            sums, top = diff[:, :2].sum(0), diff[:, 2].max()
+            dist.all_reduce(sums, group=self.groups.dp_cp)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.groups.dp_cp)
+            metrics["rollout/logprob_diff_mean"] = (sums[0] / sums[1].clamp(min=1)).item()
+            metrics["rollout/logprob_diff_max"] = top.item()
         finite = torch.tensor([1.0 if math.isfinite(metrics["loss"]) else 0.0], device=self.device)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if finite.item() == 0:
@@ -352,6 +398,7 @@ class GRPOTrainer:
             advantages=torch.stack([r.advantages[i] for r, i in kept]),
             generated_rewards=torch.cat([r.rewards for r in rounds]),
             generated_parts={k: torch.cat([r.parts[k] for r in rounds]) for k in rounds[0].parts},
+            engine_logprobs=None if kept[0][0].engine_logprobs is None else [r.engine_logprobs[i] for r, i in kept],
         )
         return merged, {"groups_dropped": float(stats.num_dropped_groups), "refill_rounds": float(stats.num_rounds)}
 
@@ -424,7 +471,10 @@ class GRPOTrainer:
         for i, k in enumerate(sorted(parts)):
             metrics[f"reward/{k}"] = (local[5 + i] / n).item()
         for key in updates[-1]:
-            metrics[f"train/{key}"] = sum(u[key] for u in updates) / len(updates)
+            if key == "rollout/logprob_diff_max":
+                metrics[key] = max(u[key] for u in updates)
+            else:
+                metrics[key if key.startswith("rollout/") else f"train/{key}"] = sum(u[key] for u in updates) / len(updates)
         metrics.update({f"sampling/{k}": v for k, v in sample_stats.items()})
         hits = self.cache.stats.hits + self.cache.stats.disk_hits - hits_before
         metrics["cache/hit_rate"] = self.cache.stats.hit_rate
@@ -449,6 +499,7 @@ class GRPOTrainer:
 
 
 # grpo_loss metrics, summed over local tokens (num_global_tokens=1) then divided by the global count
-_TOKEN_METRICS = ("kl_ref", "clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl", "ratio_mean", "entropy")
+_TOKEN_METRICS = ("kl_ref", "clip_frac_low", "clip_frac_high", "dual_clip_frac", "approx_kl", "ratio_mean", "entropy",
+                  "tis_weight_mean", "tis_clip_frac")
 # aggregated losses, divided by what megatron divides the loss by (tokens, or sequences)
 _LOSS_METRICS = ("loss", "pg_loss", "kl_loss")

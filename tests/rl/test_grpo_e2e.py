@@ -44,7 +44,7 @@ def _family(family, tok):
     return cfg, build_vlm, 32, cfg.vision.num_video_tokens
 
 
-def _setup(tok_path, cp, pack, split=None, family="llava_onevision"):
+def _setup(tok_path, cp, pack, split=None, family="llava_onevision", tis=None):
     from megatron_longvideo.data.tokenizer import load_tokenizer
     from megatron_longvideo.models.video_cache import content_id_of_frames
     from megatron_longvideo.parallel.groups import ParallelConfig, initialize_parallel
@@ -78,22 +78,32 @@ def _setup(tok_path, cp, pack, split=None, family="llava_onevision"):
     grpo = GRPOConfig(
         group_size=4, prompts_per_step=2, pack=pack, responses_per_microbatch=split,
         sampling=SamplingConfig(max_new_tokens=6, temperature=1.0, seed=11),
-        loss=GRPOLossConfig(kl_beta=0.05, clip_eps_high=0.28),
+        loss=GRPOLossConfig(kl_beta=0.05, clip_eps_high=0.28, tis_cap=None if tis is None else tis["cap"]),
         rewards=((f"{__name__}:text_length_reward", 1.0), ("format", 0.1)),
         update_epochs=2, groups_per_microbatch=1, log_samples_every=0,
     )
     engine = build_engine("hf", cfg, tokenizer=tok, pad_token_id=tok.pad_id) if is_replica_leader(groups) else None
+    if tis is not None and engine is not None:  # an engine whose log-probs sit tis["shift"] below the policy's
+        import dataclasses
+
+        generate = engine.generate
+
+        def shifted(*args, **kwargs):
+            return [[dataclasses.replace(c, logprobs=tuple(x - tis["shift"] for x in c.logprobs)) for c in group]
+                    for group in generate(*args, **kwargs)]
+
+        engine.generate = shifted
     trainer = GRPOTrainer(grpo, policy=ddp, optimizer=optimizer, groups=groups, tokenizer=tok, engine=engine,
                           reference=reference, log=lambda s: None)
     return trainer, prompts, ddp, groups
 
 
-def _worker(rank, world_size, tok_path, pack, split=None, family="llava_onevision"):
+def _worker(rank, world_size, tok_path, pack, split=None, family="llava_onevision", tis=None):
     init_cpu_dist()
     from megatron_longvideo.checkpoint.full_state import gather_full_state
     from megatron_longvideo.parallel.groups import destroy_parallel
 
-    trainer, prompts, ddp, groups = _setup(tok_path, world_size, pack, split, family)
+    trainer, prompts, ddp, groups = _setup(tok_path, world_size, pack, split, family, tis)
     queue = list(prompts)
     draw = lambda k: [queue.pop(0) for _ in range(k)]  # noqa: E731
     losses, rewards = [], []
@@ -128,6 +138,29 @@ def test_two_grpo_steps_cp2_packed_equal_world1_unpacked(tmp_path, family):
     assert m["cache/hits_this_step"] > 0, "the old-policy, reference and update passes should reuse the cached video"
     # the weights moved: the comparison is not between two untouched models
     assert any(m[k] > 0 for k in ("train/grad_norm",))
+
+
+def test_truncated_importance_sampling_and_logprob_diff_at_cp2_packed_equal_world1(tmp_path):
+    """Engine log-probs 0.5 below the policy's (the policy's own engine, shifted): every sampled token has
+    |engine - trainer| = 0.5 (up to the engine's ~1e-6 disagreement) and a trainer-old / engine ratio of
+    e^0.5 = 1.65, truncated at the cap 1.5. CP=2 packed equals world=1 unpacked with the correction on."""
+    import math
+
+    from megatron_longvideo.data.tokenizer import train_sentencepiece
+
+    tok_path = train_sentencepiece(VOCAB_TEXTS, str(tmp_path / "tok"), vocab_size=300)
+    tis = {"cap": 1.5, "shift": 0.5}
+    ref = run_ranks(_worker, 1, tok_path, False, None, "llava_onevision", tis)[0]
+    got = run_ranks(_worker, 2, tok_path, True, None, "llava_onevision", tis)
+    assert math.exp(0.5) > 1.5
+    for r in [ref] + got:
+        m = r["metrics"]
+        assert abs(m["rollout/logprob_diff_mean"] - 0.5) < 1e-4 and abs(m["rollout/logprob_diff_max"] - 0.5) < 1e-4, m
+        assert abs(m["train/tis_weight_mean"] - 1.5) < 1e-6 and m["train/tis_clip_frac"] == 1.0, m
+    for r in got:
+        assert r["rewards"] == ref["rewards"]
+        for a, b in zip(r["losses"], ref["losses"]):
+            assert abs(a - b) <= 1e-5 * max(abs(b), 1e-3), (r["losses"], ref["losses"])
 
 
 def _dynamic_worker(rank, world_size, tok_path):
