@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Optional, Union
 import torch
 
 __all__ = ["parse_size", "write_shards", "read_checkpoint", "checkpoint_names", "copy_tokenizer",
-           "SINGLE_FILE", "INDEX_FILE"]
+           "is_hf_tokenizer_folder", "SINGLE_FILE", "INDEX_FILE"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -189,6 +189,11 @@ def read_checkpoint(hf_dir: str, *, progress: bool = False) -> Iterator[tuple[st
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.json", "chat_template.jinja",
                     "generation_config.json")
+
+
+def is_hf_tokenizer_folder(folder) -> bool:
+    """Whether ``folder`` holds a Hugging Face tokenizer (what ``AutoTokenizer`` and vLLM load by path)."""
+    return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
 
 
 def copy_tokenizer(tokenizer, out_dir: str) -> list[str]:

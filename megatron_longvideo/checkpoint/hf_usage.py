@@ -22,6 +22,8 @@ import json
 import os
 from typing import Optional
 
+from megatron_longvideo.checkpoint.hf_io import is_hf_tokenizer_folder
+
 __all__ = ["chat_template", "write_generation_config", "write_processor_configs", "write_chat_template",
            "PROCESSOR_FILES"]
 
@@ -46,16 +48,12 @@ def chat_template(special=None) -> str:
     )
 
 
-def _is_hf_tokenizer_folder(folder: str) -> bool:
-    return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
-
-
 def _special_ids(folder: str) -> dict:
     """eos (list), pad and bos ids of the tokenizer saved in ``folder``; {} when it holds none."""
     from megatron_longvideo.data.tokenizer import SpecialTokens
 
     special = SpecialTokens()
-    if _is_hf_tokenizer_folder(folder):
+    if is_hf_tokenizer_folder(folder):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -107,7 +105,7 @@ def write_generation_config(out_dir: str) -> Optional[str]:
 def write_chat_template(out_dir: str, special=None) -> Optional[str]:
     """``chat_template.jinja`` for the tokens ``special`` unless the tokenizer brought one (as a file or
     inside its config); None when ``out_dir`` holds no tokenizer."""
-    if not (_is_hf_tokenizer_folder(out_dir) or os.path.isfile(os.path.join(out_dir, "tokenizer.model"))):
+    if not (is_hf_tokenizer_folder(out_dir) or os.path.isfile(os.path.join(out_dir, "tokenizer.model"))):
         return None
     if any(os.path.exists(os.path.join(out_dir, n)) for n in _TEMPLATE_FILES):
         return None
@@ -133,7 +131,7 @@ def write_processor_configs(out_dir: str, cfg) -> list[str]:
     kept. Returns the files written; [] when ``out_dir`` holds no Hugging Face tokenizer."""
     from megatron_longvideo.models import family_of
 
-    if not _is_hf_tokenizer_folder(out_dir):
+    if not is_hf_tokenizer_folder(out_dir):
         return []
     if family_of(cfg) == "qwen2_5_vl":
         from megatron_longvideo.models.qwen2_5_vl.inputs import processor_configs

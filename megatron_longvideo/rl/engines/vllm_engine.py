@@ -83,11 +83,11 @@ def chunk_weights(items: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> 
 def tokenizer_folder(tokenizer) -> Optional[str]:
     """The Hugging Face tokenizer folder behind one of our tokenizers (what vLLM loads by path), or None
     when there is none (a sentencepiece model or the byte tokenizer: vLLM then works on token ids only)."""
+    from megatron_longvideo.checkpoint.hf_io import is_hf_tokenizer_folder
+
     source = getattr(tokenizer, "source", tokenizer)
-    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-        names = os.listdir(source)
-        if any(n in names for n in ("tokenizer.json", "tokenizer_config.json")):
-            return os.fspath(source)
+    if isinstance(source, (str, os.PathLike)) and is_hf_tokenizer_folder(source):
+        return os.fspath(source)
     return None
 
 

@@ -43,7 +43,7 @@ import torch
 from megatron_longvideo.checkpoint.hf_map import WeightMap
 from megatron_longvideo.models.qwen2_5_vl.inputs import IMAGE_TOKEN, SPECIAL_TOKENS
 from megatron_longvideo.rl.engines.base import Completion, SamplingConfig, VideoPrompt, Weights
-from megatron_longvideo.rl.engines.vllm_engine import VLLMEngine
+from megatron_longvideo.rl.engines.vllm_engine import VLLMEngine, tokenizer_folder
 
 __all__ = ["VLLMQwenEngine", "collapse_video_runs", "check_placeholder_tokens", "DEFAULT_VIDEO_TOKEN",
            "DEFAULT_IMAGE_TOKEN"]
@@ -128,8 +128,7 @@ class VLLMQwenEngine(VLLMEngine):
 
     def _engine_kwargs(self) -> dict:
         source = self.tokenizer or self.model_dir
-        has_tokenizer = any(os.path.exists(os.path.join(source, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
-        if not has_tokenizer:
+        if tokenizer_folder(source) is None:
             raise ValueError(f"tokenizer: vLLM's Qwen2.5-VL processor needs a Hugging Face tokenizer folder (it finds "
                              f"videos by their token), {source} holds none; pass tokenizer=<folder>, or "
                              f"model_dir=<an exported folder with one>")
