@@ -65,3 +65,12 @@ def current_memory_mb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
+
+
+def emit(table: str, out=None) -> str:
+    """Print a benchmark's report and write it to ``out`` when given; returns it."""
+    print(table)
+    if out:
+        with open(out, "w") as f:
+            f.write(table + "\n")
+    return table

@@ -15,6 +15,7 @@ Ratios are what to read; absolute times depend on the machine. Each rank uses on
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -22,6 +23,9 @@ import time
 import torch
 
 from megatron_longvideo.parallel.spawn import init_cpu_dist, run_ranks
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import emit  # noqa: E402
 
 G = 8
 
@@ -97,12 +101,7 @@ def main(argv=None) -> str:
         e2 = max(r[("encode", n)] for r in two)
         nc, c = one[("step_no_cache", n)], one[("step_cache", n)]
         lines.append(f"| {n} | {e1:.4f} | {e2:.4f} | {e1 / e2:.2f}x | {nc:.4f} | {c:.4f} | {nc / c:.1f}x |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
-    return table
+    return emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

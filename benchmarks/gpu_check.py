@@ -8,8 +8,9 @@
    device-to-device copy of the same bytes (``megatron_longvideo.kernels.bench``).
 4. **A GRPO step at world=1 in bf16** of a Qwen2-0.5B-shaped LLM (24 layers x 896, 14 heads, 2 KV
    heads, tied 151,936-token vocabulary) with a frozen ViT-B tower (224 px, patch 14, 64 tokens per
-   frame): 64 frames, G=4 responses of 64 tokens, shared-prefix packing, the ``hf`` engine in bf16 on
-   the GPU; phases timed (medians of 2 steps after a warm-up) and the peak memory.
+   frame): 64 frames, G=4 responses of 64 tokens, shared-prefix packing, once with the ``megatron``
+   engine (the policy itself, the default) and once with the ``hf`` engine in bf16 on the GPU; phases
+   timed (medians of 2 steps after a warm-up) and the peak memory.
 
 Every section runs even when an earlier one fails; failures are written into the report and the exit
 status is 1. ``--quick`` is the CPU smoke size the test suite runs (tiny model, CPU kernels).
@@ -140,14 +141,10 @@ def check_grpo_step(quick: bool) -> tuple[list[str], bool]:
     reference.requires_grad_(False)
     ddp = wrap_ddp(policy, groups)
     optimizer = build_optimizer([ddp], OptimConfig(lr=1e-6, clip_grad=1.0))
-    engine = build_engine("hf", cfg, tokenizer=tok, pad_token_id=tok.pad_id, dtype=dtype)
     build_s = time.perf_counter() - t0
     grpo = GRPOConfig(group_size=group_size, prompts_per_step=1, pack=True, log_samples_every=0,
                       sampling=SamplingConfig(max_new_tokens=response_len, temperature=1.0, seed=3),
                       loss=GRPOLossConfig(kl_beta=0.04), rewards=(("format", 1.0),))
-    trainer = _trainer_class("stage12_packed")(grpo, policy=ddp, optimizer=optimizer, groups=groups, tokenizer=tok,
-                                               engine=engine, reference=reference, cache=VideoEmbeddingCache(),
-                                               log=lambda s: None)
     text = torch.tensor(tok.encode("which colour is the shape? answer with a letter"), device="cpu")
     counter = [0]
 
@@ -164,30 +161,44 @@ def check_grpo_step(quick: bool) -> tuple[list[str], bool]:
                                 content_id=f"check-{counter[0]}"))
         return out
 
-    rows = []
-    for step in range(3):  # the first is the warm-up
-        trainer.phases = {}
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        metrics = trainer.step(draw)
-        rows.append({"step": metrics["time/step"], "encode": metrics["time/encode"],
-                     **{p: trainer.phases.get(p, {}).get("time", 0.0) for p in ("rollout", "old", "ref", "update")},
-                     "peak_gib": (torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else float("nan"),
-                     "loss": metrics["train/loss"]})
-    destroy_parallel()
-    dist.destroy_process_group()
-    med = {k: statistics.median(r[k] for r in rows[1:]) for k in rows[0]}
+    runs = {}
+    for name in ("megatron", "hf"):  # the default engine (the policy itself) and transformers
+        engine = (build_engine("megatron", cfg, policy=ddp, groups=groups, tokenizer=tok, pad_token_id=tok.pad_id)
+                  if name == "megatron" else build_engine("hf", cfg, tokenizer=tok, pad_token_id=tok.pad_id, dtype=dtype))
+        trainer = _trainer_class("stage12_packed")(grpo, policy=ddp, optimizer=optimizer, groups=groups, tokenizer=tok,
+                                                   engine=engine, reference=reference, cache=VideoEmbeddingCache(),
+                                                   log=lambda s: None)
+        rows = []
+        for step in range(3):  # the first is the warm-up
+            trainer.phases = {}
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            metrics = trainer.step(draw)
+            rows.append({"step": metrics["time/step"], "encode": metrics["time/encode"], "sync": metrics["time/sync"],
+                         **{p: trainer.phases.get(p, {}).get("time", 0.0) for p in ("rollout", "old", "ref", "update")},
+                         "peak_gib": (torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else float("nan"),
+                         "loss": metrics["train/loss"]})
+        runs[name] = rows
+        del engine, trainer
     params = sum(p.numel() for p in policy.parameters()) / 1e6
     lines = [f"{params:,.1f}M parameters ({'tiny CPU smoke model' if quick else 'Qwen2-0.5B-shaped LLM + ViT-B'}) in "
              f"{str(dtype)[6:]}, built in {build_s:.1f} s; {frames} frames ({vision.num_video_tokens(frames):,} video "
-             f"tokens), G={group_size} responses of {response_len} tokens, packed; median of 2 steps after a warm-up.", "",
-             "| step (s) | encode | rollout | old log-probs | ref log-probs | update | peak memory (GiB) | loss finite |",
-             "|---:|---:|---:|---:|---:|---:|---:|---|",
-             f"| {med['step']:.2f} | {med['encode']:.2f} | {med['rollout']:.2f} | {med['old']:.2f} | {med['ref']:.2f} | "
-             f"{med['update']:.2f} | {med['peak_gib']:.1f} | {all(r['loss'] == r['loss'] for r in rows)} |"]
-    if not torch.cuda.is_available():
-        lines[-1] = lines[-1].replace("| nan |", "| n/a (CPU) |")
-    return lines, not all(r["loss"] == r["loss"] for r in rows)
+             f"tokens), G={group_size} responses of {response_len} tokens, packed; per rollout engine, median of 2 steps "
+             "after a warm-up (sync: weights to the engine; the megatron engine needs none).", "",
+             "| engine | step (s) | encode | sync | rollout | old log-probs | ref log-probs | update | peak memory (GiB) | loss finite |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    finite = True
+    for name, rows in runs.items():
+        med = {k: statistics.median(r[k] for r in rows[1:]) for k in rows[0]}
+        ok = all(r["loss"] == r["loss"] for r in rows)
+        finite = finite and ok
+        lines.append(f"| {name} | {med['step']:.2f} | {med['encode']:.2f} | {med['sync']:.2f} | {med['rollout']:.2f} | "
+                     f"{med['old']:.2f} | {med['ref']:.2f} | {med['update']:.2f} | {med['peak_gib']:.1f} | {ok} |")
+        if not torch.cuda.is_available():
+            lines[-1] = lines[-1].replace("| nan |", "| n/a (CPU) |")
+    destroy_parallel()
+    dist.destroy_process_group()
+    return lines, not finite
 
 
 def main(argv=None) -> int:

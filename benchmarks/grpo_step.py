@@ -11,6 +11,10 @@ Modes, for N ranks that share each prompt (N=2 on the CPU machine), G responses 
   stage12         + stage 2: one sequence sharded over N CP ranks for the old-policy, reference and
                   update passes (one sequence per micro-batch)
   stage12_packed  + shared-prefix packing: the G responses behind one copy of the prefix, one row
+                  (the replica's first rank draws all G responses, as the published system does)
+  stage12_packed_all  the same with an engine on every rank: each draws G/N of the responses (the
+                  tokens are the same: every response has its own seed); the rollout phase against
+                  stage12_packed's is the "Rollouts split over ranks" table
 
 Every mode runs the library's ``GRPOTrainer`` step (baseline: its generation re-encodes per response);
 the phases (encode, rollout, old log-probs, reference log-probs, update) are timed and their per-rank
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import statistics
@@ -43,7 +48,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import PeakMemory, current_memory_mb  # noqa: E402
 
 MODES = ("baseline", "stage1", "stage12", "stage12_packed")
-LABELS = {"baseline": "baseline", "stage1": "MR-SP stage 1", "stage12": "stage 1+2", "stage12_packed": "stage 1+2 + packing"}
+SPLIT_MODE = "stage12_packed_all"
+"""stage12_packed with every rank generating its share (reported beside stage12_packed, not in the mode tables)."""
+LABELS = {"baseline": "baseline", "stage1": "MR-SP stage 1", "stage12": "stage 1+2", "stage12_packed": "stage 1+2 + packing",
+          SPLIT_MODE: "stage 1+2 + packing, every rank generates"}
 PHASES = ("encode", "rollout", "old", "ref", "update")
 VOCAB_TEXTS = ["what colour is the shape in the video", "the shape is red green blue yellow",
                "answer with the letter of the option", "a b c d options shown in frames"] * 20
@@ -63,6 +71,7 @@ def _trainer_class(mode):
             super().__init__(*args, **kwargs)
             self.phases: dict = {}  # {phase: time, encode time, peak MB over step_base_mb}, reset per step
             self.step_base_mb = 0.0
+            self.drawn: list = []  # each step's response token ids (the split modes must draw the same)
 
         def _measure(self, name, fn, *args):
             enc = encode_stats().seconds
@@ -78,7 +87,9 @@ def _trainer_class(mode):
             return out
 
         def collect(self, draw):
-            return self._measure("rollout", super().collect, draw)
+            out = self._measure("rollout", super().collect, draw)
+            self.drawn.append(out[0].responses)
+            return out
 
         def _logprobs(self, model, ro, idx):
             return self._measure("ref" if model is self.reference else "old", super()._logprobs, model, ro, idx)
@@ -86,7 +97,7 @@ def _trainer_class(mode):
         def update(self, ro, idx, old, ref):
             return self._measure("update", super().update, ro, idx, old, ref)
 
-    if mode in ("stage12", "stage12_packed"):
+    if mode in ("stage12", "stage12_packed", SPLIT_MODE):
         return Measured
 
     class SharedPrompt(Measured):
@@ -151,14 +162,15 @@ def _worker(rank, world_size, mode, frame_counts, opts):
     ddp = wrap_ddp(policy, groups)
     optimizer = build_optimizer([ddp], OptimConfig(lr=1e-5, clip_grad=1.0))
     g_rank = opts["group_size"] if cp > 1 else opts["group_size"] // world_size
-    packed = mode == "stage12_packed"
+    packed = mode in ("stage12_packed", SPLIT_MODE)
     grpo = GRPOConfig(
         group_size=g_rank, prompts_per_step=1, pack=packed,
         responses_per_microbatch=None if packed else opts["responses_per_microbatch"],
         sampling=SamplingConfig(max_new_tokens=opts["response_len"], temperature=1.0, seed=5),
         loss=GRPOLossConfig(kl_beta=0.04), rewards=(("accuracy", 1.0), ("format", 0.1)), log_samples_every=0,
     )
-    engine = build_engine("hf", cfg, tokenizer=tok, pad_token_id=tok.pad_id) if is_replica_leader(groups) else None
+    every_rank = mode == SPLIT_MODE  # else the replica's first rank draws the whole group
+    engine = build_engine("hf", cfg, tokenizer=tok, pad_token_id=tok.pad_id) if every_rank or is_replica_leader(groups) else None
     cache = VideoEmbeddingCache(max_bytes=0 if mode == "baseline" else 8 << 30)
     trainer = _trainer_class(mode)(grpo, policy=ddp, optimizer=optimizer, groups=groups, tokenizer=tok, engine=engine,
                                    reference=reference, cache=cache, log=lambda s: None)
@@ -197,6 +209,7 @@ def _worker(rank, world_size, mode, frame_counts, opts):
         if oom:
             results[frames] = {"oom": True, "measured": False}
             continue
+        trainer.drawn = []
         rows = [one_step(frames) for _ in range(opts["repeats"])]
         row = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "phase_peak_mb"}
         row["phase_peak_mb"] = {p: statistics.median(r["phase_peak_mb"].get(p, 0.0) for r in rows) for p in rows[0]["phase_peak_mb"]}
@@ -206,6 +219,7 @@ def _worker(rank, world_size, mode, frame_counts, opts):
         row["text_len"] = len(text) + 2
         row["oom"] = opts["memory_cap_mb"] is not None and row["peak_mb"] > opts["memory_cap_mb"]
         row["measured"] = True
+        row["tokens"] = hashlib.sha1(repr(trainer.drawn).encode()).hexdigest()[:12]
         oom = row["oom"]
         results[frames] = row
     destroy_parallel()
@@ -216,8 +230,8 @@ def _predicted(mode, frames, row, opts):
     """The memory model's working-memory estimates (MB) for what the worker ran: (total, per phase)."""
     from megatron_longvideo.memory_model import StepLayout, predict_step_memory
 
-    packed = mode == "stage12_packed"
-    layout = StepLayout(mode=mode, ranks=opts["ranks"], group_size=opts["group_size"], response_len=opts["response_len"],
+    packed = mode in ("stage12_packed", SPLIT_MODE)
+    layout = StepLayout(mode="stage12_packed" if mode == SPLIT_MODE else mode, ranks=opts["ranks"], group_size=opts["group_size"], response_len=opts["response_len"],
                         text_len=row["text_len"], responses_per_microbatch=None if packed else opts["responses_per_microbatch"],
                         recompute=opts["recompute"])
     est = predict_step_memory(*_model(opts), frames, layout)
@@ -238,6 +252,8 @@ def _model(opts):
 def _fmt_cell(row):
     if row.get("oom") and not row.get("measured"):
         return "OOM", "OOM"
+    if not row.get("measured"):  # a mode left out of --modes
+        return "-", "-"
     time_s = f"{row['step']:.2f}"
     mem = f"{row['peak_mb']:.0f}"
     if row.get("oom"):
@@ -287,6 +303,18 @@ def report(results: dict, opts: dict) -> str:
         r = results[m][ran[-1]]
         lines.append(f"| {LABELS[m]} | {ran[-1]} | " + " | ".join(f"{r[p]:.2f}" for p in PHASES)
                      + f" | {r['sync']:.2f} | {r['step']:.2f} |")
+
+    if results.get(SPLIT_MODE) and any(r.get("measured") for r in results[SPLIT_MODE].values()):
+        lines += ["", f"Rollouts split over ranks: the rollout phase (s) of stage 1+2 + packing with the replica's first "
+                  f"rank drawing all G responses (today's published layout) and with each of the {opts['ranks']} ranks "
+                  "drawing its share (same tokens: the two runs drew identical responses in every measured step):", "",
+                  "| frames | first rank draws all (s) | every rank draws its share (s) | speed-up | step (s), first / every "
+                  "| same tokens |", "|---:|---:|---:|---:|---:|---|"]
+        for f in frames:
+            a, b = results["stage12_packed"].get(f, {}), results[SPLIT_MODE].get(f, {})
+            if a.get("measured") and b.get("measured") and not (a.get("oom") or b.get("oom")):
+                lines.append(f"| {f} | {a['rollout']:.3f} | {b['rollout']:.3f} | {a['rollout'] / max(b['rollout'], 1e-9):.2f}x "
+                             f"| {a['step']:.2f} / {b['step']:.2f} | {'yes' if a.get('tokens') == b.get('tokens') else 'NO'} |")
 
     lines += ["", "Memory model check: predicted working memory (``megatron_longvideo.memory_model``) / measured, "
               "per mode and frame count:", "",
@@ -413,7 +441,7 @@ def plot(results: dict, opts: dict, path: str) -> None:
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512, 1024])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(MODES) + [SPLIT_MODE], choices=list(MODES) + [SPLIT_MODE])
     parser.add_argument("--ranks", type=int, default=2, help="ranks sharing each prompt (N)")
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--response-len", type=int, default=32)
@@ -449,7 +477,7 @@ def main(argv=None) -> str:
                     responses_per_microbatch=args.responses_per_microbatch, hidden=args.hidden, layers=args.layers,
                     recompute=args.recompute, repeats=args.repeats, memory_cap_mb=args.memory_cap_mb)
         results = {}
-        for mode in MODES:
+        for mode in MODES + (SPLIT_MODE,):
             if mode not in args.modes:
                 results[mode] = {f: {"oom": False, "measured": False} for f in args.frames}
                 continue

@@ -25,7 +25,7 @@ import torch
 from megatron_longvideo.parallel.spawn import init_cpu_dist, run_ranks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PeakMemory  # noqa: E402
+from common import PeakMemory, emit  # noqa: E402
 
 
 def _setup(cp, prefix_len, response_len, g, pack, micro):
@@ -134,12 +134,7 @@ def main(argv=None) -> str:
         peak = max(run_ranks(_memory_worker, cp, p, r, g, timeout=1800))
         base = base or peak
         lines.append(f"| {cp} | {peak:.0f} | {peak / base:.2f} |")
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(report + "\n")
-    return report
+    return emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 What it does: decodes the videos of RL records, encodes each video once per step over the encode
 group (the cache serves every rollout and pass), samples G responses per prompt with the rollout
-engine (transformers on CPU, vLLM on GPU), scores them, and updates the policy with the GRPO loss over
+engine (by default the policy itself, every rank drawing its share; vLLM on GPU), scores them, and updates the policy with the GRPO loss over
 context-parallel shards with shared-prefix packing. Logs go to TensorBoard; checkpoints are
 megatron dist checkpoints. What it leaves out: pipeline parallelism in the trainer (PP must be 1),
 multi-video records.
@@ -61,7 +61,21 @@ def add_grpo_args(parser):
     g.add_argument("--num-minibatches", type=int, default=1, help="optimizer steps per GRPO step")
     g.add_argument("--responses-per-microbatch", type=int, default=None,
                    help="split each group into micro-batches of this many responses (default: whole groups)")
-    g.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="rollout engine")
+    g.add_argument("--engine", default="megatron", choices=["megatron", "hf", "vllm"],
+                   help="rollout engine: megatron (the policy itself, its TP shards, no weight copy; the default, "
+                        "faster than hf on CPU: docs/results/rollout_engines_cpu.md), hf (transformers), vllm (GPU)")
+    g.add_argument("--rollout-ranks", default="all", choices=["all", "first"],
+                   help="all: every rank holds an engine and draws its share of each step's responses (the tokens "
+                        "do not depend on the split); first: the first rank of each TP x CP replica draws them all")
+    g.add_argument("--sync-bucket-mb", type=float, default=256.0,
+                   help="weight sync to the rollout engines in buckets of this many MB (training dtype, gathered from "
+                        "the TP shards one bucket at a time)")
+    g.add_argument("--rollout-max-frames", type=int, default=None,
+                   help="rollouts see each video at most this many frames (uniformly taken); training sees all, "
+                        "corrected by truncated importance sampling (needs --tis-cap)")
+    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=None,
+                   help="the share of each GPU the vLLM engine may take (default: what is free beside Megatron "
+                        "when it starts, less the optimizer state still to be allocated)")
     g.add_argument("--offload-reference", action="store_true", help="keep the reference model in CPU memory between its passes")
     g.add_argument("--train-projector", action="store_true", help="train the projector too (default: frozen)")
     g.add_argument("--on-bad-input", default="skip", choices=["raise", "skip"])
@@ -176,12 +190,11 @@ def main(argv=None):
 
     from megatron_longvideo.checkpoint.full_state import gather_full_state, load_full_state
     from megatron_longvideo.models import build_model
-    from megatron_longvideo.rl.engines import build_engine
     from megatron_longvideo.rl.engines.base import SamplingConfig
     from megatron_longvideo.rl.losses import GRPOLossConfig
     from megatron_longvideo.rl.rollout import is_replica_leader
     from megatron_longvideo.rl.trainer import GRPOConfig, GRPOTrainer
-    from megatron_longvideo.training.args import model_options, optim_config, params_dtype
+    from megatron_longvideo.training.args import model_options, optim_config
     from megatron_longvideo.training.engine import build_optimizer, mixed_precision, wrap_ddp
 
     groups, tok, cfg, policy, stream = build(args)
@@ -211,18 +224,12 @@ def main(argv=None):
         engine_logprobs=args.engine_logprobs,
         advantage_scale=args.advantage_scale, rewards=rewards, dynamic_sampling=args.dynamic_sampling,
         num_minibatches=args.num_minibatches, update_epochs=args.update_epochs, log_samples_every=args.log_samples_every,
+        rollout_max_frames=args.rollout_max_frames, sync_bucket_mb=args.sync_bucket_mb,
         offload_reference=args.offload_reference, responses_per_microbatch=args.responses_per_microbatch,
     )
     engine = None
-    if is_replica_leader(groups):  # rollouts in the policy's precision (vLLM: bf16 unless the policy is 16-bit)
-        dtype = params_dtype(args)
-        if args.engine == "vllm":  # vLLM loads a tokenizer folder by path (none: token ids only), pads itself
-            from megatron_longvideo.rl.engines.vllm_engine import tokenizer_folder
-
-            engine = build_engine("vllm", cfg, tokenizer=tokenizer_folder(tok),
-                                  dtype=torch.bfloat16 if dtype == torch.float32 else dtype)
-        else:
-            engine = build_engine(args.engine, cfg, tokenizer=tok, pad_token_id=tok.pad_id, dtype=dtype)
+    if args.rollout_ranks == "all" or is_replica_leader(groups):
+        engine = _build_engine(args, cfg, tok, ddp, groups)
     writer = None
     if rank0 and args.tensorboard_dir:
         from torch.utils.tensorboard import SummaryWriter
@@ -248,6 +255,33 @@ def main(argv=None):
     if writer is not None:
         writer.close()
     return history
+
+
+def _build_engine(args, cfg, tok, policy, groups):
+    """This rank's rollout engine, in the policy's precision (vLLM: bf16 unless the policy is 16-bit)."""
+    from megatron_longvideo.models import family_of, video_token_counter
+    from megatron_longvideo.rl.engines import build_engine
+    from megatron_longvideo.training.args import params_dtype
+    from megatron_longvideo.training.engine import pending_optimizer_bytes
+
+    dtype = params_dtype(args)
+    if args.engine == "megatron":  # generates with the policy's own weights: nothing to copy or sync
+        return build_engine("megatron", cfg, policy=policy, groups=groups, tokenizer=tok, pad_token_id=tok.pad_id)
+    if args.engine != "vllm":
+        return build_engine(args.engine, cfg, tokenizer=tok, pad_token_id=tok.pad_id, dtype=dtype)
+    from megatron_longvideo.rl.engines.vllm_engine import tokenizer_folder
+
+    # vLLM loads a tokenizer folder by path (none: token ids only) and pads itself; one engine per GPU, in
+    # what is free beside Megatron less the optimizer state it has yet to allocate
+    kwargs = dict(tokenizer=tokenizer_folder(tok), dtype=torch.bfloat16 if dtype == torch.float32 else dtype,
+                  gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                  memory_reserve_bytes=pending_optimizer_bytes(policy, groups, distributed=args.use_distributed_optimizer))
+    if family_of(cfg) == "qwen2_5_vl":  # vLLM's encoder cache must hold the longest video the flags allow
+        frames = args.num_frames if not args.fps else args.max_frames
+        if args.rollout_max_frames:
+            frames = min(frames, args.rollout_max_frames)
+        kwargs["max_video_tokens"] = video_token_counter(cfg, args.image_size)(frames)
+    return build_engine("vllm", cfg, **kwargs)
 
 
 def _progress(enabled: bool, start: int, total: int):

@@ -8,23 +8,25 @@ replicated vision tower (``encode_replica``) is taken as it is; a TP-sharded one
 ``encode_group="cp"``) is gathered like the LLM.
 
 Used by the invariance tests (parameters and gradients compared at full shape), the Hugging Face
-weight map and the rollout engines' weight sync. Tensors are moved through torch.distributed one at a
-time; the whole dict is materialised on every rank, which is fine for the tiny and small models this
-is used with in tests and for conversion one shard at a time.
+weight map and conversion. :func:`gather_full_state` moves tensors through torch.distributed one at a
+time and materialises the whole dict (fp32 clones) on every rank, which is fine for the tiny and small
+models of the tests. The rollout engines' weight sync streams instead: :func:`iter_full_state_buckets`
+gathers the TP shards of a bounded bucket of parameters at a time, in their own (training) dtype, with
+one all-gather per bucket; :func:`iter_full_state_items` yields its ``(key, tensor)`` pairs one by one.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_longvideo.parallel.groups import ParallelGroups
 
-__all__ = ["gather_full_state", "load_full_state", "load_full_state_items", "iter_full_state", "global_name",
-           "canonical_name"]
+__all__ = ["gather_full_state", "iter_full_state_buckets", "iter_full_state_items", "load_full_state",
+           "load_full_state_items", "iter_full_state", "global_name", "canonical_name"]
 
 def _layer_offsets(model) -> dict[str, int]:
     """``"<block>.layers.<local>."`` -> global layer index, for every transformer block of ``model``."""
@@ -157,6 +159,134 @@ def gather_full_state(
             # untied embeddings live on one stage each; a tied output weight on the last stage is a copy
             full.setdefault(key, value)
     return full
+
+
+# -- streamed, bucketed gather (rollout weight sync) ---------------------------------------------------
+Bucket = list[tuple[str, torch.Tensor]]
+
+
+def _bucket_ranges(nbytes: list[int], bucket_bytes: int) -> list[range]:
+    """Consecutive index ranges whose ``nbytes`` sum to at most ``bucket_bytes`` (a bigger one alone)."""
+    ranges, start, size = [], 0, 0
+    for i, n in enumerate(nbytes):
+        if i > start and size + n > bucket_bytes:
+            ranges.append(range(start, i))
+            start, size = i, 0
+        size += n
+    if start < len(nbytes):
+        ranges.append(range(start, len(nbytes)))
+    return ranges
+
+
+def _assemble(ranks: torch.Tensor, shape: torch.Size, dim: int, swiglu: bool) -> torch.Tensor:
+    """``ranks`` ``[tp, *shape]`` (rank r's shard of one parameter) -> the full tensor, the layout of
+    :func:`_tp_gather`: shards concatenated along ``dim``, or for a SwiGLU fc1 cat(gate_0.., up_0..)."""
+    tp = ranks.shape[0]
+    if swiglu:  # rank r holds cat(gate_r, up_r) along dim 0
+        half = ranks.view(tp, 2, shape[0] // 2, *shape[1:])  # [tp, 2, s0 / 2, ...]
+        return half.transpose(0, 1).reshape(tp * shape[0], *shape[1:])
+    return torch.cat(ranks.unbind(0), dim=dim)
+
+
+def _gather_shards(entries: list[tuple[str, str, torch.nn.Parameter]], model, group, tp: int,
+                   dtype: torch.dtype) -> list[torch.Tensor]:
+    """The full tensors of TP-sharded parameters of one dtype and device, from one all-gather of their
+    flattened local shards."""
+    shards = [param.detach().to(dtype) for _, _, param in entries]
+    send = shards[0].reshape(-1) if len(shards) == 1 else torch.cat([s.reshape(-1) for s in shards])  # [n_local]
+    recv = torch.empty(tp * send.numel(), dtype=dtype, device=send.device)  # [tp * n_local], rank-major
+    dist.all_gather_into_tensor(recv, send.contiguous(), group=group)
+    del send
+    if len(entries) == 1 and entries[0][2].partition_dim == 0 and not _is_swiglu_fc1(entries[0][1], model):
+        shape = shards[0].shape  # rank-major is already the full tensor: no copy
+        return [recv.view(tp * shape[0], *shape[1:])]
+    ranks = recv.view(tp, -1)  # [tp, n_local]
+    full, offset = [], 0
+    for (_, name, param), shard in zip(entries, shards):
+        n = shard.numel()
+        part = ranks[:, offset : offset + n].view(tp, *shard.shape)  # [tp, *local shape]
+        full.append(_assemble(part, shard.shape, param.partition_dim, _is_swiglu_fc1(name, model)))
+        offset += n
+    return full
+
+
+def _gather_bucket(entries: list[tuple[str, str, torch.nn.Parameter]], model, group, tp: int,
+                   dtype: Optional[torch.dtype]) -> Bucket:
+    out: dict[str, torch.Tensor] = {}
+    by_kind: dict[tuple, list] = {}
+    for key, name, param in entries:
+        want = param.dtype if dtype is None else dtype
+        if tp > 1 and _tp_sharded(param):
+            by_kind.setdefault((want, param.device), []).append((key, name, param))
+        else:  # replicated: the parameter itself (a detached view), cast only when asked for another dtype
+            out[key] = param.detach().to(want)
+    for (want, _), sharded in by_kind.items():
+        for (key, _, _), t in zip(sharded, _gather_shards(sharded, model, group, tp, want)):
+            out[key] = t
+    return [(key, out[key]) for key, _, _ in entries]
+
+
+def iter_full_state_buckets(model, groups: ParallelGroups, *, bucket_bytes: int,
+                            select: Optional[Callable[[str], bool]] = None,
+                            dtype: Optional[torch.dtype] = None) -> Iterator[Bucket]:
+    """Buckets of ``(key, full tensor)``, the keys and values of :func:`gather_full_state` ``(model,
+    groups, select=select)`` in its order, but in each parameter's own dtype (the training dtype: bf16
+    for a bf16 model) or ``dtype``, and a bucket at a time.
+
+    A bucket holds consecutive parameters whose full tensors sum to at most ``bucket_bytes`` (one
+    bigger tensor goes alone). Its TP-sharded parameters come from one all-gather over ``groups.tp`` of
+    their flattened shards (one per dtype present), reassembled as :func:`gather_full_state` does (SwiGLU
+    fc1: cat(gate, up) over the full width); replicated ones are the parameters themselves, detached, not
+    copied (cast when ``dtype`` differs): read them before the next optimizer step. Memory: while a bucket
+    is gathered, the received buffer and the reassembled tensors (about ``2 x bucket_bytes``; a lone
+    dim-0 tensor is received in place, ``1 x``; gloo stages the received buffer once more), then the
+    bucket alone; never a full copy of the model.
+
+    A collective per bucket: **every rank of the TP group must iterate this to the end**, also the ranks
+    without a rollout engine (``for _ in it: pass``). The list handed out is emptied when the next bucket
+    is asked for (so a ``for bucket in ...`` loop does not keep two alive): keep its tensors, not the list.
+    Pipeline parallelism is refused (each stage holds other layers; use :func:`gather_full_state`).
+    """
+    from megatron_longvideo.models.llm import unwrap
+
+    if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes: must be a positive number of bytes, got {bucket_bytes!r}")
+    if groups.size(groups.pp) > 1:
+        raise ValueError(f"iter_full_state_buckets streams TP shards only, but pipeline_parallel_size="
+                         f"{groups.size(groups.pp)} (each stage holds other layers): use gather_full_state, or PP=1 "
+                         f"(the GRPO trainer's layout)")
+    model = unwrap(model)
+    tp = groups.size(groups.tp)
+    offsets = _layer_offsets(model)
+    entries = [(canonical_name(global_name(name, offsets)), name, param) for name, param in model.named_parameters()
+               if select is None or select(name)]
+    nbytes = [p.numel() * (tp if tp > 1 and _tp_sharded(p) else 1) * (p.dtype if dtype is None else dtype).itemsize
+              for _, _, p in entries]
+    ranges = _bucket_ranges(nbytes, bucket_bytes)
+
+    def buckets():
+        for r in ranges:
+            bucket = _gather_bucket(entries[r.start : r.stop], model, groups.tp, tp, dtype)
+            yield bucket
+            bucket.clear()
+
+    return buckets()
+
+
+def iter_full_state_items(model, groups: ParallelGroups, *, bucket_bytes: int,
+                          select: Optional[Callable[[str], bool]] = None,
+                          dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The pairs of :func:`iter_full_state_buckets` one at a time (a pair handed out is no longer held
+    here): what ``RolloutEngine.sync_weights`` takes. Every TP rank must iterate it to the end."""
+    source = iter_full_state_buckets(model, groups, bucket_bytes=bucket_bytes, select=select, dtype=dtype)
+
+    def items():
+        for bucket in source:
+            bucket.reverse()
+            while bucket:
+                yield bucket.pop()
+
+    return items()
 
 
 def _local_params(model) -> dict[str, tuple[str, torch.nn.Parameter]]:

@@ -34,6 +34,14 @@ class PositionRotaryEmbedding(RotaryEmbedding):
         del self.inv_freq
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # the frequencies move with the model but stay fp32: megatron's Float16Module casts every floating
+        # buffer, and bf16 frequencies times bf16 positions collapse nearby positions (1000..1003 -> 1000)
+        inv_freq = self.inv_freq
+        out = super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(device=self.inv_freq.device)
+        return out
+
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
         position_ids = self.sequence_context.position_ids
         if position_ids is None:

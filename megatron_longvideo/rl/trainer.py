@@ -7,7 +7,8 @@
 
 The policy is a DDP-wrapped :class:`~megatron_longvideo.models.vlm.VideoLanguageModel`; the reference
 is a frozen copy (optionally offloaded to CPU between passes). Every rank of a data-parallel replica
-(TP x CP) runs the same step on the same prompts; the replica's first rank drives the rollout engine.
+(TP x CP) runs the same step on the same prompts; the rollouts are divided among the replica's ranks
+that hold an engine (:func:`~megatron_longvideo.rl.rollout.agree_rollout_split`).
 Pipeline parallelism is not supported by the trainer yet (PP must be 1).
 """
 
@@ -22,7 +23,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_longvideo.checkpoint.full_state import gather_full_state
+from megatron_longvideo.checkpoint.full_state import iter_full_state_items
 from megatron_longvideo.models.encode import encode_stats
 from megatron_longvideo.models.llm import unwrap
 from megatron_longvideo.models.prefill import prefill_step
@@ -34,8 +35,9 @@ from megatron_longvideo.rl.engines.base import SamplingConfig
 from megatron_longvideo.rl.losses import GRPOLossConfig, grpo_loss, logprob_diff, needs_reference
 from megatron_longvideo.rl.packing import build_prefill_batch
 from megatron_longvideo.rl.rewards import compute_rewards
-from megatron_longvideo.rl.rollout import (RLPrompt, generate_groups, nonempty, prompt_embeddings, prompt_videos,
-                                           video_prompts)
+from megatron_longvideo.rl.engines.decode import mix_seed
+from megatron_longvideo.rl.rollout import (RLPrompt, agree_rollout_split, generate_groups, nonempty, prompt_embeddings,
+                                           prompt_videos, rollout_view, video_prompts)
 from megatron_longvideo.rl.sampling import DynamicSampler, DynamicSamplingConfig
 from megatron_longvideo.training.engine import forward_backward
 
@@ -78,6 +80,13 @@ class GRPOConfig:
     """Keep the reference model in CPU memory between its passes (GPU runs)."""
     log_samples_every: int = 10
     """Print/log one sample rollout every this many steps (0: never)."""
+    sync_bucket_mb: float = 256.0
+    """Weight sync to the engine in buckets of this many MB of full tensors, in the training dtype, gathered
+    from the TP shards one bucket at a time (:func:`~megatron_longvideo.checkpoint.full_state.iter_full_state_buckets`)."""
+    rollout_max_frames: Optional[int] = None
+    """Rollouts see each video at most this many frames (taken uniformly, :func:`~megatron_longvideo.rl.rollout.rollout_view`);
+    the old-policy, reference and update passes see all of them. The rollouts then sample from another
+    distribution than the one trained, which TIS corrects: needs ``loss.tis_cap``. None: all frames."""
     engine_logprobs: bool = False
     """Have the engine return its log-probs of the sampled tokens and report how far they are from the
     trainer's (``rollout/logprob_diff_mean`` / ``_max``); implied by ``loss.tis_cap``, which needs them."""
@@ -99,6 +108,14 @@ class GRPOConfig:
             raise ValueError(f"groups_per_microbatch: must be >= 1, got {self.groups_per_microbatch}")
         if self.responses_per_microbatch is not None and self.responses_per_microbatch < 1:
             raise ValueError(f"responses_per_microbatch: must be >= 1 or None, got {self.responses_per_microbatch}")
+        if not self.sync_bucket_mb > 0:
+            raise ValueError(f"sync_bucket_mb: must be positive, got {self.sync_bucket_mb}")
+        if self.rollout_max_frames is not None:
+            if self.rollout_max_frames < 1:
+                raise ValueError(f"rollout_max_frames: must be >= 1 or None, got {self.rollout_max_frames}")
+            if self.loss.tis_cap is None:
+                raise ValueError("rollout_max_frames: rollouts on fewer frames sample from another distribution than "
+                                 "the one trained; set loss.tis_cap (--tis-cap, e.g. 2) so the loss corrects for it")
         logprobs = self.sampling.logprobs or self.engine_logprobs or self.loss.tis_cap is not None
         object.__setattr__(self, "sampling", dataclasses.replace(self.sampling, n=self.group_size, logprobs=logprobs))
 
@@ -161,18 +178,26 @@ class GRPOTrainer:
         self.pad_id = tokenizer.pad_id
         self.reward_spec = dict(cfg.rewards)
         self._versions: dict[int, str] = {}
-        self._engine_takes_videos = self._agree_on_engine_inputs()
-
-    def _agree_on_engine_inputs(self) -> bool:
-        """Whether the engine takes VideoPrompts: only the replica's first rank holds it, but every rank
-        must build the same rollout inputs (their collectives), so it tells them (once, at start)."""
-        flag = [bool(getattr(self.engine, "takes_video_prompts", False))]
-        if self.groups.size(self.groups.tp_cp) > 1:
-            leader = dist.get_process_group_ranks(self.groups.tp_cp)[0]
-            dist.broadcast_object_list(flag, src=leader, group=self.groups.tp_cp)
-        return flag[0]
+        self._round = 0
+        """Generation rounds so far in this step (dynamic sampling draws several): part of the seeds."""
+        # who draws which responses, and whether the engine takes VideoPrompts: every rank must build the
+        # same rollout inputs (their collectives), so the replica agrees once, at start
+        self.split = agree_rollout_split(groups, engine)
+        self._engine_takes_videos = self.split.takes_video_prompts
 
     # ------------------------------------------------------------------------------------------ #
+    def sync_weights(self) -> None:
+        """The policy's language-model weights to the engines that hold a copy, streamed in buckets
+        (``sync_bucket_mb``); every rank of the replica takes part in the gather, engine or not."""
+        if not self.split.needs_weights:  # no copies: the engines run on the policy itself (or there are none)
+            return
+        items = iter_full_state_items(self.policy, self.groups, bucket_bytes=int(self.cfg.sync_bucket_mb * 2**20),
+                                      select=lambda n: not n.startswith("vision."))
+        if self.engine is not None and getattr(self.engine, "needs_weight_sync", True):
+            self.engine.sync_weights(items)
+        for _ in items:  # what the engine left, and the ranks without one: the gather is a collective
+            pass
+
     def _keys(self, prompts: Sequence[RLPrompt], model) -> list[str]:
         """Cache keys of the prompts' videos for ``model``'s vision weights (fingerprinted once a step)."""
         if id(model) not in self._versions:
@@ -194,19 +219,26 @@ class GRPOTrainer:
         ``with_logprobs``: and the engine's log-probs of each response's tokens (None where a response was
         empty and got the eos fallback token, or the engine gave none)."""
         cfg = self.cfg
-        sampling = cfg.sampling.for_rank(self.groups.dp_rank * 100003 + self.step_count) if cfg.sampling.seed is not None else cfg.sampling
+        sampling = cfg.sampling
+        if sampling.seed is not None:  # the base seed of this replica, step and round (each response: its own)
+            sampling = dataclasses.replace(sampling, seed=mix_seed(sampling.seed, self.groups.dp_rank, self.step_count, self._round))
+        self._round += 1
+        if cfg.rollout_max_frames is not None:  # the rollouts' view of each video: fewer frames
+            prompts = [rollout_view(p, unwrap(self.policy).cfg, cfg.rollout_max_frames) for p in prompts]
         keys = self._keys(prompts, self.policy)
         if self._engine_takes_videos:  # token ids and the cached videos: the engine merges and positions them
             with torch.no_grad():
                 videos = prompt_videos(self.policy, self.groups, prompts, cache=self.cache, cache_keys=keys)
             inputs = video_prompts(unwrap(self.policy).cfg, prompts, videos, keys)
-            out = generate_groups(self.engine, self.groups, None, sampling, video_prompts=inputs, return_logprobs=True)
+            out = generate_groups(self.engine, self.groups, None, sampling, video_prompts=inputs, return_logprobs=True,
+                                  split=self.split)
         else:
             with torch.no_grad():
                 embeds = prompt_embeddings(self.policy, self.groups, prompts, cache=self.cache, cache_keys=keys)
             positions_of = getattr(unwrap(self.policy), "rollout_positions", None)  # multimodal RoPE families
             positions = positions_of(prompts) if positions_of is not None else None
-            out = generate_groups(self.engine, self.groups, embeds, sampling, positions=positions, return_logprobs=True)
+            out = generate_groups(self.engine, self.groups, embeds, sampling, positions=positions, return_logprobs=True,
+                                  split=self.split)
         token_groups, logprob_groups = out
         eos = self.tokenizer.eos_id
         responses = [[nonempty(r, eos) for r in g] for g in token_groups]
@@ -410,10 +442,8 @@ class GRPOTrainer:
         hits_before = self.cache.stats.hits + self.cache.stats.disk_hits
         if self.engine is not None:
             self.engine.wake()
-        self._versions = {}
-        weights = gather_full_state(self.policy, self.groups, select=lambda n: not n.startswith("vision."))
-        if self.engine is not None:
-            self.engine.sync_weights(weights)
+        self._versions, self._round = {}, 0
+        self.sync_weights()
         times["time/sync"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         ro, sample_stats = self.collect(draw)

@@ -16,7 +16,7 @@ import torch
 
 from megatron_longvideo.parallel.groups import ParallelGroups
 
-__all__ = ["OptimConfig", "mixed_precision", "wrap_ddp", "build_optimizer", "forward_backward"]
+__all__ = ["OptimConfig", "mixed_precision", "wrap_ddp", "build_optimizer", "forward_backward", "pending_optimizer_bytes"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -131,6 +131,15 @@ def build_optimizer(ddp_models: Iterable, cfg: OptimConfig, *, params_dtype=None
     for model in ddp_models:  # the schedules scale the loss before backward (a no-op unless fp16)
         model.config.grad_scale_func = optimizer.scale_loss
     return optimizer
+
+
+def pending_optimizer_bytes(model, groups: ParallelGroups, *, distributed: bool = False, state_bytes: int = 8) -> int:
+    """Bytes this rank's optimizer still allocates at its first step: Adam's two fp32 moments
+    (``state_bytes`` per trainable parameter, sharded over DP x CP by the distributed optimizer) that torch
+    creates lazily. What a rollout engine started before the first step must leave free."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shards = groups.size(groups.dp_cp) if distributed else 1
+    return trainable * state_bytes // shards
 
 
 def forward_backward(

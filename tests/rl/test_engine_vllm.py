@@ -6,7 +6,7 @@ vLLM 0.33.0's wheel and runs its prompt expansion and positions on our requests)
 
 Checked here: the import error names the ``[vllm]`` extra; the ``LLM`` is built with prompt embeddings,
 prefix caching, sleep mode, our worker extension and a Qwen2 folder of our shape; requests are
-``EmbedsPrompt`` dicts and ``SamplingParams`` carry our settings (seed + prompt index); outputs become
+``EmbedsPrompt`` dicts, one per response, whose ``SamplingParams`` carry our settings and that response's seed; outputs become
 ``Completion``s; a weight sync streams exactly the HF ``Qwen2ForCausalLM`` tensors in bounded chunks
 through ``collective_rpc`` (or the in-process driver worker), which load strictly into transformers'
 Qwen2 and reproduce the VLM's language-model logits; sleep/wake reach vLLM. For Qwen2.5-VL: the folder
@@ -36,6 +36,7 @@ from megatron_longvideo.models.qwen2_5_vl.vision import QwenVisionConfig
 from megatron_longvideo.models.llava_onevision.vision import VisionConfig
 from megatron_longvideo.models.llava_onevision.model import VLMConfig
 from megatron_longvideo.rl.engines import SamplingConfig, build_engine
+from megatron_longvideo.rl.engines.decode import response_seed
 from megatron_longvideo.rl.engines.vllm_engine import WeightSyncExtension, chunk_weights
 from megatron_longvideo.rl.rollout import ROLLOUT_SECONDS_PER_FRAME
 from tests.dist import init_cpu_dist, run_ranks
@@ -71,6 +72,14 @@ class _Output:
     finish_reason: str
 
 
+def _second_token(seed):
+    return 8 + (seed or 0) % 7
+
+
+def _finish(seed):
+    return "stop" if (seed or 0) % 2 == 0 else "length"
+
+
 class _FakeLLM:
     def __init__(self, **kwargs):
         self.kwargs = kwargs
@@ -80,8 +89,9 @@ class _FakeLLM:
     def generate(self, prompts, params, use_tqdm=True):
         self.calls.append(("generate", prompts, params))
         outs = []
-        for p in params:
-            comps = [_Output([7, 8 + r], [{7: _Logprob(-0.5)}, {8 + r: _Logprob(-1.5)}], "stop" if r == 0 else "length")
+        for p in params:  # what a seeded request draws: a token of its seed
+            second = _second_token(p.seed)
+            comps = [_Output([7, second], [{7: _Logprob(-0.5)}, {second: _Logprob(-1.5)}], _finish(p.seed))
                      for r in range(p.n)]
             outs.append(types.SimpleNamespace(outputs=comps))
         return outs
@@ -143,15 +153,22 @@ def test_engine_construction_and_requests(fake_vllm):
     sampling = SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=12, n=2, stop_token_ids=[4], seed=3, logprobs=True)
     result = engine.generate(prompts, sampling)
     _, requests, params = engine.llm.calls[-1]
-    assert [set(r) for r in requests] == [{"prompt_embeds"}] * 2
-    for r, p in zip(requests, prompts):
+    # one request per response, each with the response's own seed (a prompt's requests share its prefix)
+    seeds = [[response_seed(3, i, j) for j in range(2)] for i in range(2)]
+    assert [set(r) for r in requests] == [{"prompt_embeds"}] * 4
+    for r, p in zip(requests, [prompts[0], prompts[0], prompts[1], prompts[1]]):
         assert r["prompt_embeds"].dtype == torch.bfloat16 and torch.equal(r["prompt_embeds"], p.to(torch.bfloat16))
-    assert [p.seed for p in params] == [3, 4]
+    assert [p.seed for p in params] == seeds[0] + seeds[1]
     p = vars(params[0])
-    assert p == dict(n=2, temperature=0.7, top_p=0.9, max_tokens=12, stop=None, stop_token_ids=[4], seed=3,
+    assert p == dict(n=1, temperature=0.7, top_p=0.9, max_tokens=12, stop=None, stop_token_ids=[4], seed=seeds[0][0],
                      logprobs=0, detokenize=False)
-    assert [[c.token_ids for c in group] for group in result] == [[(7, 8), (7, 9)]] * 2
-    assert result[0][0].logprobs == (-0.5, -1.5) and result[0][0].finish_reason == "stop" and result[0][1].finish_reason == "length"
+    assert [[c.token_ids for c in group] for group in result] == [[(7, _second_token(s)) for s in row] for row in seeds]
+    assert [[c.finish_reason for c in group] for group in result] == [[_finish(s) for s in row] for row in seeds]
+    assert result[0][0].logprobs == (-0.5, -1.5)
+    # given seeds: as many responses as seeds, drawn with them (how a step's responses are split over ranks)
+    given = engine.generate(prompts, sampling, seeds=[[5], [6, 9, 12]])
+    assert [p.seed for p in engine.llm.calls[-1][2]] == [5, 6, 9, 12]
+    assert [[c.token_ids for c in group] for group in given] == [[(7, _second_token(5))], [(7, _second_token(s)) for s in (6, 9, 12)]]
     with pytest.raises(ValueError, match="stop strings need a tokenizer"):
         engine.generate(prompts, SamplingConfig(stop=["</answer>"]))
     with pytest.raises(ValueError, match=r"prompt_embeds\[1\]: expected a tensor \[L, 64\]"):
@@ -256,7 +273,9 @@ def test_qwen_engine_requests_hold_one_placeholder_and_the_cached_video(fake_vll
     assert v["second_per_grid_ts"].tolist() == [1.0] and request["multi_modal_uuids"] == {"video": ["key-1"]}
     assert "multi_modal_uuids" not in engine.build_video_requests([_qwen_prompt(keys=None)[1]])[0]
     result = engine.generate_videos([video_prompt], SamplingConfig(n=2, seed=5, max_new_tokens=3))
-    assert [[c.token_ids for c in g] for g in result] == [[(7, 8), (7, 9)]] and engine.llm.calls[-1][2][0].seed == 5
+    seeds = [response_seed(5, 0, j) for j in range(2)]
+    assert [p.seed for p in engine.llm.calls[-1][2]] == seeds
+    assert [[c.token_ids for c in g] for g in result] == [[(7, _second_token(s)) for s in seeds]]
 
     short = dataclasses.replace(video_prompt, prompt_ids=video_prompt.prompt_ids[:-3])
     with pytest.raises(ValueError, match=r"prompts\[0\]\.videos\[0\]: grid \(3, 4, 4\) makes 12 tokens of width 64; "
@@ -334,11 +353,11 @@ def _video_trainer_worker(rank, world_size):
         takes_video_prompts = True
         prompts = None
 
-        def generate_videos(self, prompts, sampling):
+        def generate_videos(self, prompts, sampling, seeds=None):
             self.prompts = prompts
-            return [[Completion(token_ids=(5, 6 + r)) for r in range(sampling.n)] for _ in prompts]
+            return [[Completion(token_ids=(5, 6 + r)) for r in range(len(s))] for s in seeds]
 
-        def generate(self, prompt_embeds, sampling):
+        def generate(self, prompt_embeds, sampling, seeds=None):
             raise AssertionError("merged embeddings for an engine that takes VideoPrompts")
 
         def sync_weights(self, weights):
@@ -376,3 +395,21 @@ def test_trainer_hands_a_video_prompt_engine_the_cached_video_on_every_rank():
     assert leader["cached"] and other["cached"], "the video was not encoded (and cached) on every rank"
     assert leader["ids"] and leader["same_video"] and leader["grids"] == ((2, 4, 4),)
     assert leader["keys"] == (leader["key"],)
+
+
+def test_memory_share_is_what_is_free_beside_training():
+    from megatron_longvideo.rl.engines.vllm_engine import memory_utilization
+
+    gib = 2**30
+    # 80 GB GPU, 50 free, 10 still to be allocated by the optimizer, 5% margin: (50 - 10) / 80 - 0.05
+    assert memory_utilization(50 * gib, 80 * gib, reserve_bytes=10 * gib) == round(40 / 80 - 0.05, 4)
+    assert memory_utilization(80 * gib, 80 * gib) == 0.95  # never all of it
+    with pytest.raises(ValueError, match=r"4\.0 GiB of 80\.0 GiB are free, and 2\.0 GiB are reserved"):
+        memory_utilization(4 * gib, 80 * gib, reserve_bytes=2 * gib)
+    with pytest.raises(ValueError, match="total GPU memory"):
+        memory_utilization(1, 0)
+
+
+def test_engine_outside_a_job_has_no_launcher_and_takes_the_given_share(fake_vllm):
+    engine = build_engine("vllm", CFG, gpu_memory_utilization=0.3)
+    assert "distributed_executor_backend" not in engine.llm.kwargs and engine.llm.kwargs["gpu_memory_utilization"] == 0.3

@@ -3,7 +3,8 @@ group split into micro-batches of 3 and 1 responses) equal world=1 unpacked whol
 families (LLaVA-OneVision's SigLIP + Qwen2; Qwen2.5-VL with its window tower, multimodal RoPE and its
 rollout engine).
 
-Same seeds give the same rollouts (the HF engine on the replica's first rank); then the old-policy
+Same seeds give the same rollouts (an HF engine on every rank, each drawing its share of the step's
+responses, at CP=2; one rank drawing all at world=1); then the old-policy
 and reference passes, the GRPO loss with KL and the optimizer steps must give the same losses and
 the same updated weights.
 """
@@ -44,7 +45,7 @@ def _family(family, tok):
     return cfg, build_vlm, 32, cfg.vision.num_video_tokens
 
 
-def _setup(tok_path, cp, pack, split=None, family="llava_onevision", tis=None):
+def _setup(tok_path, cp, pack, split=None, family="llava_onevision", tis=None, view=None):
     from megatron_longvideo.data.tokenizer import load_tokenizer
     from megatron_longvideo.models.video_cache import content_id_of_frames
     from megatron_longvideo.parallel.groups import ParallelConfig, initialize_parallel
@@ -52,7 +53,7 @@ def _setup(tok_path, cp, pack, split=None, family="llava_onevision", tis=None):
     from megatron_longvideo.rl.engines.base import SamplingConfig
     from megatron_longvideo.rl.losses import GRPOLossConfig
     from megatron_longvideo.rl.rewards import GroundTruth
-    from megatron_longvideo.rl.rollout import RLPrompt, is_replica_leader
+    from megatron_longvideo.rl.rollout import RLPrompt
     from megatron_longvideo.rl.trainer import GRPOConfig, GRPOTrainer
     from megatron_longvideo.training.engine import OptimConfig, build_optimizer, wrap_ddp
 
@@ -79,10 +80,11 @@ def _setup(tok_path, cp, pack, split=None, family="llava_onevision", tis=None):
         group_size=4, prompts_per_step=2, pack=pack, responses_per_microbatch=split,
         sampling=SamplingConfig(max_new_tokens=6, temperature=1.0, seed=11),
         loss=GRPOLossConfig(kl_beta=0.05, clip_eps_high=0.28, tis_cap=None if tis is None else tis["cap"]),
+        rollout_max_frames=view,
         rewards=((f"{__name__}:text_length_reward", 1.0), ("format", 0.1)),
         update_epochs=2, groups_per_microbatch=1, log_samples_every=0,
     )
-    engine = build_engine("hf", cfg, tokenizer=tok, pad_token_id=tok.pad_id) if is_replica_leader(groups) else None
+    engine = build_engine("hf", cfg, tokenizer=tok, pad_token_id=tok.pad_id)  # on every rank: each draws its share
     if tis is not None and engine is not None:  # an engine whose log-probs sit tis["shift"] below the policy's
         import dataclasses
 
@@ -93,17 +95,26 @@ def _setup(tok_path, cp, pack, split=None, family="llava_onevision", tis=None):
                     for group in generate(*args, **kwargs)]
 
         engine.generate = shifted
+    if view is not None:  # record what the engine is given
+        inner, engine.seen = engine.generate, []
+
+        def recorded(prompt_embeds, *args, **kwargs):
+            engine.seen.extend(int(e.shape[0]) for e in prompt_embeds)
+            return inner(prompt_embeds, *args, **kwargs)
+
+        engine.generate = recorded
     trainer = GRPOTrainer(grpo, policy=ddp, optimizer=optimizer, groups=groups, tokenizer=tok, engine=engine,
                           reference=reference, log=lambda s: None)
     return trainer, prompts, ddp, groups
 
 
-def _worker(rank, world_size, tok_path, pack, split=None, family="llava_onevision", tis=None):
+def _worker(rank, world_size, tok_path, pack, split=None, family="llava_onevision", tis=None, view=None):
     init_cpu_dist()
     from megatron_longvideo.checkpoint.full_state import gather_full_state
+    from megatron_longvideo.models.llm import unwrap
     from megatron_longvideo.parallel.groups import destroy_parallel
 
-    trainer, prompts, ddp, groups = _setup(tok_path, world_size, pack, split, family, tis)
+    trainer, prompts, ddp, groups = _setup(tok_path, world_size, pack, split, family, tis, view)
     queue = list(prompts)
     draw = lambda k: [queue.pop(0) for _ in range(k)]  # noqa: E731
     losses, rewards = [], []
@@ -112,8 +123,13 @@ def _worker(rank, world_size, tok_path, pack, split=None, family="llava_onevisio
         losses.append(metrics["train/loss"])
         rewards.append(metrics["reward/mean"])
     weights = gather_full_state(ddp, groups)
+    out = {"losses": losses, "rewards": rewards, "weights": weights, "metrics": metrics}
+    if view is not None:  # what the engine was given, and the prompts with one frame's video tokens (LLaVA-OneVision)
+        count = unwrap(ddp).cfg.vision.num_video_tokens
+        out.update(seen=trainer.engine.seen, full_lengths=[len(p.prompt_ids) for p in prompts],
+                   view_lengths=[len(p.prompt_ids) - count(p.frames.shape[0]) + count(view) for p in prompts])
     destroy_parallel()
-    return {"losses": losses, "rewards": rewards, "weights": weights, "metrics": metrics}
+    return out
 
 
 @pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl"])
@@ -161,6 +177,29 @@ def test_truncated_importance_sampling_and_logprob_diff_at_cp2_packed_equal_worl
         assert r["rewards"] == ref["rewards"]
         for a, b in zip(r["losses"], ref["losses"]):
             assert abs(a - b) <= 1e-5 * max(abs(b), 1e-3), (r["losses"], ref["losses"])
+
+
+def test_rollouts_on_fewer_frames_than_training_at_cp2_packed_equal_world1(tmp_path):
+    """``rollout_max_frames=1``: the engine is given prompts with one frame's video tokens while the passes
+    train on all 2-3 frames; the engine's log-probs then differ from the trainer's, TIS weighs the loss, and
+    CP=2 packed (every rank drawing its share of the one-frame rollouts) equals world=1 unpacked."""
+    from megatron_longvideo.data.tokenizer import train_sentencepiece
+
+    tok_path = train_sentencepiece(VOCAB_TEXTS, str(tmp_path / "tok"), vocab_size=300)
+    tis = {"cap": 2.0, "shift": 0.0}
+    ref = run_ranks(_worker, 1, tok_path, False, None, "llava_onevision", tis, 1)[0]
+    got = run_ranks(_worker, 2, tok_path, True, None, "llava_onevision", tis, 1)
+    assert sorted(ref["seen"]) == sorted(ref["view_lengths"]), (ref["seen"], ref["view_lengths"])
+    assert all(v < f for v, f in zip(ref["view_lengths"], ref["full_lengths"])), "2-3 frame prompts: a shorter view"
+    assert sorted(got[0]["seen"] + got[1]["seen"]) == sorted(ref["seen"]), "the ranks must share the rollouts"
+    m = ref["metrics"]
+    assert m["rollout/logprob_diff_mean"] > 1e-3, "a one-frame view must change the engine's log-probs"
+    assert 0 < m["train/tis_weight_mean"] <= 2.0
+    for r in got:
+        assert r["rewards"] == ref["rewards"]
+        for a, b in zip(r["losses"], ref["losses"]):
+            assert abs(a - b) <= 1e-5 * max(abs(b), 1e-3), (r["losses"], ref["losses"])
+        assert abs(r["metrics"]["rollout/logprob_diff_mean"] - m["rollout/logprob_diff_mean"]) < 1e-5
 
 
 def _dynamic_worker(rank, world_size, tok_path):

@@ -359,6 +359,26 @@ def test_qwen2_engine_calls_exist_in_vllm(api, calls):
     assert problems(calls, api) == [], f"against vLLM {api.version}"
 
 
+def test_one_engine_per_rank_of_a_torchrun_job_is_vllms_external_launcher(src, api, calls, monkeypatch):
+    """Inside a multi-rank job every rank starts its own engine on its GPU: vLLM's ``external_launcher``
+    backend (a value of vLLM's ``DistributedExecutorBackend``), with the memory share given or budgeted."""
+    import torch.distributed as dist
+
+    from megatron_longvideo.rl.engines import build_engine
+    from tests.rl.test_engine_vllm import CFG
+
+    backends = next(n.value for n in src.tree("vllm/config/parallel.py").body if isinstance(n, ast.Assign)
+                    and any(getattr(t, "id", None) == "DistributedExecutorBackend" for t in n.targets))
+    assert "external_launcher" in {ast.literal_eval(e) for e in backends.slice.elts}
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    build_engine("vllm", CFG, seed=3, gpu_memory_utilization=0.4)
+    kwargs = calls[0][2]
+    assert kwargs["distributed_executor_backend"] == "external_launcher" and kwargs["tensor_parallel_size"] == 1
+    assert kwargs["gpu_memory_utilization"] == 0.4
+    assert problems(calls, api) == [], f"against vLLM {api.version}"
+
+
 def test_qwen25vl_engine_calls_and_requests_exist_in_vllm(api, calls, qwen_tokenizer):
     from megatron_longvideo.rl.engines import SamplingConfig, build_engine
     from tests.rl.test_engine_vllm import QWEN_CFG

@@ -9,8 +9,9 @@ Qwen2.5-VL, ``takes_video_prompts``) gets :class:`VideoPrompt` objects instead, 
 :meth:`RolloutEngine.generate_videos`: the token ids and the same cached video embeddings. Between
 rollout phases :meth:`sleep` frees the engine's memory for training.
 
-Engines: ``hf`` (transformers ``generate``, CPU default and test path) and ``vllm`` (vLLM with
-``enable_prompt_embeds``; for Qwen2.5-VL with ``enable_mm_embeds``). Build one with
+Engines: ``hf`` (transformers ``generate``, CPU default and test path), ``vllm`` (vLLM with
+``enable_prompt_embeds``; for Qwen2.5-VL with ``enable_mm_embeds``) and ``megatron`` (the policy model
+itself, TP-sharded, no weight sync). Build one with
 :func:`megatron_longvideo.rl.engines.build_engine`.
 """
 
@@ -46,8 +47,9 @@ class SamplingConfig:
     n: int = 1
     """Responses per prompt (GRPO's group size G)."""
     seed: Optional[int] = None
-    """Seed of this rank's sampling (give each data-parallel rank its own, see :meth:`for_rank`);
-    None: not reproducible."""
+    """Base seed of the call: response j of prompt i is drawn with
+    :func:`~megatron_longvideo.rl.engines.decode.response_seed` ``(seed, i, j)`` unless the engine is given
+    per-response seeds (give each data-parallel rank its own base, see :meth:`for_rank`); None: not reproducible."""
     logprobs: bool = False
     """Also return each sampled token's log-probability under the untempered model distribution."""
 
@@ -128,14 +130,21 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def sync_weights(self, weights: Weights) -> None:
         """Replace the engine's weights with the policy's (Megatron full-state names; a VLM's vision
-        tensors are ignored: the engine runs the language model only)."""
+        tensors are ignored: the engine runs the language model only). An iterator is consumed lazily,
+        a pair at a time, and to its end: never gathered into a dict, since
+        :func:`~megatron_longvideo.checkpoint.full_state.iter_full_state_items` runs a collective per bucket."""
 
     @abc.abstractmethod
-    def generate(self, prompt_embeds: Sequence[torch.Tensor], sampling: SamplingConfig) -> list[list[Completion]]:
-        """``prompt_embeds[i]`` ``[L_i, h]`` -> ``sampling.n`` completions per prompt."""
+    def generate(self, prompt_embeds: Sequence[torch.Tensor], sampling: SamplingConfig, *,
+                 seeds: Optional[Sequence[Sequence[Optional[int]]]] = None) -> list[list[Completion]]:
+        """``prompt_embeds[i]`` ``[L_i, h]`` -> ``sampling.n`` completions per prompt; or, with ``seeds``,
+        ``len(seeds[i])`` completions of prompt i, the j-th drawn with seed ``seeds[i][j]`` whatever else
+        the call holds (:mod:`~megatron_longvideo.rl.engines.decode`: how a step's responses are divided
+        among ranks and still equal one rank's)."""
 
-    def generate_videos(self, prompts: Sequence[VideoPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
-        """``prompts[i]`` -> ``sampling.n`` completions per prompt (engines with ``takes_video_prompts``)."""
+    def generate_videos(self, prompts: Sequence[VideoPrompt], sampling: SamplingConfig, *,
+                        seeds: Optional[Sequence[Sequence[Optional[int]]]] = None) -> list[list[Completion]]:
+        """``prompts[i]`` -> completions as :meth:`generate` (engines with ``takes_video_prompts``)."""
         raise NotImplementedError(f"{type(self).__name__} takes merged prompt embeddings (generate), not VideoPrompts")
 
     @abc.abstractmethod

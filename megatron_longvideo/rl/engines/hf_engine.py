@@ -1,15 +1,14 @@
-"""The ``hf`` rollout engine: transformers ``Qwen2ForCausalLM.generate`` from prompt embeddings.
+"""The ``hf`` rollout engine: transformers' ``Qwen2ForCausalLM`` run from prompt embeddings.
 
-The CPU default and the reference the ``vllm`` engine is tested against. A batch of prompts of
-different lengths is left-padded (``attention_mask`` 0 on the padding; transformers derives the
-position ids from the mask, so each prompt is positioned 0..L_i-1 exactly as in our model). Weights
-come from the Megatron policy through the weight map (TP shards already gathered). Sampling is
-reproducible for a seed: the torch RNG is forked and seeded around each call.
+The reference the ``vllm`` and ``megatron`` engines are tested against. Each prompt is positioned
+0..L_i-1 exactly as in our model and prefilled once into a transformers ``DynamicCache``; its responses
+then decode as a batch of rows (:func:`~megatron_longvideo.rl.engines.decode.decode`), each from its own
+seeded generator, so a response's tokens do not depend on the batch it was drawn in. Weights come from
+the Megatron policy through the weight map (TP shards already gathered).
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -18,26 +17,9 @@ from megatron_longvideo.checkpoint.hf_map import WeightMap
 from megatron_longvideo.models.llm import LLMConfig
 from megatron_longvideo.models.llava_onevision.model import VLMConfig
 from megatron_longvideo.rl.engines.base import Completion, RolloutEngine, SamplingConfig, Weights, check_prompt_embeds
+from megatron_longvideo.rl.engines.decode import decode, draws_of, trim_completion
 
 __all__ = ["HFEngine", "trim_completion"]
-
-
-def trim_completion(token_ids: Sequence[int], sampling: SamplingConfig, tokenizer: Any = None) -> tuple[int, str]:
-    """(length, finish reason) of one generated row: up to and including the first stop token, or the
-    token that completes the first stop string; else everything ('length')."""
-    ids = list(token_ids)
-    end, reason = len(ids), "length"
-    stops = set(sampling.stop_token_ids)
-    for k, t in enumerate(ids):
-        if t in stops:
-            end, reason = k + 1, "stop"
-            break
-    if sampling.stop and tokenizer is not None:
-        for k in range(1, end + 1):
-            text = tokenizer.decode(ids[:k])
-            if any(s in text for s in sampling.stop):
-                return k, "stop"
-    return end, reason
 
 
 class HFEngine(RolloutEngine):
@@ -84,40 +66,22 @@ class HFEngine(RolloutEngine):
         self._synced = True
 
     # -- generation ------------------------------------------------------------------------------------
-    def _generation_config(self, sampling: SamplingConfig):
-        from transformers import GenerationConfig
+    def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """``[b, s, h]`` embeddings at ``positions`` -> last-position logits ``[b, vocab]`` (fp32)."""
+        hidden = self.model.model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
+                                  use_cache=True).last_hidden_state
+        return self.model.lm_head(hidden[:, -1]).float()
 
-        kwargs = dict(
-            max_new_tokens=sampling.max_new_tokens,
-            do_sample=not sampling.greedy,
-            num_return_sequences=sampling.n,
-            top_k=0,  # transformers 4.x defaults to top-k 50; our sampling has no top-k
-            pad_token_id=self.pad_token_id,
-            eos_token_id=list(sampling.stop_token_ids) or None,
-            return_dict_in_generate=True,
-            output_logits=sampling.logprobs,
-        )
-        if not sampling.greedy:
-            kwargs.update(temperature=float(sampling.temperature), top_p=float(sampling.top_p))
-        if sampling.stop:
-            kwargs.update(stop_strings=list(sampling.stop))
-        return GenerationConfig(**kwargs)
+    def _prompt_positions(self, length: int, given: Optional[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(positions of a one-row prompt of ``length`` tokens, the first response token's position)."""
+        if given is not None:
+            raise ValueError("positions: the 'hf' engine positions a prompt 0..L-1 (a plain-RoPE LLM); got positions")
+        return torch.arange(length, device=self.device)[None], length
 
-    def _rng(self, seed: Optional[int]):
-        if seed is None:
-            return contextlib.nullcontext()
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+    def _step_positions(self, position: int, rows: int) -> torch.Tensor:
+        return torch.full((rows, 1), position, dtype=torch.long, device=self.device)
 
-        @contextlib.contextmanager
-        def seeded():
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
-                yield
-
-        return seeded()
-
-    @torch.no_grad()
-    def generate(self, prompt_embeds: Sequence[torch.Tensor], sampling: SamplingConfig) -> list[list[Completion]]:
+    def _check_ready(self, prompt_embeds, sampling: SamplingConfig) -> None:
         if self._sleep_level:
             raise RuntimeError("generate: the engine is asleep; call wake() (and sync_weights after a level-2 sleep)")
         if not self._synced:
@@ -125,32 +89,35 @@ class HFEngine(RolloutEngine):
         check_prompt_embeds(prompt_embeds, self.hidden_size)
         if sampling.stop and self.tokenizer is None:
             raise ValueError("sampling.stop: stop strings need a tokenizer; build the engine with tokenizer=...")
-        lengths = [int(e.shape[0]) for e in prompt_embeds]
-        batch, longest = len(prompt_embeds), max(lengths)
-        embeds = torch.zeros(batch, longest, self.hidden_size, dtype=self.dtype, device=self.device)  # [B, L, h]
-        mask = torch.zeros(batch, longest, dtype=torch.long, device=self.device)  # [B, L], left padding
+
+    @torch.no_grad()
+    def generate(self, prompt_embeds: Sequence[torch.Tensor], sampling: SamplingConfig,
+                 positions: Optional[Sequence[torch.Tensor]] = None, *,
+                 seeds: Optional[Sequence[Sequence[Optional[int]]]] = None) -> list[list[Completion]]:
+        """As :meth:`RolloutEngine.generate`; each prompt is prefilled once, its responses decode together
+        (:func:`~megatron_longvideo.rl.engines.decode.decode`)."""
+        from transformers import DynamicCache
+
+        self._check_ready(prompt_embeds, sampling)
+        if positions is not None and len(positions) != len(prompt_embeds):
+            raise ValueError(f"positions: {len(positions)} for {len(prompt_embeds)} prompts")
+        draws = draws_of(sampling, len(prompt_embeds), seeds)
+        results = []
         for i, e in enumerate(prompt_embeds):
-            embeds[i, longest - lengths[i]:] = e.detach().to(device=self.device, dtype=self.dtype)
-            mask[i, longest - lengths[i]:] = 1
-        extra = {"tokenizer": self.tokenizer} if sampling.stop else {}
-        with self._rng(sampling.seed):
-            out = self.model.generate(inputs_embeds=embeds, attention_mask=mask,
-                                      generation_config=self._generation_config(sampling), **extra)
-        sequences = out.sequences.cpu()  # [B * n, T_new] (inputs_embeds only: new tokens)
-        logprobs = None
-        if sampling.logprobs:
-            logits = torch.stack(out.logits, dim=1).float()  # [B * n, T_new, V], before any processor
-            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, sequences[..., None].to(logits.device))[..., 0].cpu()
-        results: list[list[Completion]] = []
-        for i in range(batch):
-            group = []
-            for r in range(sampling.n):
-                row = i * sampling.n + r
-                ids = sequences[row].tolist()
-                end, reason = trim_completion(ids, sampling, self.tokenizer)
-                lp = tuple(logprobs[row, :end].tolist()) if logprobs is not None else None
-                group.append(Completion(token_ids=tuple(ids[:end]), logprobs=lp, finish_reason=reason))
-            results.append(group)
+            length, rows = int(e.shape[0]), len(draws[i])
+            pos, first = self._prompt_positions(length, None if positions is None else positions[i])
+            cache = DynamicCache()
+
+            def prefill(e=e, pos=pos, cache=cache, rows=rows):
+                logits = self._forward(e.detach().to(self.device, self.dtype)[None], pos, cache)  # [1, V]
+                cache.batch_repeat_interleave(rows)  # the prompt's keys and values, once per response row
+                return logits.expand(rows, -1)
+
+            def step(token, t, cache=cache, first=first, rows=rows):
+                embeds = self.model.model.embed_tokens(token)[:, None]  # [rows, 1, h]
+                return self._forward(embeds, self._step_positions(first + t, rows), cache)
+
+            results.append(decode(prefill, step, sampling, draws[i], device=self.device, tokenizer=self.tokenizer))
         return results
 
     # -- memory ----------------------------------------------------------------------------------------

@@ -4,22 +4,20 @@ transformers' own ``Qwen2_5_VLTextModel`` and an output layer run from the promp
 merged (cached video tokens in place), at the three-row positions the policy computed for the prompt
 (:meth:`~megatron_longvideo.models.qwen2_5_vl.model.Qwen25VLModel.rollout_positions`), so the tower
 runs once per video per step and rollouts see the positions training uses. Decoding continues from the
-prompt's largest position + 1 in all three rows (the "rope delta"). A small decode loop over a
-``DynamicCache`` (transformers' ``generate`` would recompute positions from token ids and pixels, by
-its own text-after-video rule); one prompt at a time, its ``n`` samples as a batch. Sampling:
-temperature and nucleus (top-p) as :class:`~megatron_longvideo.rl.engines.base.SamplingConfig` says,
-reproducible for a seed (the torch RNG is forked and seeded around each call, as in the ``hf`` engine).
+prompt's largest position + 1 in all three rows (the "rope delta"). The ``hf`` engine's decode loop over
+a ``DynamicCache`` (transformers' ``generate`` would recompute positions from token ids and pixels, by
+its own text-after-video rule): one prefill per prompt, its responses as a batch of rows, each from its
+own seeded generator (:mod:`~megatron_longvideo.rl.engines.decode`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 
 from megatron_longvideo.checkpoint.hf_map import WeightMap
-from megatron_longvideo.rl.engines.base import Completion, SamplingConfig, check_prompt_embeds
-from megatron_longvideo.rl.engines.hf_engine import HFEngine, trim_completion
+from megatron_longvideo.rl.engines.hf_engine import HFEngine
 
 __all__ = ["MultimodalRoPEEngine", "text_config"]
 
@@ -69,11 +67,16 @@ class MultimodalRoPEEngine(HFEngine):
         self.model.requires_grad_(False)
         self._synced, self._sleep_level, self._shapes = False, 0, {}
 
-    def _step(self, embeds: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        """``[n, s, h]`` embeddings at ``[3, n, s]`` positions -> last-position logits ``[n, vocab]`` (fp32)."""
-        hidden = self.model.model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
-                                  use_cache=True).last_hidden_state
-        return self.model.lm_head(hidden[:, -1]).float()
+    def _prompt_positions(self, length: int, given: Optional[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """``[3, 1, L]`` positions of a prompt (default: plain text positions) and the first response
+        token's: the prompt's largest position + 1."""
+        pos = torch.arange(length, device="cpu").expand(3, -1) if given is None else given.cpu()
+        if tuple(pos.shape) != (3, length):
+            raise ValueError(f"positions: expected [3, {length}] for a prompt of {length} tokens, got {tuple(pos.shape)}")
+        return pos.to(self.device)[:, None], int(pos.max()) + 1
+
+    def _step_positions(self, position: int, rows: int) -> torch.Tensor:
+        return torch.full((3, rows, 1), position, dtype=torch.long, device=self.device)
 
     @torch.no_grad()
     def prompt_logits(self, prompt_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -81,64 +84,5 @@ class MultimodalRoPEEngine(HFEngine):
         from transformers import DynamicCache
 
         embeds = prompt_embeds.detach().to(self.device, self.dtype)[None]
-        return self._step(embeds, positions.to(self.device)[:, None], DynamicCache())[0]
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-        """``[n, vocab]`` -> ``[n]`` token ids (greedy, or temperature + top-p)."""
-        if sampling.greedy:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits / float(sampling.temperature), dim=-1)
-        if sampling.top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            drop = sorted_probs.cumsum(-1) - sorted_probs > float(sampling.top_p)  # keeps the first token always
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        return torch.multinomial(probs, 1)[:, 0]
-
-    @torch.no_grad()
-    def generate(self, prompt_embeds: Sequence[torch.Tensor], sampling: SamplingConfig,
-                 positions: Optional[Sequence[torch.Tensor]] = None) -> list[list[Completion]]:
-        """As :meth:`RolloutEngine.generate`; ``positions[i]`` ``[3, L_i]`` (default: plain text positions)."""
-        from transformers import DynamicCache
-
-        if self._sleep_level:
-            raise RuntimeError("generate: the engine is asleep; call wake() (and sync_weights after a level-2 sleep)")
-        if not self._synced:
-            raise RuntimeError("generate: no weights yet; call sync_weights(full_state) first")
-        check_prompt_embeds(prompt_embeds, self.hidden_size)
-        if positions is not None and len(positions) != len(prompt_embeds):
-            raise ValueError(f"positions: {len(positions)} for {len(prompt_embeds)} prompts")
-        stops, n = set(sampling.stop_token_ids), sampling.n
-        results = []
-        with self._rng(sampling.seed):
-            for i, e in enumerate(prompt_embeds):
-                length = int(e.shape[0])
-                pos = (torch.arange(length, device="cpu").expand(3, -1) if positions is None else positions[i].cpu())
-                if tuple(pos.shape) != (3, length):
-                    raise ValueError(f"positions[{i}]: expected [3, {length}], got {tuple(pos.shape)}")
-                cache = DynamicCache()
-                embeds = e.detach().to(self.device, self.dtype)[None].expand(n, -1, -1)
-                logits = self._step(embeds, pos.to(self.device)[:, None].expand(3, n, length), cache)
-                nxt = int(pos.max()) + 1
-                tokens, logps = [], []
-                done = torch.zeros(n, dtype=torch.bool, device=self.device)
-                for step in range(sampling.max_new_tokens):
-                    token = self._sample(logits, sampling)
-                    tokens.append(token)
-                    logps.append(torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0])
-                    done |= torch.isin(token, torch.tensor(sorted(stops), device=self.device)) if stops else done
-                    if bool(done.all()) or step + 1 == sampling.max_new_tokens:
-                        break
-                    step_pos = torch.full((3, n, 1), nxt + step, dtype=torch.long, device=self.device)
-                    logits = self._step(self.model.model.embed_tokens(token)[:, None], step_pos, cache)
-                ids = torch.stack(tokens, dim=1).cpu()  # [n, T]
-                lp = torch.stack(logps, dim=1).cpu()
-                group = []
-                for r in range(n):
-                    row = ids[r].tolist()
-                    end, reason = trim_completion(row, sampling, self.tokenizer)
-                    group.append(Completion(token_ids=tuple(row[:end]), finish_reason=reason,
-                                            logprobs=tuple(lp[r, :end].tolist()) if sampling.logprobs else None))
-                results.append(group)
-        return results
+        pos, _ = self._prompt_positions(int(prompt_embeds.shape[0]), positions)
+        return self._forward(embeds, pos, DynamicCache())[0]

@@ -8,15 +8,21 @@ call against vLLM 0.33.0's own source).
 * Tokenizer: a Hugging Face tokenizer folder (:func:`tokenizer_folder` finds the one behind our
   tokenizers) or None: vLLM then skips tokenizer initialisation and returns token ids only (stop strings
   need a tokenizer). vLLM never takes our tokenizer objects or a ``pad_token_id``.
-* Prompts: ``{"prompt_embeds": tensor [L, h]}`` each (vLLM's ``EmbedsPrompt``), one
-  ``SamplingParams(n, temperature, top_p, max_tokens, stop, stop_token_ids, seed, logprobs, detokenize)``
-  per prompt so that prompt i samples with ``seed + i``.
+* Prompts: ``{"prompt_embeds": tensor [L, h]}`` each (vLLM's ``EmbedsPrompt``), one request per response
+  with ``SamplingParams(n=1, temperature, top_p, max_tokens, stop, stop_token_ids, seed, logprobs,
+  detokenize)``: response j of prompt i is drawn with its own seed (:mod:`~megatron_longvideo.rl.engines.decode`),
+  so the responses of a step can be divided among ranks; the requests of a prompt share its prefix cache.
 * Weight sync: Megatron full state -> weight map -> HF ``(name, tensor)`` chunks of bounded size ->
   the model's own ``load_weights`` on every worker, through ``LLM.collective_rpc`` and the worker
   extension :class:`WeightSyncExtension` (``worker_extension_cls``); vLLM builds without
   ``collective_rpc`` use the in-process driver worker. The prefix cache is reset after a sync (its
   KV entries belong to the old weights).
-* Memory: ``LLM.sleep(level)`` / ``LLM.wake_up()``.
+* Memory: ``LLM.sleep(level)`` / ``LLM.wake_up()``. ``gpu_memory_utilization`` (the share of the GPU
+  vLLM may take for weights, activations and KV cache) defaults to what is free beside Megatron when the
+  engine starts, less what the optimizer has yet to allocate (:func:`gpu_memory_budget`).
+* One engine per GPU: in a torchrun job (torch.distributed initialised, more than one rank) each rank
+  starts its own single-GPU engine with ``distributed_executor_backend="external_launcher"`` (vLLM then
+  reuses the job's process group; every rank generates its own share of the responses, independently).
 
 The Qwen2.5-VL family takes :class:`~megatron_longvideo.rl.engines.vllm_qwen.VLLMQwenEngine`, which
 changes the folder, the inputs and the weight names through the hooks ``_configure``,
@@ -36,8 +42,10 @@ from megatron_longvideo.checkpoint.hf_map import WeightMap
 from megatron_longvideo.models.llm import LLMConfig
 from megatron_longvideo.models.llava_onevision.model import VLMConfig
 from megatron_longvideo.rl.engines.base import Completion, RolloutEngine, SamplingConfig, Weights, check_prompt_embeds
+from megatron_longvideo.rl.engines.decode import draws_of
 
-__all__ = ["VLLMEngine", "WeightSyncExtension", "import_vllm", "chunk_weights", "tokenizer_folder", "WORKER_EXTENSION"]
+__all__ = ["VLLMEngine", "WeightSyncExtension", "import_vllm", "chunk_weights", "tokenizer_folder", "WORKER_EXTENSION",
+           "gpu_memory_budget", "memory_utilization"]
 
 WORKER_EXTENSION = f"{__name__}.WeightSyncExtension"
 
@@ -91,6 +99,35 @@ def tokenizer_folder(tokenizer) -> Optional[str]:
     return None
 
 
+def memory_utilization(free_bytes: int, total_bytes: int, *, reserve_bytes: int = 0, margin: float = 0.05) -> float:
+    """The ``gpu_memory_utilization`` that fits vLLM in what is free: ``(free - reserve) / total - margin``.
+    Raises ValueError (with the numbers) when that leaves less than 5% of the GPU."""
+    if total_bytes <= 0:
+        raise ValueError(f"total GPU memory: must be positive, got {total_bytes}")
+    share = (free_bytes - reserve_bytes) / total_bytes - margin
+    if share < 0.05:
+        gib = 2**30
+        raise ValueError(f"vLLM engine: {free_bytes / gib:.1f} GiB of {total_bytes / gib:.1f} GiB are free, and "
+                         f"{reserve_bytes / gib:.1f} GiB are reserved for what training has yet to allocate: too little "
+                         "for an engine; pass gpu_memory_utilization, offload the optimizer, or use more ranks")
+    return round(min(share, 0.95), 4)
+
+
+def gpu_memory_budget(device: Optional[torch.device] = None, *, reserve_bytes: int = 0, margin: float = 0.05) -> float:
+    """:func:`memory_utilization` of this rank's GPU now (``torch.cuda.mem_get_info``)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return memory_utilization(free, total, reserve_bytes=reserve_bytes, margin=margin)
+
+
+def _colocated_backend(tensor_parallel_size: int) -> Optional[str]:
+    """``external_launcher`` inside a multi-rank torch.distributed job (one engine per rank), else None."""
+    import torch.distributed as dist
+
+    if tensor_parallel_size == 1 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return "external_launcher"
+    return None
+
+
 def _torch_dtype(dtype: Union[str, torch.dtype]) -> Optional[torch.dtype]:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -100,11 +137,14 @@ def _torch_dtype(dtype: Union[str, torch.dtype]) -> Optional[torch.dtype]:
 
 class VLLMEngine(RolloutEngine):
     """Rollouts of the policy's Qwen2 language model from merged prompt embeddings, with vLLM (CUDA
-    machines, the ``[vllm]`` extra). ``llm_kwargs`` go to ``vllm.LLM`` as they are (vLLM's ``EngineArgs``)."""
+    machines, the ``[vllm]`` extra). ``gpu_memory_utilization`` None: :func:`gpu_memory_budget` with
+    ``memory_reserve_bytes`` held back for training. ``llm_kwargs`` go to ``vllm.LLM`` as they are (vLLM's
+    ``EngineArgs``)."""
 
     def __init__(self, cfg: Union[LLMConfig, VLMConfig], *, model_dir: Optional[str] = None, tokenizer: Optional[str] = None,
                  dtype: Union[str, torch.dtype] = "bfloat16", tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool = True, enable_prefix_caching: bool = True,
+                 gpu_memory_utilization: Optional[float] = None, memory_reserve_bytes: int = 0,
+                 enable_sleep_mode: bool = True, enable_prefix_caching: bool = True,
                  seed: int = 0, sync_chunk_bytes: int = 256 * 2**20, **llm_kwargs: Any):
         vllm = import_vllm()
         if sync_chunk_bytes < 1:
@@ -125,6 +165,11 @@ class VLLMEngine(RolloutEngine):
         elif not os.path.exists(os.path.join(model_dir, "config.json")):
             raise FileNotFoundError(f"{model_dir}: no config.json (export the policy with save_hf first)")
         self.model_dir = os.fspath(model_dir)
+        if gpu_memory_utilization is None:  # what is free beside Megatron now, less what it will still allocate
+            gpu_memory_utilization = gpu_memory_budget(reserve_bytes=memory_reserve_bytes) if torch.cuda.is_available() else 0.5
+        backend = _colocated_backend(tensor_parallel_size)
+        if backend is not None:
+            llm_kwargs.setdefault("distributed_executor_backend", backend)
         kwargs = dict(
             model=self.model_dir,
             enable_sleep_mode=enable_sleep_mode,
@@ -163,29 +208,38 @@ class VLLMEngine(RolloutEngine):
         check_prompt_embeds(prompt_embeds, self.hidden_size)
         return [{"prompt_embeds": e.detach().to("cpu", dtype=self.dtype or e.dtype)} for e in prompt_embeds]  # [L, h]
 
-    def sampling_params(self, sampling: SamplingConfig, index: int = 0):
-        """``SamplingParams`` of prompt ``index`` (its seed is ``sampling.seed + index``)."""
+    def sampling_params(self, sampling: SamplingConfig, seed: Optional[int] = None):
+        """``SamplingParams`` of one response (``n=1``) drawn with ``seed``."""
         if sampling.stop and self.tokenizer is None:
             raise ValueError("sampling.stop: stop strings need a tokenizer; build the engine with tokenizer=<folder>")
         return self._vllm.SamplingParams(
-            n=sampling.n,
+            n=1,
             temperature=float(sampling.temperature),
             top_p=float(sampling.top_p),
             max_tokens=sampling.max_new_tokens,
             stop=list(sampling.stop) or None,
             stop_token_ids=list(sampling.stop_token_ids) or None,
-            seed=None if sampling.seed is None else sampling.seed + index,
+            seed=seed,
             logprobs=0 if sampling.logprobs else None,  # 0: the sampled token's log-prob only
             detokenize=self.tokenizer is not None,
         )
 
-    def generate(self, prompt_embeds: Sequence[torch.Tensor], sampling: SamplingConfig) -> list[list[Completion]]:
-        return self._run(self.build_requests(prompt_embeds), sampling)
+    def generate(self, prompt_embeds: Sequence[torch.Tensor], sampling: SamplingConfig, *,
+                 seeds: Optional[Sequence[Sequence[Optional[int]]]] = None) -> list[list[Completion]]:
+        return self._run(self.build_requests(prompt_embeds), sampling, seeds)
 
-    def _run(self, requests: list[dict], sampling: SamplingConfig) -> list[list[Completion]]:
-        params = [self.sampling_params(sampling, i) for i in range(len(requests))]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
-        return [[self._completion(o, sampling) for o in out.outputs] for out in outputs]
+    def _run(self, requests: list[dict], sampling: SamplingConfig,
+             seeds: Optional[Sequence[Sequence[Optional[int]]]] = None) -> list[list[Completion]]:
+        """One vLLM request per response, each with its own seed (the seeds of
+        :func:`~megatron_longvideo.rl.engines.decode.draws_of`); a prompt's requests share its prefix cache."""
+        draws = draws_of(sampling, len(requests), seeds)
+        flat = [(i, seed) for i, row in enumerate(draws) for seed in row]
+        outputs = self.llm.generate([requests[i] for i, _ in flat], [self.sampling_params(sampling, seed) for _, seed in flat],
+                                    use_tqdm=False)
+        results: list[list[Completion]] = [[] for _ in requests]
+        for (i, _), out in zip(flat, outputs):
+            results[i].append(self._completion(out.outputs[0], sampling))
+        return results
 
     @staticmethod
     def _completion(output, sampling: SamplingConfig) -> Completion:

@@ -175,12 +175,13 @@ class VLLMQwenEngine(VLLMEngine):
             request["multi_modal_uuids"] = {"video": [str(k) for k in p.keys]}
         return request
 
-    def generate(self, prompt_embeds: Sequence[torch.Tensor], sampling: SamplingConfig) -> list[list[Completion]]:
+    def generate(self, prompt_embeds: Sequence[torch.Tensor], sampling: SamplingConfig, *, seeds=None) -> list[list[Completion]]:
         raise NotImplementedError("VLLMQwenEngine takes VideoPrompts (generate_videos): vLLM merges the video "
                                   "embeddings and computes Qwen2.5-VL's positions itself")
 
-    def generate_videos(self, prompts: Sequence[VideoPrompt], sampling: SamplingConfig) -> list[list[Completion]]:
-        return self._run(self.build_video_requests(prompts), sampling)
+    def generate_videos(self, prompts: Sequence[VideoPrompt], sampling: SamplingConfig, *,
+                        seeds: Optional[Sequence[Sequence[Optional[int]]]] = None) -> list[list[Completion]]:
+        return self._run(self.build_video_requests(prompts), sampling, seeds)
 
     # -- weights -----------------------------------------------------------------------------------------
     def hf_weights(self, weights: Weights) -> Iterator[tuple[str, torch.Tensor]]:
