@@ -164,7 +164,7 @@ def _worker(rank, world_size, mode, frame_counts, opts):
     g_rank = opts["group_size"] if cp > 1 else opts["group_size"] // world_size
     packed = mode in ("stage12_packed", SPLIT_MODE)
     grpo = GRPOConfig(
-        group_size=g_rank, prompts_per_step=1, pack=packed,
+        group_size=g_rank, prompts_per_step=opts.get("prompts", 1), pack=packed,
         responses_per_microbatch=None if packed else opts["responses_per_microbatch"],
         sampling=SamplingConfig(max_new_tokens=opts["response_len"], temperature=1.0, seed=5),
         loss=GRPOLossConfig(kl_beta=0.04), rewards=(("accuracy", 1.0), ("format", 0.1)), log_samples_every=0,
@@ -266,7 +266,8 @@ def report(results: dict, opts: dict) -> str:
     cap = opts["memory_cap_mb"]
     lines = [f"## One GRPO step against the frame count ({opts['machine']})", "",
              f"Model: LLM {opts['layers']} layers x {opts['hidden']} wide, ViT 2x32 on 32 px frames (4 tokens per frame); "
-             f"{opts['ranks']} ranks share each prompt; G={opts['group_size']} responses of {opts['response_len']} tokens; "
+             f"{opts['ranks']} ranks share each prompt; {opts.get('prompts', 1)} prompt(s) per step; G={opts['group_size']} "
+             f"responses of {opts['response_len']} tokens; "
              f"activation recompute {'on' if opts['recompute'] else 'off'}; memory cap {cap} MB per rank"
              f"{' (working memory: growth over the step start)' if cap else ''}; median of {opts['repeats']} step(s).", "",
              "Step time (s) and peak working memory per rank (MB, max over ranks):", "",
@@ -444,6 +445,7 @@ def main(argv=None) -> str:
     parser.add_argument("--modes", nargs="+", default=list(MODES) + [SPLIT_MODE], choices=list(MODES) + [SPLIT_MODE])
     parser.add_argument("--ranks", type=int, default=2, help="ranks sharing each prompt (N)")
     parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=1, help="prompts (groups) per step, each with its own video")
     parser.add_argument("--response-len", type=int, default=32)
     parser.add_argument("--responses-per-microbatch", type=int, default=1, help="unpacked modes")
     parser.add_argument("--hidden", type=int, default=64)
@@ -473,7 +475,7 @@ def main(argv=None) -> str:
 
     with tempfile.TemporaryDirectory(prefix="mlv_grpo_bench_") as tmp:
         tok_path = train_sentencepiece(VOCAB_TEXTS, os.path.join(tmp, "tok"), vocab_size=300)
-        opts = dict(tokenizer=tok_path, group_size=args.group_size, response_len=args.response_len,
+        opts = dict(tokenizer=tok_path, group_size=args.group_size, response_len=args.response_len, prompts=args.prompts,
                     responses_per_microbatch=args.responses_per_microbatch, hidden=args.hidden, layers=args.layers,
                     recompute=args.recompute, repeats=args.repeats, memory_cap_mb=args.memory_cap_mb)
         results = {}

@@ -134,8 +134,14 @@ def build(args):
     policy = build_model(cfg, groups, seed=args.seed, recompute_activations=args.recompute_activations,
                          **model_options(args))
     data_cfg = VideoDatasetConfig(mode="rl", video_root=args.video_root, on_error=args.on_bad_input, sampling=frame_sampling(args))
+    import torch.distributed as dist
+
+    from megatron_longvideo.data.errors import SkipReport
+
+    # every rank reads the whole file: rank 0 alone logs the skipped records (the counts are the same everywhere)
+    skips = SkipReport() if dist.get_rank() == 0 else SkipReport(log=None)
     dataset = LongVideoDataset.from_file(args.data_path, tokenizer=tok, num_video_tokens=video_token_counter(cfg, args.image_size),
-                                         config=data_cfg)
+                                         config=data_cfg, skip_report=skips)
     sampler = DistributedVideoSampler(len(dataset), dp_rank=groups.dp_rank, dp_size=groups.dp_size, seed=args.seed)
     return groups, tok, cfg, policy, PromptStream(dataset, sampler)
 
@@ -228,6 +234,9 @@ def main(argv=None):
         offload_reference=args.offload_reference, responses_per_microbatch=args.responses_per_microbatch,
     )
     engine = None
+    if args.engine == "vllm" and args.rollout_ranks == "first" and dist.get_world_size() > 1:
+        raise SystemExit("--rollout-ranks first: vLLM engines inside a multi-rank job start on every rank together "
+                         "(vLLM's external_launcher builds its groups over the whole job); use --rollout-ranks all")
     if args.rollout_ranks == "all" or is_replica_leader(groups):
         engine = _build_engine(args, cfg, tok, ddp, groups)
     writer = None
@@ -244,10 +253,14 @@ def main(argv=None):
         metrics = trainer.step(stream.draw)
         history.append(metrics["reward/mean"])
         progress(metrics)
+        if writer is not None:  # what was skipped so far, by reason (this rank's videos; every rank's records)
+            for key, value in stream.skip_report.as_scalars().items():
+                writer.add_scalar(key, value, trainer.step_count)
         if args.save and args.save_interval and (it + 1) % args.save_interval == 0:
             checkpointing.save(it + 1)
     if args.save and not (args.save_interval and args.train_iters % args.save_interval == 0) and args.train_iters > start:
         checkpointing.save(args.train_iters)
+    _report_skips(stream.skip_report, log)
     if rank0 and history:
         k = max(1, len(history) // 5)
         first, last = sum(history[:k]) / k, sum(history[-k:]) / k
@@ -255,6 +268,19 @@ def main(argv=None):
     if writer is not None:
         writer.close()
     return history
+
+
+def _report_skips(report, log):
+    """The run's skipped inputs, once, on rank 0: every rank's bad videos gathered (a collective), the
+    records counted once (every rank read the same file)."""
+    import torch.distributed as dist
+
+    videos = [None] * dist.get_world_size()
+    dist.all_gather_object(videos, report.bad_videos)
+    for other in videos:
+        report.merge_bad_videos(other)
+    if report.total:
+        log(report.summary())
 
 
 def _build_engine(args, cfg, tok, policy, groups):

@@ -9,6 +9,8 @@ Modules, one idea each:
 - ``dataset`` / ``sampler`` / ``loader`` / ``cache``: map-style dataset, DP-aware resumable sampler,
   batches, pre-decode cache.
 - ``synthetic``: synthetic coloured-shape videos and questions (``tools/make_synthetic_dataset.py``).
+- ``builder``: question-reasoning-answer records from clip captions through an OpenAI-compatible chat
+  endpoint (``tools/build_reasoning_dataset.py``).
 
 Importing this package imports neither megatron, decord nor DALI.
 """

@@ -11,18 +11,28 @@ Bad input never reaches a collective: every check runs here, inside ``__getitem_
 With ``on_error="raise"`` the first bad video raises ``VideoDecodeError`` naming the file and the
 record. With ``"skip"`` the item is replaced by the next good one (``i+1``, ``i+2``, ... modulo the
 length), so every DP rank still receives a full batch, and the sample carries the skipped messages in
-``bad_inputs`` for the driver's ``SkipReport``. Bad records are dropped when the file is read.
+``bad_inputs`` for the driver's ``SkipReport`` (the process that consumes samples, ``ResumableDataLoader``
+or ``PromptStream``, adds them to ``dataset.skip_report``; ``__getitem__`` itself counts nothing, since
+in a DataLoader worker it holds a copy). Bad records are dropped, counted and logged when the file is
+read; if none is left, the error names the top reasons with an example each.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 
 import torch
 
 from megatron_longvideo.data import cache
-from megatron_longvideo.data.errors import OnError, SkipReport, VideoDecodeError, check_on_error
+from megatron_longvideo.data.errors import (
+    OnError,
+    SkipReport,
+    VideoDecodeError,
+    check_on_error,
+    video_skip_reason,
+)
 from megatron_longvideo.data.prompts import (
     NumVideoTokens,
     PromptConfig,
@@ -64,6 +74,9 @@ class VideoDatasetConfig:
     max_consecutive_skips: int = 16
     """In skip mode, give up (raise) after this many bad videos in a row: the data is likely broken."""
 
+    min_video_frames: int = 1
+    """A video that yields fewer sampled frames than this is a bad video (``video: too few frames``)."""
+
     cache_dir: str | None = None
     """If set, decoded resized frames are cached here (see ``cache.predecode``)."""
 
@@ -77,6 +90,8 @@ class VideoDatasetConfig:
         check_on_error(self.on_error)
         if self.max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
+        if self.min_video_frames < 1:
+            raise ValueError(f"min_video_frames must be >= 1, got {self.min_video_frames}")
 
 
 class LongVideoDataset(torch.utils.data.Dataset):
@@ -84,23 +99,31 @@ class LongVideoDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: list, *, tokenizer: Tokenizer, num_video_tokens: NumVideoTokens,
                  config: VideoDatasetConfig, skip_report: SkipReport | None = None):
+        self.skip_report = skip_report if skip_report is not None else SkipReport()
         if not records:
+            if self.skip_report.total:
+                raise ValueError(f"no usable record to train on: all {self.skip_report.total} were skipped; "
+                                 f"the top reasons:\n{self.skip_report.top_reasons()}")
             raise ValueError("records is empty: no usable record to train on")
         self.records = list(records)
         self.tokenizer = tokenizer
         self.num_video_tokens = num_video_tokens
         self.config = config
-        self.skip_report = skip_report or SkipReport()
 
     @classmethod
     def from_file(cls, path: str, *, tokenizer: Tokenizer, num_video_tokens: NumVideoTokens,
-                  config: VideoDatasetConfig) -> LongVideoDataset:
-        """Read and validate ``path`` (bad records raise or are counted, per ``config.on_error``)."""
+                  config: VideoDatasetConfig, skip_report: SkipReport | None = None) -> LongVideoDataset:
+        """Read and validate ``path`` (bad records raise, or are counted in ``skip_report``, a new
+        ``SkipReport`` unless given, per ``config.on_error``)."""
+        report = skip_report if skip_report is not None else SkipReport()
         record_set = load_records(path, kind="caption" if config.mode == "pretrain" else "qa",
                                   on_error=config.on_error, video_root=config.video_root,
-                                  require_reasoning=config.mode == "sft")
-        report = SkipReport()
-        report.add_record_errors(record_set.errors)
+                                  require_reasoning=config.mode == "sft", skip_report=report)
+        if not record_set.records:
+            if not record_set.errors:
+                raise ValueError(f"{path}: the file holds no records")
+            raise ValueError(f"{path}: no usable record: all {len(record_set.errors)} records were skipped "
+                             f"(on_error='skip'); the top reasons:\n{report.top_reasons()}")
         return cls(record_set.records, tokenizer=tokenizer, num_video_tokens=num_video_tokens,
                    config=config, skip_report=report)
 
@@ -130,6 +153,10 @@ class LongVideoDataset(torch.utils.data.Dataset):
         record = self.records[index]
         try:
             frames, indices, timestamps = self.load_frames(record.video)  # frames: [T, 3, S, S]
+            if frames.shape[0] < self.config.min_video_frames:
+                raise VideoDecodeError(os.path.join(self.config.video_root, record.video),
+                                       f"too few frames: {frames.shape[0]} sampled, "
+                                       f"min_video_frames={self.config.min_video_frames}")
         except VideoDecodeError as e:
             ident = getattr(record, "problem_id", None) or record.id
             raise VideoDecodeError(e.path, e.reason, context=f"record {ident!r} at {record.source}") from None
@@ -166,8 +193,10 @@ class LongVideoDataset(torch.utils.data.Dataset):
             sample["requested_index"] = index
             sample["bad_inputs"] = bad
             return sample
+        by_reason = collections.Counter(video_skip_reason(message) for _, message in bad)
+        reasons = ", ".join(f"{n} x {r}" for r, n in by_reason.most_common())
         raise VideoDecodeError(
             self.records[index].video,
             f"{len(bad)} consecutive bad videos from item {index} (max_consecutive_skips="
-            f"{self.config.max_consecutive_skips}); the data looks broken. Last: {bad[-1][1]}",
+            f"{self.config.max_consecutive_skips}); the data looks broken ({reasons}). Last: {bad[-1][1]}",
         )

@@ -6,30 +6,46 @@ A dataset file is JSONL (one object per line) or one JSON list of objects. A que
      "problem": "What is added first?\\nA. salt\\nB. oil", "problem_type": "multiple choice",
      "reasoning": "The cook pours oil ...", "answer": "B"}
 
-``videos`` is a path relative to the video root, or a list holding one path. Multiple-choice options
-are inline in ``problem`` (lines or runs like ``A. salt B. oil``) or a list field ``options``
-(``["A. salt", "B. oil"]`` or ``["salt", "oil"]``). ``problem_type`` is ``multiple choice``,
-``numerical`` or ``free-form``. A caption record (projector pretraining) has ``videos`` and
-``caption`` and an optional ``id``.
+Only ``videos``, ``problem`` and ``answer`` are required, so the public LongVideo-Reason files
+(``problem``, ``reasoning``, ``videos``, ``answer``) load as released:
+
+- ``videos`` is a path relative to the video root (an absolute path is kept as is), or a list of one.
+- ``problem_id`` (string or integer), if absent, is derived from the video and the problem text:
+  ``<video file stem>-<first 10 hex digits of sha1(videos + "\\n" + problem)>``, so it stays the same
+  when the file is reordered, split or re-read; a repeated (video, problem) pair gets ``-2``, ``-3``...
+- ``problem_type`` is ``multiple choice``, ``numerical`` or ``free-form``. If absent (or ``general``,
+  as some generators write) it is inferred: options present -> multiple choice; an answer that parses
+  as a number -> numerical; else free-form.
+- Multiple-choice options are inline in ``problem`` (lines or runs like ``A. salt B. oil``) or a list
+  field ``options`` (``["A. salt", "B. oil"]`` or ``["salt", "oil"]``).
+- ``answer`` (or ``solution`` when ``answer`` is absent) may be wrapped as ``<answer>B</answer>``; a
+  multiple-choice answer may be ``B``, ``(b)``, ``B. oil`` or ``oil`` and is normalised to the letter.
+
+A caption record (projector pretraining) has ``videos`` and ``caption`` and an optional ``id``.
 
 Every problem is reported as ``RecordError`` naming file, line and field. With ``on_error="skip"``
-bad records are dropped and returned alongside the good ones for the run's report.
+bad records are dropped and returned alongside the good ones (and counted in a ``SkipReport`` if one
+is passed).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
 
-from megatron_longvideo.data.errors import OnError, RecordError, check_on_error
+from megatron_longvideo.data.errors import OnError, RecordError, SkipReport, check_on_error
 
 PROBLEM_TYPES = ("multiple choice", "numerical", "free-form")
 _TYPE_ALIASES = {"multiple_choice": "multiple choice", "multiple-choice": "multiple choice", "mc": "multiple choice",
                  "free_form": "free-form", "free form": "free-form", "open-ended": "free-form",
                  "numeric": "numerical", "number": "numerical"}
+_INFERRED_TYPES = (None, "general")
+"""``problem_type`` values that mean "infer it" (absent, or the placeholder some generators write)."""
+_WRAPPED_ANSWER = re.compile(r"\s*<answer>(.*?)</answer>\s*", re.S)
 _INLINE_OPTION = re.compile(r"(?:^|\s|\()([A-J])[.):]\s+")
 _LABELLED = re.compile(r"^\(?([A-J])[.):]\s*(.*)$", re.S)
 
@@ -163,6 +179,24 @@ def _options_field(value, err) -> tuple[tuple[str, str], ...]:
     return tuple(zip(letters, (v.strip() for v in value)))
 
 
+def derive_problem_id(video: str, problem: str) -> str:
+    """The id of a record without ``problem_id``: ``<video stem>-<sha1(video + newline + problem)[:10]>``."""
+    stem = os.path.splitext(os.path.basename(video))[0] or "video"
+    digest = hashlib.sha1((video + "\n" + problem).encode("utf-8")).hexdigest()
+    return f"{stem}-{digest[:10]}"
+
+
+def infer_problem_type(problem: str, answer: str, *, has_options_field: bool = False) -> str:
+    """``multiple choice`` if options are given (field or inline), ``numerical`` if ``answer`` is a
+    finite number, else ``free-form``."""
+    if has_options_field or parse_inline_options(problem):
+        return "multiple choice"
+    try:
+        return "numerical" if math.isfinite(float(answer.strip().replace(",", ""))) else "free-form"
+    except ValueError:
+        return "free-form"
+
+
 def normalize_choice(answer: str, options: tuple[tuple[str, str], ...]) -> str | None:
     """The option letter ``answer`` names (``B``, ``(b)``, ``B. oil`` or ``oil``), or None."""
     text = re.sub(r"</?answer>", "", answer).strip()
@@ -187,18 +221,29 @@ def parse_qa_record(obj, *, path: str, line: int, video_root: str | None = None,
 
     if not isinstance(obj, dict):
         raise err(None, f"expected a JSON object, got {type(obj).__name__}")
-    problem_id = _string(obj, "problem_id", err)
     data_type = obj.get("data_type", "video")
     if data_type != "video":
         raise err("data_type", f"expected 'video', got {data_type!r}")
     video = _video(obj, err, video_root)
     problem = _string(obj, "problem", err)
-    raw_type = _string(obj, "problem_type", err).strip().lower()
-    problem_type = _TYPE_ALIASES.get(raw_type, raw_type)
-    if problem_type not in PROBLEM_TYPES:
-        raise err("problem_type", f"expected one of {', '.join(PROBLEM_TYPES)}, got {raw_type!r}")
+    problem_id = _string(obj, "problem_id", err, required=False) or derive_problem_id(video, problem)
     reasoning = _string(obj, "reasoning", err, required=require_reasoning)
-    answer = _string(obj, "answer", err)
+    answer_key = "solution" if obj.get("answer") is None and obj.get("solution") is not None else "answer"
+    answer = _string(obj, answer_key, err)
+    wrapped = _WRAPPED_ANSWER.fullmatch(answer)
+    if wrapped:
+        answer = wrapped.group(1).strip()
+        if not answer:
+            raise err(answer_key, "empty answer inside <answer></answer>")
+    raw_type = obj.get("problem_type")
+    inferred = raw_type is None or (isinstance(raw_type, str) and raw_type.strip().lower() in _INFERRED_TYPES)
+    if inferred:
+        problem_type = infer_problem_type(problem, answer, has_options_field=obj.get("options") is not None)
+    else:
+        raw_type = _string(obj, "problem_type", err).strip().lower()
+        problem_type = _TYPE_ALIASES.get(raw_type, raw_type)
+        if problem_type not in PROBLEM_TYPES:
+            raise err("problem_type", f"expected one of {', '.join(PROBLEM_TYPES)}, got {raw_type!r}")
     options, inline = (), False
     if problem_type == "multiple choice":
         if obj.get("options") is not None:
@@ -211,7 +256,9 @@ def parse_qa_record(obj, *, path: str, line: int, video_root: str | None = None,
         letter = normalize_choice(answer, options)
         if letter is None:
             letters = ", ".join(k for k, _ in options)
-            raise err("answer", f"{answer!r} is not among the options {letters}")
+            hint = (" (problem_type inferred as multiple choice from the options; set problem_type to override)"
+                    if inferred else "")
+            raise err("answer", f"{answer!r} is not among the options {letters}{hint}")
         answer = letter
     elif problem_type == "numerical":
         try:
@@ -241,12 +288,13 @@ def parse_caption_record(obj, *, path: str, line: int, video_root: str | None = 
 
 
 def load_records(path: str, *, kind: str = "qa", on_error: OnError = "raise", video_root: str | None = None,
-                 require_reasoning: bool = False) -> RecordSet:
+                 require_reasoning: bool = False, skip_report: SkipReport | None = None) -> RecordSet:
     """Read and validate every record of ``path``.
 
     ``kind`` is ``qa`` or ``caption``. ``on_error="raise"`` stops at the first bad record;
-    ``"skip"`` keeps going and returns the errors. With ``video_root`` each record's video file must
-    exist. ``require_reasoning`` (CoT-SFT) makes ``reasoning`` mandatory.
+    ``"skip"`` keeps going and returns the errors, each also counted in ``skip_report`` if given.
+    With ``video_root`` each record's video file must exist. ``require_reasoning`` (CoT-SFT) makes
+    ``reasoning`` mandatory.
     """
     check_on_error(on_error)
     if kind not in ("qa", "caption"):
@@ -263,6 +311,11 @@ def load_records(path: str, *, kind: str = "qa", on_error: OnError = "raise", vi
             if kind == "qa":
                 rec = parse_qa_record(obj, path=path, line=line, video_root=video_root,
                                       require_reasoning=require_reasoning)
+                if obj.get("problem_id") is None and rec.problem_id in seen_ids:  # same video and problem
+                    k = 2
+                    while f"{rec.problem_id}-{k}" in seen_ids:
+                        k += 1
+                    rec = dataclasses.replace(rec, problem_id=f"{rec.problem_id}-{k}")
                 if rec.problem_id in seen_ids:
                     raise RecordError(path, line, "problem_id",
                                       f"duplicate {rec.problem_id!r} (first at line {seen_ids[rec.problem_id]})")
@@ -273,6 +326,8 @@ def load_records(path: str, *, kind: str = "qa", on_error: OnError = "raise", vi
             if on_error == "raise":
                 raise
             errors.append(e)
+            if skip_report is not None:
+                skip_report.add_record_errors([e])
             continue
         records.append(rec)
     return RecordSet(records=records, errors=errors)

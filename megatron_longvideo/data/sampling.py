@@ -35,17 +35,21 @@ from fractions import Fraction
 MAX_FRAMES_LIMIT = 8192
 """The largest number of frames one request may ask for (the long-video inference setting)."""
 
+DEFAULT_NUM_FRAMES = 64
+"""Frames taken by uniform sampling when a config sets neither ``num_frames`` nor ``fps``."""
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FrameSamplingConfig:
     """How many frames to take from a video, and how to prepare them for the vision tower."""
 
-    num_frames: int | None = 64
+    num_frames: int | None = None
     """Uniform sampling over the whole video: take this many frames (fewer if the video is shorter).
-    Exactly one of ``num_frames`` and ``fps`` must be set."""
+    At most one of ``num_frames`` and ``fps`` is set; with neither, ``DEFAULT_NUM_FRAMES`` (64)."""
 
     fps: float | None = None
-    """Rate sampling: take frames at this many per second, capped by ``max_frames``."""
+    """Rate sampling: take frames at this many per second, capped by ``max_frames``. ``fps=2.0`` alone
+    selects it; ``dataclasses.replace`` of a uniform config to ``fps`` also passes ``num_frames=None``."""
 
     max_frames: int = 512
     """Upper bound on frames for rate sampling; beyond it, uniform sampling of ``max_frames``."""
@@ -86,10 +90,14 @@ class FrameSamplingConfig:
     """'qwen_vl': frame sides are multiples of this (patch 14 x spatial merge 2)."""
 
     def __post_init__(self):
-        if (self.num_frames is None) == (self.fps is None):
+        if self.num_frames is not None and self.fps is not None:
             raise ValueError(
-                f"exactly one of num_frames and fps must be set, got num_frames={self.num_frames}, fps={self.fps}"
+                f"exactly one of num_frames and fps may be set (uniform or rate sampling), got "
+                f"num_frames={self.num_frames}, fps={self.fps}"
             )
+        if self.fps is None and self.num_frames is None:
+            # resolved here, not left None, so the config (and the cache key made from it) says what is sampled
+            object.__setattr__(self, "num_frames", DEFAULT_NUM_FRAMES)
         if self.num_frames is not None and not 1 <= self.num_frames <= MAX_FRAMES_LIMIT:
             raise ValueError(f"num_frames must be in [1, {MAX_FRAMES_LIMIT}], got {self.num_frames}")
         if self.fps is not None and not self.fps > 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from megatron_longvideo.data.errors import SkipReport
 from megatron_longvideo.models.video_cache import content_id_of_file
 from megatron_longvideo.rl.rewards import GroundTruth
 from megatron_longvideo.rl.rollout import RLPrompt
@@ -27,11 +28,15 @@ class PromptStream:
     """``draw(k)``: the next k prompts of this DP rank, epoch after epoch (reshuffled per epoch).
 
     ``state_dict()`` / ``load_state_dict()`` hold the epoch and position, so a resumed run continues
-    with the prompts it would have drawn next.
+    with the prompts it would have drawn next. ``skip_report`` (the dataset's ``SkipReport``) counts the
+    bad videos the drawn samples stepped over (their ``bad_inputs``), besides the records dropped at load.
     """
 
-    def __init__(self, dataset, sampler):
+    def __init__(self, dataset, sampler, *, skip_report: SkipReport | None = None):
         self.dataset, self.sampler = dataset, sampler
+        if skip_report is None:
+            skip_report = getattr(dataset, "skip_report", None)
+        self.skip_report = skip_report if skip_report is not None else SkipReport()
         self.epoch, self.position = 0, 0
         self._order = sampler.rank_indices(0)
         self._content_ids: dict = {}
@@ -43,7 +48,9 @@ class PromptStream:
                 self.epoch += 1
                 self.position = 0
                 self._order = self.sampler.rank_indices(self.epoch)
-            out.append(to_rl_prompt(self.dataset[self._order[self.position]], self._content_ids))
+            sample = self.dataset[self._order[self.position]]
+            self.skip_report.add_video_errors(sample.get("bad_inputs", ()))
+            out.append(to_rl_prompt(sample, self._content_ids))
             self.position += 1
         return out
 

@@ -3,8 +3,9 @@ group split into micro-batches of 3 and 1 responses) equal world=1 unpacked whol
 families (LLaVA-OneVision's SigLIP + Qwen2; Qwen2.5-VL with its window tower, multimodal RoPE and its
 rollout engine).
 
-Same seeds give the same rollouts (an HF engine on every rank, each drawing its share of the step's
-responses, at CP=2; one rank drawing all at world=1); then the old-policy
+Same seeds give the same rollouts (an HF engine, or the ``megatron`` engine on the policy itself, on every
+rank, each drawing its share of the step's responses, at CP=2; one HF engine drawing all at world=1); then
+the old-policy
 and reference passes, the GRPO loss with KL and the optimizer steps must give the same losses and
 the same updated weights.
 """
@@ -45,7 +46,7 @@ def _family(family, tok):
     return cfg, build_vlm, 32, cfg.vision.num_video_tokens
 
 
-def _setup(tok_path, cp, pack, split=None, family="llava_onevision", tis=None, view=None):
+def _setup(tok_path, cp, pack, split=None, family="llava_onevision", tis=None, view=None, kind="hf"):
     from megatron_longvideo.data.tokenizer import load_tokenizer
     from megatron_longvideo.models.video_cache import content_id_of_frames
     from megatron_longvideo.parallel.groups import ParallelConfig, initialize_parallel
@@ -84,7 +85,10 @@ def _setup(tok_path, cp, pack, split=None, family="llava_onevision", tis=None, v
         rewards=((f"{__name__}:text_length_reward", 1.0), ("format", 0.1)),
         update_epochs=2, groups_per_microbatch=1, log_samples_every=0,
     )
-    engine = build_engine("hf", cfg, tokenizer=tok, pad_token_id=tok.pad_id)  # on every rank: each draws its share
+    if kind == "megatron":  # generation on the policy itself
+        engine = build_engine("megatron", cfg, policy=ddp, groups=groups, tokenizer=tok, pad_token_id=tok.pad_id)
+    else:
+        engine = build_engine("hf", cfg, tokenizer=tok, pad_token_id=tok.pad_id)  # on every rank: each draws its share
     if tis is not None and engine is not None:  # an engine whose log-probs sit tis["shift"] below the policy's
         import dataclasses
 
@@ -108,13 +112,13 @@ def _setup(tok_path, cp, pack, split=None, family="llava_onevision", tis=None, v
     return trainer, prompts, ddp, groups
 
 
-def _worker(rank, world_size, tok_path, pack, split=None, family="llava_onevision", tis=None, view=None):
+def _worker(rank, world_size, tok_path, pack, split=None, family="llava_onevision", tis=None, view=None, kind="hf"):
     init_cpu_dist()
     from megatron_longvideo.checkpoint.full_state import gather_full_state
     from megatron_longvideo.models.llm import unwrap
     from megatron_longvideo.parallel.groups import destroy_parallel
 
-    trainer, prompts, ddp, groups = _setup(tok_path, world_size, pack, split, family, tis, view)
+    trainer, prompts, ddp, groups = _setup(tok_path, world_size, pack, split, family, tis, view, kind)
     queue = list(prompts)
     draw = lambda k: [queue.pop(0) for _ in range(k)]  # noqa: E731
     losses, rewards = [], []
@@ -141,6 +145,8 @@ def test_two_grpo_steps_cp2_packed_equal_world1_unpacked(tmp_path, family):
     got = run_ranks(_worker, 2, tok_path, True, None, family)
     if family == "llava_onevision":  # and with each group split into micro-batches of 3 + 1 responses, unpacked
         got += run_ranks(_worker, 2, tok_path, False, 3)
+    # and with the rollouts drawn by the policy itself (the megatron engine, no weight sync)
+    got += run_ranks(_worker, 2, tok_path, True, None, family, None, None, "megatron")
     for r in got:
         assert r["rewards"] == ref["rewards"], "rollouts differ: the engines did not sample the same responses"
         for a, b in zip(r["losses"], ref["losses"]):
