@@ -5,7 +5,8 @@ group (the cache serves every rollout and pass), samples G responses per prompt 
 engine (by default the policy itself, every rank drawing its share; vLLM on GPU), scores them, and updates the policy with the GRPO loss over
 context-parallel shards with shared-prefix packing. Logs go to TensorBoard; checkpoints are
 megatron dist checkpoints. What it leaves out: pipeline parallelism in the trainer (PP must be 1),
-multi-video records.
+multi-video records. ``--eval-data FILE --eval-interval N`` evaluates the policy in place every N steps
+(greedy; the numbers of ``examples/evaluate.py``, logged as ``eval/*``).
 
 CPU demo (2 ranks, CP=2, a few minutes; also what `bash examples/scripts/demo_cpu.sh` runs; add
 ``--model-family qwen2_5_vl`` for the Qwen2.5-VL family):
@@ -82,6 +83,12 @@ def add_grpo_args(parser):
     g.add_argument("--log-samples-every", type=int, default=10)
     g.add_argument("--sft-warmup-steps", type=int, default=0,
                    help="steps of format-only SFT before GRPO: targets '<think> </think><answer>X</answer>' with a random X")
+    g.add_argument("--eval-data", default=None, metavar="FILE",
+                   help="a test file (videos under --video-root) to evaluate the policy on every --eval-interval steps "
+                        "(greedy, the megatron engine; as examples/evaluate.py: eval/accuracy, eval/format_rate, "
+                        "eval/<category>/accuracy)")
+    g.add_argument("--eval-interval", type=int, default=0, help="steps between evaluations (0: after the last step only)")
+    g.add_argument("--eval-max-records", type=int, default=None, help="evaluate the first N records of --eval-data")
 
 
 def parse_args(argv=None):
@@ -247,6 +254,7 @@ def main(argv=None):
     trainer = GRPOTrainer(grpo, policy=ddp, optimizer=optimizer, groups=groups, tokenizer=tok, engine=engine,
                           reference=reference, writer=writer, log=log)
     trainer.step_count = start
+    run_eval = _evaluator(args, groups, tok, cfg, ddp, writer, log) if args.eval_data else None
     history = []
     progress = _progress(rank0, start, args.train_iters)
     for it in range(start, args.train_iters):
@@ -256,6 +264,9 @@ def main(argv=None):
         if writer is not None:  # what was skipped so far, by reason (this rank's videos; every rank's records)
             for key, value in stream.skip_report.as_scalars().items():
                 writer.add_scalar(key, value, trainer.step_count)
+        if run_eval is not None and ((args.eval_interval and (it + 1) % args.eval_interval == 0)
+                                     or (not args.eval_interval and it + 1 == args.train_iters)):
+            run_eval(trainer.step_count)
         if args.save and args.save_interval and (it + 1) % args.save_interval == 0:
             checkpointing.save(it + 1)
     if args.save and not (args.save_interval and args.train_iters % args.save_interval == 0) and args.train_iters > start:
@@ -281,6 +292,37 @@ def _report_skips(report, log):
         report.merge_bad_videos(other)
     if report.total:
         log(report.summary())
+
+
+def _evaluator(args, groups, tok, cfg, policy, writer, log):
+    """``run(step)``: the policy evaluated in place on ``--eval-data`` (:mod:`megatron_longvideo.rl.evaluation`,
+    greedy, no checkpoint reload), logged to TensorBoard and the log; a collective (every rank calls it)."""
+    import torch.distributed as dist
+
+    from megatron_longvideo.data.errors import SkipReport
+    from megatron_longvideo.models import video_token_counter
+    from megatron_longvideo.rl.engines import build_engine
+    from megatron_longvideo.rl.evaluation import build_eval_set, eval_scalars, evaluate
+    from megatron_longvideo.training.args import frame_sampling
+
+    eval_set = build_eval_set(args.eval_data, tokenizer=tok, num_video_tokens=video_token_counter(cfg, args.image_size),
+                              video_root=args.video_root, sampling=frame_sampling(args), on_error=args.on_bad_input,
+                              skip_report=SkipReport() if dist.get_rank() == 0 else SkipReport(log=None))
+    engine = build_engine("megatron", cfg, policy=policy, groups=groups, tokenizer=tok, pad_token_id=tok.pad_id)
+
+    def run(step):
+        result = evaluate(policy, groups, tok, eval_set, engine=engine, max_new_tokens=args.max_new_tokens,
+                          max_records=args.eval_max_records)
+        scalars = eval_scalars(result.metrics)
+        if writer is not None:
+            for key, value in scalars.items():
+                writer.add_scalar(key, value, step)
+        cats = ", ".join(f"{name} {c['accuracy']:.3f}" for name, c in result.metrics["categories"].items())
+        log(f"[eval step {step}] accuracy {scalars['eval/accuracy']:.3f} format {scalars['eval/format_rate']:.3f} "
+            f"({int(scalars['eval/num_records'])} records; {cats})", flush=True)
+        return result
+
+    return run
 
 
 def _build_engine(args, cfg, tok, policy, groups):
