@@ -6,15 +6,20 @@ the backend for exactly those frames as RGB uint8. Each frame is resized and wri
 preallocated output as it arrives: no backend ever holds all full-resolution frames of a video.
 
 Backends (RGB uint8 frames in; same index math, same resize and normalisation):
-- ``pyav`` (default): decodes sequentially, converts only the sampled frames.
-- ``decord`` (optional, ``pip install decord``): ``get_batch`` in small chunks.
+- ``pyav`` (default): seeks to the keyframe before each far-ahead sampled frame and decodes forward
+  from there, converting only the sampled frames; frames are identified by pts against the stream's
+  packets, so they are bit-identical to sequential decoding (``seek=False``), which is kept for files
+  whose packets cannot name every frame (see ``backends.iter_frames_pyav``).
+- ``decord`` (optional, ``pip install decord``): ``get_batch`` in small chunks (decord seeks itself).
+  Its seeks are not exact on open-GOP H.264: there it returned frames up to three indices late
+  (``tests/data/test_seek_decoding.py``).
 - ``dali`` (optional, ``pip install megatron_longvideo[dali]``): NVDEC on a CUDA machine, otherwise
   DALI's CPU decoder, which reads VP8, VP9 and MJPEG only.
 
 Agreement: pyav and decord use the same FFmpeg colour conversion and return identical frames (tested
-bit-exact on our fixtures). DALI converts YUV to RGB itself; after resize and normalisation its frames
-agree with pyav within a mean absolute difference of 0.03 and a max of 0.6 (normalised units, std 0.5),
-the differences sitting on sharp colour edges (chroma upsampling).
+bit-exact on our closed-GOP fixtures). DALI converts YUV to RGB itself; after resize and normalisation
+its frames agree with pyav within a mean absolute difference of 0.03 and a max of 0.6 (normalised
+units, std 0.5), the differences sitting on sharp colour edges (chroma upsampling).
 """
 
 from __future__ import annotations
@@ -106,9 +111,13 @@ def probe_video(path: str, *, max_frame_side: int = 4096, strict_frame_count: bo
                 num_frames = sum(1 for p in container.demux(stream) if p.size > 0)
             except av.error.FFmpegError as e:
                 raise VideoDecodeError(path, f"corrupt container while counting packets: {e.strerror}") from None
-            # A header duration but fewer packets than it implies: the file was cut short.
-            if container.duration and strict_frame_count:
-                declared = int(Fraction(container.duration, 1_000_000) * Fraction(rate))
+            # A header duration but fewer packets than it implies: the file was cut short. Matroska's
+            # duration runs from time 0, not from the first timestamp, so a stream starting late
+            # would look truncated; the start is taken off (a container whose duration already
+            # excludes it then gets a laxer check, never a false alarm).
+            span = (container.duration or 0) - max(container.start_time or 0, 0)
+            if span > 0 and strict_frame_count:
+                declared = int(Fraction(span, 1_000_000) * Fraction(rate))
                 if num_frames < declared - max(2, declared // 50):
                     raise VideoDecodeError(
                         path, f"truncated or corrupt: the header's duration implies {declared} frames "
@@ -158,11 +167,11 @@ def normalize_frames(frames: torch.Tensor, config: FrameSamplingConfig) -> torch
     return frames.div_(255.0).sub_(mean).div_(std)
 
 
-def _iter_backend(backend: str, info: VideoInfo, indices: list[int]):
+def _iter_backend(backend: str, info: VideoInfo, indices: list[int], seek: bool = True):
     from megatron_longvideo.data import backends  # optional backends import their library lazily
 
     if backend == "pyav":
-        return backends.iter_frames_pyav(info, indices)
+        return backends.iter_frames_pyav(info, indices, seek=seek)
     if backend == "decord":
         return backends.iter_frames_decord(info, indices)
     if backend == "dali":
@@ -170,26 +179,27 @@ def _iter_backend(backend: str, info: VideoInfo, indices: list[int]):
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def decode_resized_uint8(path: str, config: FrameSamplingConfig, *, backend: str = "pyav"):
+def decode_resized_uint8(path: str, config: FrameSamplingConfig, *, backend: str = "pyav", seek: bool = True):
     """Sampled, resized frames before normalisation: ``([T, 3, S, S] uint8, indices, info)``."""
-    return _decode(path, config, backend, torch.uint8)
+    return _decode(path, config, backend, torch.uint8, seek)
 
 
-def decode_video(path: str, config: FrameSamplingConfig, *, backend: str = "pyav") -> DecodedVideo:
-    """Decode the frames ``config`` samples from ``path`` (see module docstring)."""
-    frames, indices, info = _decode(path, config, backend, torch.float32)
+def decode_video(path: str, config: FrameSamplingConfig, *, backend: str = "pyav", seek: bool = True) -> DecodedVideo:
+    """Decode the frames ``config`` samples from ``path`` (see module docstring). ``seek=False`` makes
+    the pyav backend decode every frame up to the last sampled one (the same frames, slower)."""
+    frames, indices, info = _decode(path, config, backend, torch.float32, seek)
     return DecodedVideo(frames=normalize_frames(frames, config), indices=indices,
                         timestamps=frame_timestamps(indices, info.fps), info=info)
 
 
-def _decode(path, config: FrameSamplingConfig, backend: str, dtype: torch.dtype):
+def _decode(path, config: FrameSamplingConfig, backend: str, dtype: torch.dtype, seek: bool = True):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     info = probe_video(path, max_frame_side=config.max_frame_side,
                        strict_frame_count=config.strict_frame_count)
     indices = sample_frame_indices(info.num_frames, info.fps, config)
     try:
-        frames, got = _fill(backend, info, indices, config, dtype)
+        frames, got = _fill(backend, info, indices, config, dtype, seek)
     except StreamEndedEarly as short:
         if config.strict_frame_count or short.num_decoded == 0:
             raise VideoDecodeError(
@@ -199,7 +209,7 @@ def _decode(path, config: FrameSamplingConfig, backend: str, dtype: torch.dtype)
             ) from None
         info = dataclasses.replace(info, num_frames=short.num_decoded)
         indices = sample_frame_indices(info.num_frames, info.fps, config)
-        frames, got = _fill(backend, info, indices, config, dtype)
+        frames, got = _fill(backend, info, indices, config, dtype, seek)
     assert got == len(indices), (got, len(indices))
     return frames, indices, info
 
@@ -213,12 +223,13 @@ def frame_size(info: VideoInfo, num_frames: int, config: FrameSamplingConfig) ->
     return config.image_size, config.image_size
 
 
-def _fill(backend: str, info: VideoInfo, indices: list[int], config: FrameSamplingConfig, dtype: torch.dtype):
+def _fill(backend: str, info: VideoInfo, indices: list[int], config: FrameSamplingConfig, dtype: torch.dtype,
+          seek: bool = True):
     h, w = frame_size(info, len(indices), config)
     mode = "bicubic" if config.style == "qwen_vl" else "bilinear"
     out = None  # [T, 3, h, w], on the device the backend decodes to (the host, or the GPU for DALI's NVDEC)
     pos = 0
-    for chunk in _iter_backend(backend, info, indices):  # [n, H, W, 3] uint8
+    for chunk in _iter_backend(backend, info, indices, seek):  # [n, H, W, 3] uint8
         if out is None:
             out = torch.empty(len(indices), 3, h, w, dtype=dtype, device=chunk.device)
         n = chunk.shape[0]
