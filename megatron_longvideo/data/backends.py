@@ -57,6 +57,9 @@ class FrameTable:
     """[N] int64, strictly ascending: ``pts[i]`` is the pts of frame ``i``."""
     keyframes: np.ndarray
     """[K] int64, ascending: the indices of the frames whose packets are keyframes."""
+    open_gop: bool = False
+    """Some packet after a keyframe (in decoding order) is shown before it: leading frames of an open GOP,
+    which a decoder that seeks to that keyframe cannot rebuild."""
 
     def index_of(self, pts: int | None) -> int | None:
         """Index of the frame with this pts, or None if no frame has it."""
@@ -83,6 +86,7 @@ def frame_table(path: str, num_frames: int) -> FrameTable | None:
     import av
 
     pts, keys = array.array("q"), array.array("q")  # int64 without a Python object per packet
+    open_gop, last_key = False, None
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
@@ -94,6 +98,9 @@ def frame_table(path: str, num_frames: int) -> FrameTable | None:
                 pts.append(packet.pts)
                 if packet.is_keyframe:
                     keys.append(packet.pts)
+                    last_key = packet.pts
+                elif last_key is not None and packet.pts < last_key:
+                    open_gop = True
     except av.error.FFmpegError:
         return None
     # A stream that does not open on a keyframe shown first (a clip cut mid-GOP, open-GOP leading
@@ -104,7 +111,7 @@ def frame_table(path: str, num_frames: int) -> FrameTable | None:
     if order[0] != pts[0] or np.any(order[1:] == order[:-1]):
         return None
     keyframes = np.searchsorted(order, np.sort(np.frombuffer(keys, dtype=np.int64)))  # [K]
-    return FrameTable(pts=order, keyframes=keyframes.astype(np.int64))
+    return FrameTable(pts=order, keyframes=keyframes.astype(np.int64), open_gop=open_gop)
 
 
 def _largest_skip(indices: list[int]) -> int:
@@ -257,7 +264,13 @@ def _iter_seeking(info, indices: list[int], table: FrameTable, chunk_size: int,
 
 
 def iter_frames_decord(info, indices: list[int], *, chunk_size: int = 8) -> Iterator[torch.Tensor]:
-    """Fetch frames with decord's ``get_batch``, a few indices per call."""
+    """Fetch frames with decord's ``get_batch``, a few indices per call. decord 0.6 seeks into an open GOP
+    inexactly (frames up to 3 indices late), so a stream with open GOPs (``FrameTable.open_gop``, one
+    demuxing pass) is decoded by the seeking PyAV path instead, which returns the exact frames."""
+    table = frame_table(info.path, info.num_frames) if indices else None
+    if table is not None and table.open_gop:
+        yield from iter_frames_pyav(info, indices, chunk_size=chunk_size)
+        return
     try:
         import decord
     except ImportError:

@@ -24,7 +24,7 @@ import torch
 
 from megatron_longvideo.rl.engines.base import Completion, SamplingConfig
 
-__all__ = ["mix_seed", "response_seed", "group_seeds", "draws_of", "RowSampler", "decode", "trim_completion"]
+__all__ = ["mix_seed", "prompt_positions", "response_seed", "group_seeds", "draws_of", "RowSampler", "decode", "trim_completion"]
 
 _SEED_BITS = 63
 
@@ -84,6 +84,21 @@ def trim_completion(token_ids: Sequence[int], sampling: SamplingConfig, tokenize
             if any(s in text for s in sampling.stop):
                 return k, "stop"
     return end, reason
+
+
+def prompt_positions(length: int, given: Optional[torch.Tensor], *, mrope: bool,
+                     device: torch.device) -> tuple[torch.Tensor, int]:
+    """(positions of a one-row prompt of ``length`` tokens, the first response token's position), as every
+    engine positions it: plain RoPE 0..L-1 (``[1, L]``; ``given`` refused), next L; multimodal RoPE ``given``
+    ``[3, L]`` (default: text positions) as ``[3, 1, L]``, decoding continuing at its largest position + 1."""
+    if not mrope:
+        if given is not None:
+            raise ValueError("positions: a plain-RoPE LLM positions a prompt 0..L-1; got positions")
+        return torch.arange(length, device=device)[None], length
+    pos = torch.arange(length, device="cpu").expand(3, -1) if given is None else given.cpu()
+    if tuple(pos.shape) != (3, length):
+        raise ValueError(f"positions: expected [3, {length}] for a prompt of {length} tokens, got {tuple(pos.shape)}")
+    return pos.to(device)[:, None], int(pos.max()) + 1
 
 
 class RowSampler:

@@ -17,7 +17,7 @@ from megatron_longvideo.checkpoint.hf_map import WeightMap
 from megatron_longvideo.models.llm import LLMConfig
 from megatron_longvideo.models.llava_onevision.model import VLMConfig
 from megatron_longvideo.rl.engines.base import Completion, RolloutEngine, SamplingConfig, Weights, check_prompt_embeds
-from megatron_longvideo.rl.engines.decode import decode, draws_of, trim_completion
+from megatron_longvideo.rl.engines.decode import decode, draws_of, prompt_positions, trim_completion
 
 __all__ = ["HFEngine", "trim_completion"]
 
@@ -74,9 +74,7 @@ class HFEngine(RolloutEngine):
 
     def _prompt_positions(self, length: int, given: Optional[torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(positions of a one-row prompt of ``length`` tokens, the first response token's position)."""
-        if given is not None:
-            raise ValueError("positions: the 'hf' engine positions a prompt 0..L-1 (a plain-RoPE LLM); got positions")
-        return torch.arange(length, device=self.device)[None], length
+        return prompt_positions(length, given, mrope=False, device=self.device)
 
     def _step_positions(self, position: int, rows: int) -> torch.Tensor:
         return torch.full((rows, 1), position, dtype=torch.long, device=self.device)

@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 import torch
 
 from megatron_longvideo.checkpoint.hf_map import WeightMap
+from megatron_longvideo.rl.engines.decode import prompt_positions
 from megatron_longvideo.rl.engines.hf_engine import HFEngine
 
 __all__ = ["MultimodalRoPEEngine", "text_config"]
@@ -70,10 +71,7 @@ class MultimodalRoPEEngine(HFEngine):
     def _prompt_positions(self, length: int, given: Optional[torch.Tensor]) -> tuple[torch.Tensor, int]:
         """``[3, 1, L]`` positions of a prompt (default: plain text positions) and the first response
         token's: the prompt's largest position + 1."""
-        pos = torch.arange(length, device="cpu").expand(3, -1) if given is None else given.cpu()
-        if tuple(pos.shape) != (3, length):
-            raise ValueError(f"positions: expected [3, {length}] for a prompt of {length} tokens, got {tuple(pos.shape)}")
-        return pos.to(self.device)[:, None], int(pos.max()) + 1
+        return prompt_positions(length, given, mrope=True, device=self.device)
 
     def _step_positions(self, position: int, rows: int) -> torch.Tensor:
         return torch.full((3, rows, 1), position, dtype=torch.long, device=self.device)

@@ -43,7 +43,7 @@ from megatron_longvideo.parallel.collectives import all_gather, all_reduce
 from megatron_longvideo.parallel.groups import ParallelGroups
 from megatron_longvideo.platform.device import device_of
 from megatron_longvideo.rl.engines.base import Completion, RolloutEngine, SamplingConfig, Weights, check_prompt_embeds
-from megatron_longvideo.rl.engines.decode import decode, draws_of
+from megatron_longvideo.rl.engines.decode import decode, draws_of, prompt_positions
 
 __all__ = ["MegatronEngine"]
 
@@ -235,14 +235,7 @@ class MegatronEngine(RolloutEngine):
     # -- positions -------------------------------------------------------------------------------------
     def _prompt_positions(self, length: int, given: Optional[torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(positions of a one-row prompt, ``[1, L]`` or ``[3, 1, L]``; the first response token's position)."""
-        if not self.mrope:
-            if given is not None:
-                raise ValueError("positions: a plain-RoPE LLM positions a prompt 0..L-1; got positions")
-            return torch.arange(length, device=self.device)[None], length
-        pos = torch.arange(length, device="cpu").expand(3, -1) if given is None else given.cpu()
-        if tuple(pos.shape) != (3, length):
-            raise ValueError(f"positions: expected [3, {length}] for a prompt of {length} tokens, got {tuple(pos.shape)}")
-        return pos.to(self.device)[:, None], int(pos.max()) + 1  # decoding continues past the largest position
+        return prompt_positions(length, given, mrope=self.mrope, device=self.device)
 
     def _step_positions(self, position: int) -> torch.Tensor:
         shape = (3, 1, 1) if self.mrope else (1, 1)  # every row decodes at the same position
