@@ -49,15 +49,14 @@ def add_eval_args(parser):
                    help="prompts per generation call on each data-parallel replica (default: the CP size)")
     g.add_argument("--category-field", default="problem_type",
                    help="record field that names the category (a record without it is in 'all')")
-    g.add_argument("--on-bad-input", default="raise", choices=["raise", "skip"],
-                   help="skip: a bad record is dropped, a bad video's record counted as skipped (in no accuracy)")
 
 
 def parse_args(argv=None):
     from megatron_longvideo.training.args import parse, resolve_tokenizer
 
+    # --on-bad-input skip: a bad record is dropped, a bad video's record counted as skipped (in no accuracy)
     args = parse(argv, description="Evaluate a long-video VLM on a LongVideo-Reason-style test file",
-                 extend=add_eval_args)
+                 extend=add_eval_args, defaults={"on_bad_input": "raise"})
     if args.hf:
         if args.load or args.use_checkpoint_args or args.hf_config not in (None, args.hf):
             raise SystemExit("evaluate.py: --hf names the model; leave out --load, --use-checkpoint-args and --hf-config")
@@ -119,6 +118,7 @@ def main(argv=None):
     from megatron_longvideo.models import video_token_counter
     from megatron_longvideo.parallel.groups import destroy_parallel, initialize_parallel
     from megatron_longvideo.platform import enable_cpu_mode
+    from megatron_longvideo.models.encode import encode_shard
     from megatron_longvideo.rl.evaluation import build_eval_set, evaluate, format_table
     from megatron_longvideo.training.args import frame_sampling, load_tokenizer_for, model_config, parallel_config
 
@@ -133,7 +133,8 @@ def main(argv=None):
         skips = SkipReport() if rank0 else SkipReport(log=None)
         eval_set = build_eval_set(args.data_path, tokenizer=tok, num_video_tokens=video_token_counter(cfg, args.image_size),
                                   video_root=args.video_root, sampling=frame_sampling(args),
-                                  category_field=args.category_field, on_error=args.on_bad_input, skip_report=skips)
+                                  category_field=args.category_field, on_error=args.on_bad_input, skip_report=skips,
+                                  decode=args.decode, shard=encode_shard(groups, cfg.vision))
         result = evaluate(model, groups, tok, eval_set, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                           max_records=args.max_records, log=log)
         if rank0:

@@ -79,7 +79,6 @@ def add_grpo_args(parser):
                         "when it starts, less the optimizer state still to be allocated)")
     g.add_argument("--offload-reference", action="store_true", help="keep the reference model in CPU memory between its passes")
     g.add_argument("--train-projector", action="store_true", help="train the projector too (default: frozen)")
-    g.add_argument("--on-bad-input", default="skip", choices=["raise", "skip"])
     g.add_argument("--log-samples-every", type=int, default=10)
     g.add_argument("--sft-warmup-steps", type=int, default=0,
                    help="steps of format-only SFT before GRPO: targets '<think> </think><answer>X</answer>' with a random X")
@@ -140,7 +139,8 @@ def build(args):
     torch.manual_seed(args.seed)
     policy = build_model(cfg, groups, seed=args.seed, recompute_activations=args.recompute_activations,
                          **model_options(args))
-    data_cfg = VideoDatasetConfig(mode="rl", video_root=args.video_root, on_error=args.on_bad_input, sampling=frame_sampling(args))
+    data_cfg = VideoDatasetConfig(mode="rl", video_root=args.video_root, on_error=args.on_bad_input, sampling=frame_sampling(args),
+                                  decode="lazy" if args.decode == "sharded" else "full")
     import torch.distributed as dist
 
     from megatron_longvideo.data.errors import SkipReport
@@ -150,7 +150,11 @@ def build(args):
     dataset = LongVideoDataset.from_file(args.data_path, tokenizer=tok, num_video_tokens=video_token_counter(cfg, args.image_size),
                                          config=data_cfg, skip_report=skips)
     sampler = DistributedVideoSampler(len(dataset), dp_rank=groups.dp_rank, dp_size=groups.dp_size, seed=args.seed)
-    return groups, tok, cfg, policy, PromptStream(dataset, sampler)
+    from megatron_longvideo.models.encode import encode_shard
+
+    stream = PromptStream(dataset, sampler, prefetch_workers=args.num_workers, prefetch_factor=args.prefetch_factor,
+                          shard=encode_shard(groups, cfg.vision) if args.decode == "sharded" else None, group=groups.tp_cp)
+    return groups, tok, cfg, policy, stream
 
 
 def sft_warmup(args, groups, tok, policy_ddp, optimizer, stream, log):
@@ -202,6 +206,7 @@ def main(argv=None):
     import torch.distributed as dist
 
     from megatron_longvideo.checkpoint.full_state import gather_full_state, load_full_state
+    from megatron_longvideo.data.errors import report_run_skips
     from megatron_longvideo.models import build_model
     from megatron_longvideo.rl.engines.base import SamplingConfig
     from megatron_longvideo.rl.losses import GRPOLossConfig
@@ -271,7 +276,8 @@ def main(argv=None):
             checkpointing.save(it + 1)
     if args.save and not (args.save_interval and args.train_iters % args.save_interval == 0) and args.train_iters > start:
         checkpointing.save(args.train_iters)
-    _report_skips(stream.skip_report, log)
+    stream.close()
+    report_run_skips(stream.skip_report, log)
     if rank0 and history:
         k = max(1, len(history) // 5)
         first, last = sum(history[:k]) / k, sum(history[-k:]) / k
@@ -279,19 +285,6 @@ def main(argv=None):
     if writer is not None:
         writer.close()
     return history
-
-
-def _report_skips(report, log):
-    """The run's skipped inputs, once, on rank 0: every rank's bad videos gathered (a collective), the
-    records counted once (every rank read the same file)."""
-    import torch.distributed as dist
-
-    videos = [None] * dist.get_world_size()
-    dist.all_gather_object(videos, report.bad_videos)
-    for other in videos:
-        report.merge_bad_videos(other)
-    if report.total:
-        log(report.summary())
 
 
 def _evaluator(args, groups, tok, cfg, policy, writer, log):
@@ -302,12 +295,14 @@ def _evaluator(args, groups, tok, cfg, policy, writer, log):
     from megatron_longvideo.data.errors import SkipReport
     from megatron_longvideo.models import video_token_counter
     from megatron_longvideo.rl.engines import build_engine
+    from megatron_longvideo.models.encode import encode_shard
     from megatron_longvideo.rl.evaluation import build_eval_set, eval_scalars, evaluate
     from megatron_longvideo.training.args import frame_sampling
 
     eval_set = build_eval_set(args.eval_data, tokenizer=tok, num_video_tokens=video_token_counter(cfg, args.image_size),
                               video_root=args.video_root, sampling=frame_sampling(args), on_error=args.on_bad_input,
-                              skip_report=SkipReport() if dist.get_rank() == 0 else SkipReport(log=None))
+                              skip_report=SkipReport() if dist.get_rank() == 0 else SkipReport(log=None),
+                              decode=args.decode, shard=encode_shard(groups, cfg.vision))
     engine = build_engine("megatron", cfg, policy=policy, groups=groups, tokenizer=tok, pad_token_id=tok.pad_id)
 
     def run(step):

@@ -114,13 +114,13 @@ def frame_table(path: str, num_frames: int) -> FrameTable | None:
     return FrameTable(pts=order, keyframes=keyframes.astype(np.int64), open_gop=open_gop)
 
 
-def _largest_skip(indices: list[int]) -> int:
+def largest_skip(indices: list[int]) -> int:
     """The most frames a decoder passes over between two wanted ones (or before the first)."""
     return max([indices[0]] + [b - a - 1 for a, b in zip(indices, indices[1:])])
 
 
 def iter_frames_pyav(info, indices: list[int], *, chunk_size: int = 8, seek: bool = True,
-                     min_seek_gap: int = SEEK_MIN_GAP) -> Iterator[torch.Tensor]:
+                     min_seek_gap: int = SEEK_MIN_GAP, table: FrameTable | None | bool = None) -> Iterator[torch.Tensor]:
     """Decode with PyAV; only sampled frames are converted to RGB and kept.
 
     With ``seek`` (the default) decoding jumps ahead: where the keyframe at or before the next wanted
@@ -133,12 +133,15 @@ def iter_frames_pyav(info, indices: list[int], *, chunk_size: int = 8, seek: boo
     decoder's bit for bit, given that the container's keyframes are points decoding can start from.
     Sequential decoding is used where seeking could not skip more than ``min_seek_gap`` frames anyway,
     where the table cannot be made exact (see ``frame_table``), and for the rest of a request whenever
-    what the decoder outputs after a seek does not match the table.
+    what the decoder outputs after a seek does not match the table. ``table``: the stream's
+    ``frame_table`` if the caller has it already (``False``: it is known not to exist), so several
+    requests on one file demux it once.
     """
     if not indices:
         return
-    table = None
-    if seek and _largest_skip(indices) > min_seek_gap:
+    if not seek or largest_skip(indices) <= min_seek_gap or table is False:
+        table = None
+    elif table is None:
         table = frame_table(info.path, info.num_frames)
     if table is None:
         yield from _iter_sequential(info, indices, chunk_size)

@@ -79,7 +79,7 @@ class _VideoItems(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            self.dataset.load_frames(self.videos[i])
+            self.dataset.load_frames(self.videos[i], decode="full")
             return None
         except VideoDecodeError as e:
             return (e.path, str(e))

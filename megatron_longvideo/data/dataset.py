@@ -41,12 +41,14 @@ from megatron_longvideo.data.prompts import (
     build_sft_example,
     resolve_num_video_tokens,
 )
+from megatron_longvideo.data.frames import FrameShard, is_lazy
 from megatron_longvideo.data.records import load_records
 from megatron_longvideo.data.sampling import FrameSamplingConfig, frame_timestamps
 from megatron_longvideo.data.tokenizer import Tokenizer
-from megatron_longvideo.data.video import BACKENDS, decode_resized_uint8, decode_video, normalize_frames
+from megatron_longvideo.data.video import BACKENDS, decode_resized_uint8, decode_video, normalize_frames, probe_lazy
 
 MODES = ("pretrain", "sft", "rl")
+DECODE_MODES = ("full", "lazy")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -80,6 +82,13 @@ class VideoDatasetConfig:
     cache_dir: str | None = None
     """If set, decoded resized frames are cached here (see ``cache.predecode``)."""
 
+    decode: str = "full"
+    """``full``: ``__getitem__`` decodes the sampled frames. ``lazy``: it probes the video and samples
+    the indices only; the frames are a :class:`~megatron_longvideo.data.frames.LazyFrames`, decoded
+    where they are used, each rank of an encode group decoding the frames it encodes (and, with
+    ``LongVideoDataset.shard`` set, that slice already in ``__getitem__``). A frame cache entry
+    (``cache_dir``) is still served whole; a miss is not written to it in this mode."""
+
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
@@ -92,6 +101,8 @@ class VideoDatasetConfig:
             raise ValueError(f"max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
         if self.min_video_frames < 1:
             raise ValueError(f"min_video_frames must be >= 1, got {self.min_video_frames}")
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
 
 
 class LongVideoDataset(torch.utils.data.Dataset):
@@ -109,6 +120,11 @@ class LongVideoDataset(torch.utils.data.Dataset):
         self.tokenizer = tokenizer
         self.num_video_tokens = num_video_tokens
         self.config = config
+        self.shard: FrameShard | None = None
+        """With ``decode="lazy"``: this rank's slice of each video, decoded in ``__getitem__`` (in the
+        loader's worker). A failure there is not this rank's alone to act on (the other ranks of the
+        group decoded other frames): the sample carries it in ``shard_error`` and the consumer agrees
+        with the group (:func:`~megatron_longvideo.data.frames.agree_on_shard_errors`)."""
 
     @classmethod
     def from_file(cls, path: str, *, tokenizer: Tokenizer, num_video_tokens: NumVideoTokens,
@@ -130,15 +146,22 @@ class LongVideoDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def load_frames(self, video: str) -> tuple[torch.Tensor, list[int], list[float]]:
-        """``([T, 3, S, S] float32 normalised, indices, timestamps)`` of a video, via the cache if set."""
+    def load_frames(self, video: str, *, decode: str | None = None) -> tuple[torch.Tensor, list[int], list[float]]:
+        """``([T, 3, S, S] float32 normalised, indices, timestamps)`` of a video, via the cache if set; the
+        frames a ``LazyFrames`` under ``decode="lazy"`` (``decode`` overrides the config's)."""
         cfg = self.config
+        decode = decode or cfg.decode
         path = os.path.join(cfg.video_root, video)
-        if cfg.cache_dir is None:
+        if cfg.cache_dir is None and decode == "full":
             out = decode_video(path, cfg.sampling, backend=cfg.backend)
             return out.frames, out.indices, out.timestamps
-        key = cache.cache_key(path, cfg.sampling, cfg.backend)
-        entry = cache.load_cached(cfg.cache_dir, key)
+        entry = None
+        if cfg.cache_dir is not None:
+            key = cache.cache_key(path, cfg.sampling, cfg.backend)
+            entry = cache.load_cached(cfg.cache_dir, key)
+        if entry is None and decode == "lazy":
+            frames = probe_lazy(path, cfg.sampling, backend=cfg.backend)
+            return frames, list(frames.indices), frames.timestamps
         if entry is None:
             try:
                 frames, indices, info = decode_resized_uint8(path, cfg.sampling, backend=cfg.backend)
@@ -160,6 +183,14 @@ class LongVideoDataset(torch.utils.data.Dataset):
         except VideoDecodeError as e:
             ident = getattr(record, "problem_id", None) or record.id
             raise VideoDecodeError(e.path, e.reason, context=f"record {ident!r} at {record.source}") from None
+        shard_error = None
+        if is_lazy(frames):
+            frames.context = f"record {getattr(record, 'problem_id', None) or record.id!r} at {record.source}"
+        if self.shard is not None and is_lazy(frames):
+            try:
+                frames.decode_shard(self.shard)
+            except VideoDecodeError as e:
+                shard_error = (e.path, str(e))
         n = resolve_num_video_tokens(self.num_video_tokens, frames.shape[0])
         builder = {"pretrain": build_caption_example, "sft": build_sft_example, "rl": build_rl_prompt}
         example = builder[self.config.mode](record, self.tokenizer, n, self.config.prompt)
@@ -177,6 +208,7 @@ class LongVideoDataset(torch.utils.data.Dataset):
             "num_prompt_tokens": example.num_prompt_tokens,
             "ground_truth": example.ground_truth,
             "bad_inputs": [],
+            "shard_error": shard_error,
         }
 
     def __getitem__(self, index: int) -> dict:

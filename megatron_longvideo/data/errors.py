@@ -219,3 +219,17 @@ class SkipReport:
             parts = [re.sub(r"[^a-z0-9]+", "_", p.lower()).strip("_") for p in reason.split(": ", 1)]
             out[prefix + "/".join(parts)] = float(n)
         return out
+
+
+def report_run_skips(report: SkipReport, log: Callable[[str], None] = print) -> None:
+    """At the end of a run: every rank's bad videos gathered (a collective: every rank calls it), the
+    records counted once (every rank read the same file), and the summary logged on rank 0."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        videos = [None] * dist.get_world_size()
+        dist.all_gather_object(videos, report.bad_videos)
+        for other in videos:
+            report.merge_bad_videos(other)
+    if report.total and (not dist.is_initialized() or dist.get_rank() == 0):
+        log(report.summary())

@@ -5,13 +5,23 @@ the ``DistributedVideoSampler`` only by batches actually handed to the caller (w
 so the sampler's own iteration position would over-count), and adds each batch's ``bad_inputs`` to
 the run's ``SkipReport``. A batch counts as consumed the moment it is handed over, so a checkpoint
 saved after training on it resumes with the next one.
+
+Prefetch: ``num_workers`` processes make batches while the current step trains, at most
+``num_workers x prefetch_factor`` batches ahead (the memory bound). A worker's ``VideoDecodeError`` or
+``RecordError`` reaches the caller as the original exception, naming the file and the record.
+
+Frame-sharded decoding (``decode="lazy"`` dataset and ``shard``): the workers decode only this rank's
+slice of each video. A slice that fails is agreed on by the ranks of ``group`` (those holding the same
+batches) when the batch is handed over, before any collective of the step: all of them skip that batch,
+counted in the skip report (``on_error="raise"``: all raise).
 """
 
 from __future__ import annotations
 
 import torch
 
-from megatron_longvideo.data.errors import SkipReport
+from megatron_longvideo.data.errors import RecordError, SkipReport, VideoDecodeError
+from megatron_longvideo.data.frames import FrameShard, agree_on_shard_errors, shard_failure
 from megatron_longvideo.data.prompts import IGNORE_INDEX
 from megatron_longvideo.data.sampler import DistributedVideoSampler
 
@@ -53,7 +63,39 @@ class VideoBatchCollator:
             "sample_id": [s["sample_id"] for s in samples],
             "index": [s["index"] for s in samples],
             "bad_inputs": [b for s in samples for b in s["bad_inputs"]],
+            "shard_error": next((s["shard_error"] for s in samples if s.get("shard_error")), None),
         }
+
+
+class Failed:
+    """A worker's exception carried back as a value, so the caller re-raises the original exception
+    (DataLoader itself re-raises a copy made from the traceback's text)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class _CarryErrors(torch.utils.data.Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except (VideoDecodeError, RecordError) as e:
+            return Failed(e)
+
+
+class _CollateOrFail:
+    def __init__(self, collate_fn):
+        self.collate_fn = collate_fn
+
+    def __call__(self, samples):
+        failed = next((s for s in samples if isinstance(s, Failed)), None)
+        return failed if failed is not None else self.collate_fn(samples)
 
 
 class ResumableDataLoader:
@@ -61,7 +103,7 @@ class ResumableDataLoader:
 
     def __init__(self, dataset, sampler: DistributedVideoSampler, *, micro_batch_size: int = 1,
                  num_workers: int = 0, collate_fn=None, skip_report: SkipReport | None = None,
-                 prefetch_factor: int | None = None):
+                 prefetch_factor: int | None = None, shard: FrameShard | None = None, group=None):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         if num_workers < 0:
@@ -73,6 +115,11 @@ class ResumableDataLoader:
         self.collate_fn = collate_fn or VideoBatchCollator(dataset.tokenizer.pad_id)
         self.skip_report = skip_report if skip_report is not None else getattr(dataset, "skip_report", SkipReport())
         self.prefetch_factor = prefetch_factor
+        if shard is not None:
+            if getattr(getattr(dataset, "config", None), "decode", "full") != "lazy":
+                raise ValueError("shard: frame-sharded decoding needs a dataset with decode='lazy'")
+            dataset.shard = shard
+        self.group = group
 
     def __len__(self) -> int:
         """Micro-batches left in the current epoch."""
@@ -81,13 +128,21 @@ class ResumableDataLoader:
     def __iter__(self):
         epoch = self.sampler.epoch
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.micro_batch_size, sampler=self.sampler, drop_last=True,
-            num_workers=self.num_workers, collate_fn=self.collate_fn,
+            _CarryErrors(self.dataset), batch_size=self.micro_batch_size, sampler=self.sampler, drop_last=True,
+            num_workers=self.num_workers, collate_fn=_CollateOrFail(self.collate_fn),
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
         )
         for batch in loader:
+            if isinstance(batch, Failed):
+                raise batch.error
             self.skip_report.add_video_errors(batch["bad_inputs"])
             self.sampler.advance(self.micro_batch_size * self.sampler.dp_size)
+            (error,) = agree_on_shard_errors([batch.get("shard_error")], self.group)
+            if error is not None:
+                if getattr(self.dataset.config, "on_error", "raise") == "raise":
+                    raise shard_failure(error)
+                self.skip_report.add_video_errors([error])
+                continue
             yield batch
         if self.sampler.epoch == epoch:  # a tail smaller than a micro-batch was dropped
             self.sampler.set_epoch(epoch + 1)

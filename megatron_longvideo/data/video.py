@@ -214,6 +214,18 @@ def _decode(path, config: FrameSamplingConfig, backend: str, dtype: torch.dtype,
     return frames, indices, info
 
 
+def probe_lazy(path: str, config: FrameSamplingConfig, *, backend: str = "pyav"):
+    """The frames ``decode_video`` would return, as a :class:`~megatron_longvideo.data.frames.LazyFrames`:
+    probed and sampled now (every probe check runs here), decoded where they are used."""
+    from megatron_longvideo.data.frames import LazyFrames
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    info = probe_video(path, max_frame_side=config.max_frame_side, strict_frame_count=config.strict_frame_count)
+    indices = sample_frame_indices(info.num_frames, info.fps, config)
+    return LazyFrames(info, indices, frame_size(info, len(indices), config), config, backend)
+
+
 def frame_size(info: VideoInfo, num_frames: int, config: FrameSamplingConfig) -> tuple[int, int]:
     """``(h, w)`` the sampled frames are resized to: ``image_size`` square, or qwen-vl-utils' sizing."""
     if config.style == "qwen_vl":

@@ -1,9 +1,13 @@
 """MR-SP stage 1: the frames of the videos of a micro-batch encoded in parallel over the encode group.
 
-All ranks of the encode group hold the same micro-batch. The frames of its videos (those not served by
-the cache) are concatenated, padded with blank frames to a multiple of the group size E, and split into
-E equal contiguous slices; rank e encodes slice e only. An autograd all-gather assembles the tokens in
-frame order on every rank and the blank frames' tokens are dropped.
+All ranks of the encode group hold the same micro-batch. Each of its videos (those not served by the
+cache) is split on its own into E contiguous slices of ``ceil(T / E)`` frames, the last ones padded with
+blank frames (:func:`~megatron_longvideo.data.frames.frame_shard`); rank e encodes slice e of every
+video. An autograd all-gather assembles the tokens in frame order on every rank and the blank frames'
+tokens are dropped. A video may be a :class:`~megatron_longvideo.data.frames.LazyFrames`: then each rank
+decodes only its slice (stage 1 starts at the decoder), a cached video is not decoded at all, and a
+slice that fails to decode raises the same ``VideoDecodeError`` on every rank of the replica (one small
+all-reduce) instead of leaving the others waiting in the gather.
 
 The unit that is split is a frame for the SigLIP tower. A tower whose attention spans several frames
 says so with two methods: ``video_units(video) -> [units, ...]`` (Qwen2.5-VL: one temporal patch of two
@@ -32,12 +36,14 @@ import time
 import torch
 import torch.distributed as dist
 
+from megatron_longvideo.data.errors import VideoDecodeError
+from megatron_longvideo.data.frames import FrameShard, agree_on_shard_errors, frame_shard, is_lazy, shard_failure
 from megatron_longvideo.models.video_cache import VideoEmbeddingCache
 from megatron_longvideo.parallel import collectives
 from megatron_longvideo.parallel.groups import ParallelGroups
 from megatron_longvideo.platform.device import device_of
 
-__all__ = ["encode_videos", "mark_encode_replica", "reduce_encode_replica_grads", "split_frames", "EncodeStats", "encode_stats"]
+__all__ = ["encode_shard", "encode_videos", "frames_per_unit", "mark_encode_replica", "reduce_encode_replica_grads", "EncodeStats", "encode_stats"]
 
 
 @dataclasses.dataclass
@@ -63,13 +69,6 @@ def encode_stats() -> EncodeStats:
         end.synchronize()
         _STATS.seconds += start.elapsed_time(end) / 1000.0
     return _STATS
-
-
-def split_frames(num_frames: int, group_size: int, rank: int) -> tuple[int, int, int]:
-    """(padded total, start, stop) of this rank's slice of ``num_frames`` frames over ``group_size``."""
-    per_rank = -(-num_frames // group_size)
-    padded = per_rank * group_size
-    return padded, rank * per_rank, (rank + 1) * per_rank
 
 
 def _agree_on_hits(hits: list[bool], group, device) -> list[bool]:
@@ -157,34 +156,76 @@ def _per_frame_params(encoder):
     return list(encoder.vit.parameters()) + list(encoder.projector.parameters())
 
 
-def _encode_parallel(encoder, videos: Sequence[torch.Tensor], groups: ParallelGroups) -> list[torch.Tensor]:
+def frames_per_unit(encoder) -> int:
+    """Frames in one unit that parallel encoding splits (a Qwen2.5-VL temporal patch: 2; SigLIP: 1)."""
+    if getattr(encoder, "video_units", None) is None:
+        return 1
+    return int(encoder.cfg.temporal_patch_size)
+
+
+def encode_shard(groups: ParallelGroups, vision_config) -> FrameShard:
+    """This rank's slice of each video in parallel encoding, for a data pipeline that decodes only it
+    (``PromptStream`` / ``ResumableDataLoader`` ``shard=``); ``vision_config``: the tower's config."""
+    unit = int(getattr(vision_config, "temporal_patch_size", 1))  # Qwen2.5-VL splits temporal patches
+    return FrameShard(rank=groups.encode_rank, size=groups.encode_size, unit=unit)
+
+
+def _local_units(encoder, video, start: int, stop: int) -> torch.Tensor:
+    """This rank's frames ``[start, stop)`` of ``video`` (a tensor, or a ``LazyFrames`` that decodes just
+    them), as the encoder's units."""
+    piece = video.frames(start, stop) if is_lazy(video) else video[start:stop]  # [n, 3, H, W]
     to_units = getattr(encoder, "video_units", None)
-    if to_units is not None:
-        videos = [to_units(v) for v in videos]  # [units, ...] per video
-    total = sum(v.shape[0] for v in videos)
+    return piece if to_units is None else to_units(piece)
+
+
+def _encode_parallel(encoder, videos: Sequence[torch.Tensor], groups: ParallelGroups) -> list[torch.Tensor]:
+    """Each video's units split over the encode group on their own (:func:`frame_shard`), so the frames a
+    rank encodes of a video do not depend on which other videos share the call: what a prefetcher
+    decoded for this rank ahead of time (``LazyFrames.decode_shard``) is what the encoder asks for."""
     size, rank = groups.encode_size, groups.encode_rank
-    padded, start, stop = split_frames(total, size, rank)
-    # only this rank's slice of the frames goes to the device (decoded frames usually arrive on the host)
-    pieces, offset = [], 0
+    unit = frames_per_unit(encoder)
+    pieces, plan, errors = [], [], []
     for video in videos:
-        a, b = max(start - offset, 0), min(stop - offset, video.shape[0])
-        if a < b:
-            pieces.append(video[a:b])
-        offset += video.shape[0]
-    if padded > total and stop > total:  # blank frames pad the last slices
-        blank = stop - max(start, total)
-        pieces.append(videos[0].new_zeros(blank, *videos[0].shape[1:]))
-    local_frames = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # [N / E, 3, H, W] (or [N / E, units...])
+        per_rank, start, stop = frame_shard(video.shape[0], size, rank, unit)
+        units = -(-video.shape[0] // unit)
+        plan.append((per_rank, units))
+        try:
+            local = _local_units(encoder, video, start, stop) if stop > start else None
+            errors.append(None)
+        except VideoDecodeError as e:  # this rank's frames only: the group must hear of it before the gather
+            local = None
+            errors.append((e.path, str(e)))
+        pieces.append(local)
+    if any(is_lazy(v) for v in videos):
+        agreed = agree_on_shard_errors(errors, groups.tp_cp)
+        failed = next((e for e in agreed if e is not None), None)
+        if failed is not None:
+            raise shard_failure(failed)
+    elif any(e is not None for e in errors):
+        raise VideoDecodeError(*next(e for e in errors if e is not None))
+    blank = next((p[:1] for p in pieces if p is not None and p.shape[0]), None)  # one unit, for its shape
+    if blank is None:  # this rank holds only padding: a unit's shape without decoding anything
+        v = videos[0]
+        blank = _local_units(encoder, torch.zeros(min(unit, v.shape[0]), *v.shape[1:], device="cpu"), 0, unit)
+    padded = []
+    for local, (per_rank, _) in zip(pieces, plan):
+        have = 0 if local is None else local.shape[0]
+        if have:
+            padded.append(local)
+        if per_rank > have:  # blank units pad the last slices
+            padded.append(blank.new_zeros(per_rank - have, *blank.shape[1:]))
+    local_frames = torch.cat(padded) if len(padded) > 1 else padded[0]  # [L, 3, H, W] (or [L, units...])
     local_frames = local_frames.to(device_of(encoder), non_blocking=True)
-    local = encoder(local_frames) if to_units is None else encoder.encode_units(local_frames)  # [N / E, t, h]
+    to_units = getattr(encoder, "video_units", None)
+    local = encoder(local_frames) if to_units is None else encoder.encode_units(local_frames)  # [L, t, h]
     replicas = groups.tp_size if groups.encode_includes_tp else 1
-    gathered = collectives.all_gather(local, 0, groups.encode, grad_scale=1.0 / replicas)  # [N_padded, t, h]
-    gathered = gathered[:total]
+    gathered = collectives.all_gather(local, 0, groups.encode, grad_scale=1.0 / replicas)  # [E * L, t, h]
+    gathered = gathered.reshape(size, -1, *gathered.shape[1:])  # [E, L, t, h]: rank-major
     out, offset = [], 0
-    for video in videos:
-        n = video.shape[0]
-        out.append(gathered[offset : offset + n].reshape(n * gathered.shape[1], gathered.shape[2]))
-        offset += n
+    for video, (per_rank, units) in zip(videos, plan):
+        tokens = gathered[:, offset : offset + per_rank].reshape(size * per_rank, *gathered.shape[2:])[:units]  # [units, t, h]
+        out.append(tokens.reshape(units * tokens.shape[1], tokens.shape[2]))
+        offset += per_rank
     return out
 
 

@@ -163,15 +163,21 @@ class EvalSet:
 
 def build_eval_set(path: str, *, tokenizer, num_video_tokens, video_root: str, sampling,
                    category_field: str = DEFAULT_CATEGORY_FIELD, on_error: str = "raise",
-                   skip_report: Optional[SkipReport] = None) -> EvalSet:
-    """The :class:`EvalSet` of ``path`` (``sampling``: the frame sampling, as for training)."""
+                   skip_report: Optional[SkipReport] = None, decode: str = "full", shard=None) -> EvalSet:
+    """The :class:`EvalSet` of ``path`` (``sampling``: the frame sampling, as for training). ``decode``:
+    ``full`` or ``sharded`` (each rank of the encode group decodes its slice, ``shard``:
+    :func:`~megatron_longvideo.models.encode.encode_shard`)."""
     from megatron_longvideo.data.dataset import LongVideoDataset, VideoDatasetConfig
 
     records, categories = load_eval_records(path, video_root=video_root, category_field=category_field,
                                             on_error=on_error, skip_report=skip_report)
-    config = VideoDatasetConfig(mode="rl", video_root=video_root, sampling=sampling, on_error=on_error)
+    if decode not in ("full", "sharded"):
+        raise ValueError(f"decode must be 'full' or 'sharded', got {decode!r}")
+    config = VideoDatasetConfig(mode="rl", video_root=video_root, sampling=sampling, on_error=on_error,
+                                decode="lazy" if decode == "sharded" else "full")
     dataset = LongVideoDataset(records, tokenizer=tokenizer, num_video_tokens=num_video_tokens, config=config,
                                skip_report=skip_report)
+    dataset.shard = shard if decode == "sharded" else None
     return EvalSet(dataset=dataset, categories=categories, path=path)
 
 
@@ -206,6 +212,7 @@ def _row(index: int, record, category: str) -> dict:
 def _replica_rows(policy, groups, tokenizer, eval_set: EvalSet, indices: Sequence[int], *, engine, sampling, split,
                   batch_size: int, log) -> list[dict]:
     """Scored rows of ``indices`` on this replica (every rank of it the same)."""
+    from megatron_longvideo.data.frames import agree_on_shard_errors, shard_failure
     from megatron_longvideo.models.llm import unwrap
     from megatron_longvideo.rl.rollout import RLPrompt, generate_groups, prompt_embeddings
 
@@ -215,13 +222,20 @@ def _replica_rows(policy, groups, tokenizer, eval_set: EvalSet, indices: Sequenc
     every = max(1, len(starts) // 10)  # about ten progress lines
     for b, start in enumerate(starts):
         prompts, batch = [], []
-        for i in indices[start : start + batch_size]:
+        chunk = list(indices[start : start + batch_size])
+        samples = [dataset[i] for i in chunk]
+        # a slice of a video that failed on one rank of the replica (sharded decoding): all of them agree
+        failed = agree_on_shard_errors([s.get("shard_error") for s in samples], groups.tp_cp)
+        for i, sample, shard_error in zip(chunk, samples, failed):
             record, row = dataset.records[i], _row(i, dataset.records[i], eval_set.categories[i])
-            sample = dataset[i]
             dataset.skip_report.add_video_errors(sample["bad_inputs"])
-            if sample["index"] != i:  # skip mode stepped over this record's bad video to the next good one
-                row.update(skipped=sample["bad_inputs"][0][1] if sample["bad_inputs"] else "bad video",
-                           prediction=None, extracted=None, correct=False, formatted=False)
+            if shard_error is not None:
+                if dataset.config.on_error == "raise":
+                    raise shard_failure(shard_error)
+                dataset.skip_report.add_video_errors([shard_error])
+            if sample["index"] != i or shard_error is not None:  # skip mode stepped over this record's bad video
+                reason = shard_error[1] if shard_error else sample["bad_inputs"][0][1] if sample["bad_inputs"] else "bad video"
+                row.update(skipped=reason, prediction=None, extracted=None, correct=False, formatted=False)
                 rows.append(row)
                 continue
             prompts.append(RLPrompt(frames=sample["frames"], prompt_ids=sample["input_ids"],

@@ -114,7 +114,15 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--fps", type=float, default=None, help="sample at this rate instead (capped by --max-frames)")
     g.add_argument("--max-frames", type=int, default=512)
     g.add_argument("--seq-length", type=int, default=None, help="pad every micro-batch to this (needed for PP > 1)")
-    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
+    g.add_argument("--num-workers", type=int, default=0,
+                   help="worker processes per rank that decode the next samples while a step trains (the SFT / "
+                        "pretraining loader and the GRPO prompt stream); at most --prefetch-factor samples each wait")
+    g.add_argument("--prefetch-factor", type=int, default=2, help="samples (batches) each worker makes ahead")
+    g.add_argument("--decode", default="sharded", choices=("sharded", "full"),
+                   help="sharded: each rank of the encode group decodes only the frames it encodes, a video whose "
+                        "embedding is cached is not decoded; full: every rank decodes every sampled frame")
+    g.add_argument("--on-bad-input", default="skip", choices=["raise", "skip"],
+                   help="skip: a bad record or video is dropped, counted by reason and reported; raise: stop at the first")
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x DP (no accumulation)")

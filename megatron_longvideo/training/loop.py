@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longvideo.checkpoint.dist_ckpt import find_checkpoint, load_checkpoint, save_checkpoint
+from megatron_longvideo.data.errors import report_run_skips
 from megatron_longvideo.parallel.groups import ParallelGroups
 from megatron_longvideo.platform.device import compute_device
 from megatron_longvideo.training.engine import OptimConfig, build_optimizer, forward_backward, wrap_ddp
@@ -203,6 +204,7 @@ def train(cfg: TrainConfig, optim: OptimConfig, *, model_provider: Callable[[], 
     result = TrainResult(step=step, start_step=step, model=model, optimizer=optimizer)
     writer = _writer(cfg)
     batches = _batches(loader)
+    skips = getattr(loader, "skip_report", None)  # bad inputs the loader skipped: in TensorBoard, summarised at the end
     ckpt = dict(model=model, groups=groups, optimizer=optimizer, scheduler=scheduler, loader=loader,
                 run_config=run_config, keep=cfg.keep_checkpoints, assets=assets)
     while step < cfg.train_iters:
@@ -234,6 +236,9 @@ def train(cfg: TrainConfig, optim: OptimConfig, *, model_provider: Callable[[], 
         if writer is not None:
             for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm), ("skipped", len(result.skipped))):
                 writer.add_scalar(f"train/{name}", value, step)
+            if skips is not None:
+                for name, value in skips.as_scalars().items():
+                    writer.add_scalar(name, value, step)
         stop = cfg.exit_interval is not None and step % cfg.exit_interval == 0
         if cfg.save and (step == cfg.train_iters or stop or (cfg.save_interval and step % cfg.save_interval == 0)):
             save_checkpoint(cfg.save, step, **ckpt)
@@ -241,4 +246,6 @@ def train(cfg: TrainConfig, optim: OptimConfig, *, model_provider: Callable[[], 
             break
     if writer is not None:
         writer.close()
+    if skips is not None:
+        report_run_skips(skips, print)
     return result

@@ -45,14 +45,29 @@ def vlm_config_for(tokenizer, *, llm: LLMConfig, vision: VisionConfig, tensor_pa
 
 def build_data_loader(*, mode: str, data_path: str, video_root: str, tokenizer, sampling: FrameSamplingConfig,
                       vision: VisionConfig, groups: ParallelGroups, micro_batch_size: int, seed: int = 0,
-                      num_workers: int = 0, num_video_tokens=None) -> ResumableDataLoader:
+                      num_workers: int = 0, num_video_tokens=None, on_error: str = "raise", decode: str = "full",
+                      prefetch_factor: int = 2) -> ResumableDataLoader:
     """The DP-aware resumable loader over ``data_path`` (caption records for pretrain, QA for SFT);
-    ``num_video_tokens`` (frames -> placeholders) defaults to ``vision``'s."""
-    config = VideoDatasetConfig(mode=mode, video_root=video_root, sampling=sampling)
-    dataset = LongVideoDataset.from_file(data_path, tokenizer=tokenizer,
+    ``num_video_tokens`` (frames -> placeholders) defaults to ``vision``'s. ``on_error``: ``raise`` or
+    ``skip`` (counted in ``loader.skip_report``). ``decode``: ``full`` or ``sharded`` (each rank of the
+    encode group decodes the frames it encodes, in the loader's workers)."""
+    import torch.distributed as dist
+
+    from megatron_longvideo.data.errors import SkipReport
+    from megatron_longvideo.models.encode import encode_shard
+
+    if decode not in ("full", "sharded"):
+        raise ValueError(f"decode must be 'full' or 'sharded', got {decode!r}")
+    config = VideoDatasetConfig(mode=mode, video_root=video_root, sampling=sampling, on_error=on_error,
+                                decode="lazy" if decode == "sharded" else "full")
+    # every rank reads the whole file: rank 0 alone logs the skipped records (the counts are the same everywhere)
+    skips = SkipReport() if not dist.is_initialized() or dist.get_rank() == 0 else SkipReport(log=None)
+    dataset = LongVideoDataset.from_file(data_path, tokenizer=tokenizer, skip_report=skips,
                                          num_video_tokens=num_video_tokens or vision.num_video_tokens, config=config)
     sampler = DistributedVideoSampler(len(dataset), dp_rank=groups.dp_rank, dp_size=groups.dp_size, seed=seed)
-    return ResumableDataLoader(dataset, sampler, micro_batch_size=micro_batch_size, num_workers=num_workers)
+    return ResumableDataLoader(dataset, sampler, micro_batch_size=micro_batch_size, num_workers=num_workers,
+                               prefetch_factor=prefetch_factor, group=groups.tp_cp,
+                               shard=encode_shard(groups, vision) if decode == "sharded" else None)
 
 
 def build_stage_model(cfg: VLMConfig, groups: ParallelGroups, *, trained: tuple[str, ...], seed: int = 0,
@@ -126,7 +141,8 @@ def run_stage(stage: str, args):
         loader = build_data_loader(mode=mode, data_path=args.data_path, video_root=args.video_root, tokenizer=tokenizer,
                                    sampling=frame_sampling(args), vision=cfg.vision, groups=groups,
                                    micro_batch_size=args.micro_batch_size, seed=args.seed, num_workers=args.num_workers,
-                                   num_video_tokens=video_token_counter(cfg, args.image_size))
+                                   num_video_tokens=video_token_counter(cfg, args.image_size), on_error=args.on_bad_input,
+                                   decode=args.decode, prefetch_factor=args.prefetch_factor)
         step = vlm_loss_step(groups, pad_id=tokenizer.pad_id, seq_length=args.seq_length)
         return train(train_config(args), optim_config(args),
                      model_provider=lambda: build_stage_model(cfg, groups, trained=trained, seed=args.seed,
