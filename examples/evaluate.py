@@ -43,7 +43,7 @@ def add_eval_args(parser):
     g.add_argument("--hf", default=None, metavar="DIR",
                    help="evaluate a Hugging Face folder (its config.json gives the shape; its tokenizer is the default)")
     g.add_argument("--out", default=None, metavar="DIR", help="where metrics.json and predictions.jsonl go")
-    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--max-new-tokens", type=int, default=256, help="longest answer generated per record")
     g.add_argument("--max-records", type=int, default=None, help="evaluate the first N records only")
     g.add_argument("--batch-size", type=int, default=None,
                    help="prompts per generation call on each data-parallel replica (default: the CP size)")
@@ -74,6 +74,11 @@ def parse_args(argv=None):
             raise SystemExit(f"evaluate.py: --{flag.replace('_', '-')} is required")
     if args.pipeline_model_parallel_size != 1:
         raise SystemExit("evaluate.py: --pipeline-model-parallel-size must be 1 (the megatron engine needs whole layers)")
+    from megatron_longvideo.training.args import validate_inputs
+
+    validate_inputs(args)
+    if args.hf and not os.path.isfile(os.path.join(args.hf, "config.json")):
+        raise SystemExit(f"evaluate.py: --hf {args.hf}: no config.json there; expected a Hugging Face model folder")
     return args
 
 

@@ -40,15 +40,31 @@ def add_grpo_args(parser):
     g = parser.add_argument_group("GRPO")
     g.add_argument("--group-size", type=int, default=8, help="responses per prompt (G)")
     g.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step on each data-parallel replica")
-    g.add_argument("--max-new-tokens", type=int, default=16)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=16, help="longest response a rollout generates")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of the rollouts (1: off)")
     g.add_argument("--kl-beta", type=float, default=0.0, help="KL-to-reference weight; 0 skips the reference pass")
-    g.add_argument("--kl-estimator", default="k3", choices=["k1", "k2", "k3"])
-    g.add_argument("--clip-low", type=float, default=0.2)
+    g.add_argument("--ref-load", default=None, metavar="CKPT",
+                   help="checkpoint the KL reference takes its weights from (default: the run's first --load; with "
+                        "neither, the starting weights, saved once under --save/reference); kept across restarts")
+    g.add_argument("--kl-estimator", default="k3", choices=["k1", "k2", "k3"], help="estimator of the KL to the reference: k1, k2 or k3 (Schulman's)")
+    g.add_argument("--clip-low", type=float, default=0.2, help="PPO clip range below 1 (ratio clipped at 1 - this)")
     g.add_argument("--clip-high", type=float, default=0.28, help="DAPO clip-higher")
-    g.add_argument("--loss-aggregation", default="token_mean", choices=["token_mean", "seq_mean", "seq_sum_token_mean"])
+    g.add_argument("--loss-aggregation", default="token_mean", choices=["token_mean", "seq_mean", "seq_sum_token_mean"], help="token_mean (DAPO), seq_mean (GRPO paper) or seq_sum_token_mean (Dr.GRPO, L = --max-new-tokens)")
     g.add_argument("--advantage-scale", default="std", choices=["std", "none"], help="std: GRPO; none: Dr.GRPO")
+    g.add_argument("--advantage-estimator", default=None, choices=["grpo", "dr_grpo", "rloo", "reinforce_pp"],
+                   help="grpo, dr_grpo, rloo (leave-one-out baseline) or reinforce_pp (REINFORCE++: group baseline, "
+                        "then normalised over the whole batch of every replica); default: from --advantage-scale")
+    g.add_argument("--policy-loss", default="ppo", choices=["ppo", "gspo", "cispo"],
+                   help="ppo: token ratios clipped (GRPO, DAPO); gspo: one length-normalised ratio per sequence, "
+                        "clipped per sequence (use small clip ranges, e.g. --clip-low 3e-4 --clip-high 4e-4); cispo: "
+                        "the clipped ratio as a detached weight of every token's gradient (MiniMax-M1)")
+    g.add_argument("--kl-importance-weight", action="store_true",
+                   help="weight the KL estimate by the policy / old-policy ratio, unbiased when minibatches are off-policy")
+    g.add_argument("--overlong-buffer", type=int, default=0,
+                   help="DAPO's soft overlong punishment: responses longer than --max-new-tokens minus this lose up to "
+                        "--overlong-penalty reward, linearly to the limit (0: off)")
+    g.add_argument("--overlong-penalty", type=float, default=1.0, help="reward lost at the length limit")
     g.add_argument("--tis-cap", type=float, default=None,
                    help="truncated importance sampling: weight the policy loss by min(trainer-old / engine probability, "
                         "cap) per token (e.g. 2; needs the engine's log-probs, which it turns on)")
@@ -58,7 +74,7 @@ def add_grpo_args(parser):
                    help="reward (registered name or module:function) and weight, repeatable (default accuracy=1.0, format=0.2)")
     g.add_argument("--dynamic-sampling", action="store_true", help="drop groups with equal rewards and refill (DAPO)")
     g.add_argument("--no-pack", action="store_true", help="disable shared-prefix packing")
-    g.add_argument("--update-epochs", type=int, default=1)
+    g.add_argument("--update-epochs", type=int, default=1, help="passes over each step's rollouts")
     g.add_argument("--num-minibatches", type=int, default=1, help="optimizer steps per GRPO step")
     g.add_argument("--responses-per-microbatch", type=int, default=None,
                    help="split each group into micro-batches of this many responses (default: whole groups)")
@@ -79,7 +95,7 @@ def add_grpo_args(parser):
                         "when it starts, less the optimizer state still to be allocated)")
     g.add_argument("--offload-reference", action="store_true", help="keep the reference model in CPU memory between its passes")
     g.add_argument("--train-projector", action="store_true", help="train the projector too (default: frozen)")
-    g.add_argument("--log-samples-every", type=int, default=10)
+    g.add_argument("--log-samples-every", type=int, default=10, help="log one rollout's text every N steps (0: never)")
     g.add_argument("--sft-warmup-steps", type=int, default=0,
                    help="steps of format-only SFT before GRPO: targets '<think> </think><answer>X</answer>' with a random X")
     g.add_argument("--eval-data", default=None, metavar="FILE",
@@ -91,10 +107,11 @@ def add_grpo_args(parser):
 
 
 def parse_args(argv=None):
-    from megatron_longvideo.training.args import parse, resolve_family, resolve_tokenizer
+    from megatron_longvideo.training.args import parse, resolve_family, resolve_tokenizer, validate_inputs
 
     args = parse(argv, description="GRPO for long-video VLMs on Megatron-Core",
-                 defaults={"train_iters": 20, "lr": 1e-3, "keep_checkpoints": 3}, extend=add_grpo_args)
+                 defaults={"train_iters": 20, "lr": 1e-3, "keep_checkpoints": 3, "lr_decay_style": "constant"},
+                 extend=add_grpo_args)
     if args.synthetic_data:
         from megatron_longvideo.training.stage import ensure_synthetic_data
 
@@ -106,6 +123,7 @@ def parse_args(argv=None):
     for flag in ("data_path", "video_root", "tokenizer"):
         if not getattr(args, flag):
             raise SystemExit(f"train_grpo.py: --{flag.replace('_', '-')} is required (or --synthetic-data DIR)")
+    validate_inputs(args, data_flags=("data_path", "eval_data"), checkpoint_flags=("load", "ref_load"))
     return args
 
 
@@ -152,7 +170,9 @@ def build(args):
     sampler = DistributedVideoSampler(len(dataset), dp_rank=groups.dp_rank, dp_size=groups.dp_size, seed=args.seed)
     from megatron_longvideo.models.encode import encode_shard
 
-    stream = PromptStream(dataset, sampler, prefetch_workers=args.num_workers, prefetch_factor=args.prefetch_factor,
+    # enough samples waiting for a whole step's prompts (a worker makes --prefetch-factor of them ahead)
+    factor = max(args.prefetch_factor, -(-args.prompts_per_step // max(args.num_workers, 1)))
+    stream = PromptStream(dataset, sampler, prefetch_workers=args.num_workers, prefetch_factor=factor,
                           shard=encode_shard(groups, cfg.vision) if args.decode == "sharded" else None, group=groups.tp_cp)
     return groups, tok, cfg, policy, stream
 
@@ -205,7 +225,6 @@ def main(argv=None):
     args = parse_args(argv)
     import torch.distributed as dist
 
-    from megatron_longvideo.checkpoint.full_state import gather_full_state, load_full_state
     from megatron_longvideo.data.errors import report_run_skips
     from megatron_longvideo.models import build_model
     from megatron_longvideo.rl.engines.base import SamplingConfig
@@ -220,16 +239,21 @@ def main(argv=None):
     log = print if rank0 else (lambda *a, **k: None)
     ddp = wrap_ddp(policy, groups, use_distributed_optimizer=args.use_distributed_optimizer)
     optimizer = build_optimizer([ddp], optim_config(args))
-    checkpointing = _checkpointing(args, ddp, optimizer, stream, groups, log)
+    scheduler = build_grpo_scheduler(args, optimizer)
+    checkpointing = _checkpointing(args, ddp, optimizer, stream, groups, log, scheduler)
     start = checkpointing.load() if checkpointing.resume_path() else 0
     if args.sft_warmup_steps and start == 0:
+        for group in optimizer.param_groups:  # the warm-up trains at --lr, before the schedule's first step
+            group["lr"] = args.lr
         sft_warmup(args, groups, tok, ddp, optimizer, stream, log)
+        scheduler.step(increment=0)  # back to the schedule's rate
     reference = None
     if args.kl_beta > 0:
-        torch.manual_seed(args.seed)
-        reference = mixed_precision(build_model(cfg, groups, seed=args.seed, **model_options(args)))
-        load_full_state(reference, gather_full_state(ddp, groups), groups)
-        reference.requires_grad_(False)
+        def make_reference():
+            torch.manual_seed(args.seed)
+            return mixed_precision(build_model(cfg, groups, seed=args.seed, **model_options(args)))
+
+        reference = checkpointing.build_reference(make_reference)
     rewards = tuple((k, float(v)) for k, v in (r.split("=") for r in (args.reward or ["accuracy=1.0", "format=0.2"])))
     grpo = GRPOConfig(
         group_size=args.group_size, prompts_per_step=args.prompts_per_step, pack=not args.no_pack,
@@ -237,10 +261,12 @@ def main(argv=None):
                                 stop_token_ids=(tok.eos_id,), seed=args.seed),
         loss=GRPOLossConfig(clip_eps_low=args.clip_low, clip_eps_high=args.clip_high, kl_beta=args.kl_beta,
                             kl_estimator=args.kl_estimator, aggregation=args.loss_aggregation,
+                            policy_loss=args.policy_loss, kl_importance_weight=args.kl_importance_weight,
                             norm_len=args.max_new_tokens if args.loss_aggregation == "seq_sum_token_mean" else None,
                             tis_cap=args.tis_cap),
         engine_logprobs=args.engine_logprobs,
-        advantage_scale=args.advantage_scale, rewards=rewards, dynamic_sampling=args.dynamic_sampling,
+        advantage_scale=args.advantage_scale, advantage_estimator=args.advantage_estimator,
+        overlong_buffer=args.overlong_buffer, overlong_penalty=args.overlong_penalty, rewards=rewards, dynamic_sampling=args.dynamic_sampling,
         num_minibatches=args.num_minibatches, update_epochs=args.update_epochs, log_samples_every=args.log_samples_every,
         rollout_max_frames=args.rollout_max_frames, sync_bucket_mb=args.sync_bucket_mb,
         offload_reference=args.offload_reference, responses_per_microbatch=args.responses_per_microbatch,
@@ -257,7 +283,7 @@ def main(argv=None):
 
         writer = SummaryWriter(args.tensorboard_dir)
     trainer = GRPOTrainer(grpo, policy=ddp, optimizer=optimizer, groups=groups, tokenizer=tok, engine=engine,
-                          reference=reference, writer=writer, log=log)
+                          reference=reference, writer=writer, log=log, scheduler=scheduler)
     trainer.step_count = start
     run_eval = _evaluator(args, groups, tok, cfg, ddp, writer, log) if args.eval_data else None
     history = []
@@ -272,10 +298,15 @@ def main(argv=None):
         if run_eval is not None and ((args.eval_interval and (it + 1) % args.eval_interval == 0)
                                      or (not args.eval_interval and it + 1 == args.train_iters)):
             run_eval(trainer.step_count)
-        if args.save and args.save_interval and (it + 1) % args.save_interval == 0:
+        stop = bool(args.exit_interval) and (it + 1) % args.exit_interval == 0 and it + 1 < args.train_iters
+        if args.save and ((args.save_interval and (it + 1) % args.save_interval == 0) or stop):
             checkpointing.save(it + 1)
-    if args.save and not (args.save_interval and args.train_iters % args.save_interval == 0) and args.train_iters > start:
-        checkpointing.save(args.train_iters)
+        if stop:
+            log(f"--exit-interval {args.exit_interval}: stopping after step {it + 1}; run again to resume")
+            break
+    else:
+        if args.save and not (args.save_interval and args.train_iters % args.save_interval == 0) and args.train_iters > start:
+            checkpointing.save(args.train_iters)
     stream.close()
     report_run_skips(stream.skip_report, log)
     if rank0 and history:
@@ -364,10 +395,25 @@ def _progress(enabled: bool, start: int, total: int):
     return show
 
 
-def _checkpointing(args, ddp, optimizer, stream, groups, log):
+def _checkpointing(args, ddp, optimizer, stream, groups, log, scheduler=None):
     from megatron_longvideo.rl.checkpointing import GRPOCheckpointing
 
-    return GRPOCheckpointing(args, ddp, optimizer, stream, groups, log)
+    return GRPOCheckpointing(args, ddp, optimizer, stream, groups, log, scheduler=scheduler)
+
+
+def build_grpo_scheduler(args, optimizer):
+    """megatron's ``OptimizerParamScheduler`` over GRPO steps: ``--lr-warmup-iters``, ``--lr-decay-iters`` and
+    ``--train-iters`` count GRPO steps, each ``--num-minibatches x --update-epochs`` optimizer steps."""
+    import types
+
+    from megatron_longvideo.training.args import optim_config
+    from megatron_longvideo.training.loop import build_scheduler
+
+    per = args.num_minibatches * args.update_epochs
+    steps = types.SimpleNamespace(train_iters=args.train_iters * per, lr_warmup_iters=args.lr_warmup_iters * per,
+                                  lr_decay_iters=(args.lr_decay_iters or args.train_iters) * per,
+                                  lr_decay_style=args.lr_decay_style)
+    return build_scheduler(optimizer, steps, optim_config(args))
 
 
 if __name__ == "__main__":

@@ -62,12 +62,28 @@ class FrameShard:
 
 
 class _Store:
-    """Decoded frames of one video by frame index, shared by a ``LazyFrames`` and its views."""
+    """Decoded frames of one video by frame index, shared by a ``LazyFrames`` and its views: one uint8
+    tensor per decode request (``[n, 3, h, w]``, a contiguous block), so a sample sent from a worker
+    process shares a few blocks, not one file descriptor per frame, and a rank holds only what it decoded."""
 
     def __init__(self):
-        self.frames: dict[int, torch.Tensor] = {}  # frame index -> [3, h, w] uint8
+        self.blocks: list[torch.Tensor] = []  # [n, 3, h, w] uint8 each
+        self.where: dict[int, tuple[int, int]] = {}  # frame index -> (block, row)
         self.table = None  # the stream's packet table (pyav), built by the first decode that seeks
         self.decoded = 0  # frames decoded so far (a frame decoded twice counts twice; it never is)
+
+    def __contains__(self, index: int) -> bool:
+        return index in self.where
+
+    def frame(self, index: int) -> torch.Tensor:
+        block, row = self.where[index]
+        return self.blocks[block][row]
+
+    def add(self, indices: list[int], frames: torch.Tensor) -> None:
+        self.blocks.append(frames)
+        block = len(self.blocks) - 1
+        for row, index in enumerate(indices):
+            self.where[index] = (block, row)
 
 
 class LazyFrames:
@@ -125,9 +141,14 @@ class LazyFrames:
 
     def decoded_positions(self) -> list[int]:
         """Positions whose frames are decoded and kept."""
-        return [p for p, i in enumerate(self.indices) if i in self._store.frames]
+        return [p for p, i in enumerate(self.indices) if i in self._store]
 
-    def __getitem__(self, key) -> LazyFrames:
+    def __getitem__(self, key):
+        """A view on the positions ``key`` selects (a slice, list or tensor of positions); an int gives that
+        frame itself, ``[3, h, w]`` float32, as a tensor would."""
+        if isinstance(key, int):
+            position = range(len(self.indices))[key]
+            return self.frames(position, position + 1)[0]
         if isinstance(key, slice):
             positions = range(len(self.indices))[key]
         elif isinstance(key, torch.Tensor):
@@ -145,7 +166,7 @@ class LazyFrames:
     def ensure(self, start: int = 0, stop: int | None = None) -> None:
         """Decode the frames of positions ``[start, stop)`` not decoded yet (one backend request)."""
         stop = len(self.indices) if stop is None else stop
-        missing = [i for i in self.indices[start:stop] if i not in self._store.frames]
+        missing = [i for i in self.indices[start:stop] if i not in self._store]
         if missing:
             self._decode(missing)
 
@@ -160,7 +181,7 @@ class LazyFrames:
         chosen = self.indices[start:stop]
         if not chosen:
             return torch.empty(0, 3, *self.size, dtype=torch.uint8, device="cpu")
-        return torch.stack([self._store.frames[i] for i in chosen])
+        return torch.stack([self._store.frame(i) for i in chosen])
 
     def frames(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """``[n, 3, h, w]`` float32 normalised frames of positions ``[start, stop)`` (as ``decode_video``)."""
@@ -189,14 +210,15 @@ class LazyFrames:
             chunks = backends.iter_frames_dali(self.info, wanted)
         else:
             raise ValueError(f"unknown backend {self.backend!r}")
-        pos = 0
+        pos, out = 0, None  # out: [len(wanted), 3, h, w] uint8, one block for the whole request
         try:
             for chunk in chunks:  # [n, H, W, 3] uint8
                 resized = resize_frames(chunk, self.size, mode=mode)  # [n, 3, h, w]
-                for j in range(resized.shape[0]):
-                    store.frames[wanted[pos + j]] = resized[j].contiguous()
-                pos += resized.shape[0]
-                store.decoded += resized.shape[0]
+                if out is None:
+                    out = torch.empty(len(wanted), *resized.shape[1:], dtype=torch.uint8, device=resized.device)
+                n = min(resized.shape[0], len(wanted) - pos)
+                out[pos : pos + n] = resized[:n]
+                pos += n
         except StreamEndedEarly as short:
             raise VideoDecodeError(
                 self.path, f"truncated or corrupt: the container declares {self.info.num_frames} frames but the "
@@ -210,6 +232,8 @@ class LazyFrames:
         if pos != len(wanted):
             raise VideoDecodeError(self.path, f"the decoder returned {pos} of the {len(wanted)} frames asked for",
                                    context=self.context)
+        store.add(wanted, out)
+        store.decoded += pos
 
     # -- pickling: the store (decoded frames, packet table) travels with the object
     def __getstate__(self):

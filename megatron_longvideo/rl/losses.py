@@ -1,12 +1,37 @@
-"""GRPO policy loss: PPO clipped surrogate (DAPO clip-higher, optional dual clip) + KL to a reference.
+"""GRPO policy loss: PPO clipped surrogate (DAPO clip-higher, optional dual clip), GSPO or CISPO + KL to a reference.
 
-Per response token t of sequence i, with ``r = exp(logp - old_logp)`` and advantage ``A_i``:
+Per response token t of sequence i, with ``r_it = exp(logp_it - old_logp_it)`` and advantage ``A_i``
+(``sg`` = stop-gradient), the policy-gradient term ``pg_it`` of ``policy_loss``:
 
-    pg_it = -min(r * A_i, clip(r, 1 - eps_low, 1 + eps_high) * A_i)
-    dual clip (c > 1, A_i < 0 only):  pg_it = min(pg_it, -c * A_i)
+    ppo    pg_it = -min(r_it * A_i, clip(r_it, 1 - eps_low, 1 + eps_high) * A_i)
+           dual clip (c > 1, A_i < 0 only):  pg_it = min(pg_it, -c * A_i)
+    gspo   GSPO (Zheng et al. 2025), sequence form: one ratio and one clip per sequence,
+               s_i   = exp((1 / len_i) * sum_t (logp_it - old_logp_it))
+               pg_it = -min(s_i * A_i, clip(s_i, 1 - eps_low, 1 + eps_high) * A_i)   on every token t of i
+           (dual clip as for ppo, on s_i). The paper's clip ranges are tiny (eps_low = 3e-4, eps_high = 4e-4).
+    cispo  CISPO (MiniMax-M1): pg_it = -sg(clip(r_it, 1 - eps_low, 1 + eps_high)) * A_i * logp_it,
+           the REINFORCE gradient weighted by the clipped, detached ratio: no token's gradient is zeroed.
+           ``clip_eps_low = 1`` leaves the weight unbounded below (the paper tunes only eps_high). Its value
+           contains ``logp`` itself, so it is not comparable with the ppo/gspo loss values.
+
     kl_it = k(logp, ref_logp), with d = ref_logp - logp:
             k1 = -d      k2 = d^2 / 2      k3 = exp(d) - d - 1
+    importance-weighted (``kl_importance_weight``, tokens sampled from the old policy):
+            kl_it = sg(r_it) * k(logp, ref_logp), so E_old[kl_it] = E_policy[k]; for k3 that is KL(policy || ref)
+            exactly (unweighted, k3 averaged under the old policy is biased once policy != old)
     l_it  = pg_it + beta * kl_it
+
+GSPO's gradient is written per token as GSPO-token does it, ``s_it = sg(s_i) * exp(logp_it - sg(logp_it))``
+(value s_i, d s_it / d logp_it = s_i). With a sequence-constant advantage ([n] advantages) and an
+aggregation whose weight is constant within a sequence (all three below), value and gradient equal the
+sequence form's exactly (``d/d logp_it`` of ``w_i * len_i * f(s_i)`` is ``w_i * f'(s_i) * s_i``); [n, T]
+advantages give GSPO-token. Written so, a token's gradient needs only its own log-prob and the detached
+per-sequence sum ``S_i = sum_t (logp_it - old_logp_it)``: a sequence sharded over context-parallel ranks
+needs that sum over all its ranks (:func:`sequence_log_ratio_sum`, all-reduced SUM over the CP group,
+passed as ``seq_log_ratio_sum``) and its full length ``seq_num_tokens``; no autograd through a collective.
+With ``tis_cap`` the value is still the sequence form's, but each token's gradient carries its own TIS weight
+(GSPO-token's reading); the sequence form, as TRL 0.25 computes it, spreads the sequence's gradient with the
+sequence's mean weight instead (the per-sequence sums of the gradient agree).
 
 Aggregation over the response mask m (``L`` = ``norm_len``):
 
@@ -35,22 +60,32 @@ import torch
 
 AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum_token_mean")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+POLICY_LOSSES = ("ppo", "gspo", "cispo")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOLossConfig:
     """Hyper-parameters of ``grpo_loss``; validated on construction."""
 
+    policy_loss: str = "ppo"
+    """Policy-gradient term: "ppo" (token ratio, token clip), "gspo" (sequence ratio, sequence clip) or
+    "cispo" (clipped detached ratio times A * logp); module doc."""
     clip_eps_low: float = 0.2
-    """Lower clip range: the ratio is clipped at ``1 - clip_eps_low`` (in [0, 1))."""
+    """Lower clip range: the ratio is clipped at ``1 - clip_eps_low`` (in [0, 1); [0, 1] for cispo, where 1
+    means no lower bound). GSPO's paper uses 3e-4."""
     clip_eps_high: float = 0.2
-    """Upper clip range: the ratio is clipped at ``1 + clip_eps_high`` (>= 0); DAPO's clip-higher uses 0.28."""
+    """Upper clip range: the ratio is clipped at ``1 + clip_eps_high`` (>= 0); DAPO's clip-higher uses 0.28,
+    GSPO's paper 4e-4."""
     dual_clip_c: float | None = None
-    """Dual-clip bound c > 1 on the loss of negative-advantage tokens (``-c * A``); None disables it."""
+    """Dual-clip bound c > 1 on the loss of negative-advantage tokens (``-c * A``); None disables it.
+    Not with cispo (its weight is already bounded by ``1 + clip_eps_high``)."""
     kl_beta: float = 0.0
     """Weight of the KL-to-reference term (>= 0). 0 disables it and the reference pass (``needs_reference``)."""
     kl_estimator: str = "k3"
     """KL estimator: "k1" (logp - ref), "k2" ((logp - ref)^2 / 2) or "k3" (exp(ref - logp) - (ref - logp) - 1)."""
+    kl_importance_weight: bool = False
+    """Weigh each token's KL estimate by its detached ratio ``exp(logp - old_logp)``: unbiased when the tokens
+    were sampled from the old policy (off-policy minibatches); the ``kl_ref`` metric is then weighted too."""
     aggregation: str = "token_mean"
     """How token losses become one scalar: "token_mean", "seq_mean" or "seq_sum_token_mean" (module doc)."""
     norm_len: int | None = None
@@ -62,12 +97,21 @@ class GRPOLossConfig:
     the trainer-old over rollout-engine probability ratio (> 0; 2 is a common choice). None: no correction."""
 
     def __post_init__(self):
-        if not 0.0 <= self.clip_eps_low < 1.0:
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"policy_loss: {self.policy_loss!r} is not one of {POLICY_LOSSES}")
+        if self.policy_loss == "cispo":
+            if not 0.0 <= self.clip_eps_low <= 1.0:
+                raise ValueError(f"clip_eps_low: must be in [0, 1] for cispo, got {self.clip_eps_low}")
+        elif not 0.0 <= self.clip_eps_low < 1.0:
             raise ValueError(f"clip_eps_low: must be in [0, 1), got {self.clip_eps_low}")
         if not 0.0 <= self.clip_eps_high < math.inf:
             raise ValueError(f"clip_eps_high: must be finite and >= 0, got {self.clip_eps_high}")
         if self.dual_clip_c is not None and not 1.0 < self.dual_clip_c < math.inf:
             raise ValueError(f"dual_clip_c: must be finite and > 1 (or None), got {self.dual_clip_c}")
+        if self.dual_clip_c is not None and self.policy_loss == "cispo":
+            raise ValueError("dual_clip_c: does not apply to policy_loss='cispo'; leave it None")
+        if not isinstance(self.kl_importance_weight, bool):
+            raise ValueError(f"kl_importance_weight: must be a bool, got {self.kl_importance_weight!r}")
         if not 0.0 <= self.kl_beta < math.inf:
             raise ValueError(f"kl_beta: must be finite and >= 0, got {self.kl_beta}")
         if self.kl_estimator not in KL_ESTIMATORS:
@@ -87,16 +131,25 @@ def needs_reference(cfg: GRPOLossConfig) -> bool:
     return cfg.kl_beta > 0.0
 
 
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, *, max_log_ratio: float = 20.0):
-    """Per-token estimate of KL(policy || reference) from samples of the policy; see module doc."""
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, *, max_log_ratio: float = 20.0,
+               old_logp: torch.Tensor | None = None):
+    """Per-token estimate of KL(policy || reference) from samples of the policy; see module doc.
+
+    With ``old_logp`` (tokens sampled from the old policy) each estimate is multiplied by the detached
+    ratio ``exp(logp - old_logp)``, which makes its expectation under the old policy the on-policy one."""
     d = (ref_logp - logp).clamp(-max_log_ratio, max_log_ratio)  # [n, T]
     if estimator == "k1":
-        return -d
-    if estimator == "k2":
-        return 0.5 * d * d
-    if estimator == "k3":
-        return torch.exp(d) - d - 1.0
-    raise ValueError(f"kl_estimator: {estimator!r} is not one of {KL_ESTIMATORS}")
+        kl = -d
+    elif estimator == "k2":
+        kl = 0.5 * d * d
+    elif estimator == "k3":
+        kl = torch.exp(d) - d - 1.0
+    else:
+        raise ValueError(f"kl_estimator: {estimator!r} is not one of {KL_ESTIMATORS}")
+    if old_logp is None:
+        return kl
+    weight = torch.exp((logp.detach() - old_logp.detach()).clamp(-max_log_ratio, max_log_ratio))  # [n, T]
+    return weight * kl
 
 
 def clipped_surrogate(logp, old_logp, advantages, cfg: GRPOLossConfig):
@@ -106,6 +159,68 @@ def clipped_surrogate(logp, old_logp, advantages, cfg: GRPOLossConfig):
     r < 1 - eps_low; high side = A > 0 and r > 1 + eps_high; dual = A < 0 and r > c.
     """
     ratio = torch.exp((logp - old_logp).clamp(-cfg.max_log_ratio, cfg.max_log_ratio))  # [n, T]
+    return _ppo_clip(ratio, advantages, cfg)
+
+
+def sequence_log_ratio_sum(logp: torch.Tensor, old_logp: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    """[n] detached ``sum_t m_it (logp_it - old_logp_it)`` over the local tokens of each sequence (padding
+    may hold garbage). Under context parallelism, all-reduce it (SUM over the CP group) and pass the result
+    to :func:`grpo_loss` as ``seq_log_ratio_sum`` for ``policy_loss="gspo"``; ``old_logp=None``: zeros."""
+    keep = mask.bool()
+    if old_logp is None:
+        return logp.new_zeros(logp.shape[0]).detach()
+    return torch.where(keep, logp.detach() - old_logp.detach(), 0.0).sum(dim=1)  # [n]
+
+
+def gspo_surrogate(logp, old_logp, advantages, mask, cfg: GRPOLossConfig, *,
+                   seq_log_ratio_sum: torch.Tensor | None = None, seq_num_tokens: torch.Tensor | None = None):
+    """Per-token GSPO loss [n, T] (sequence form, module doc), the sequence ratio on each token [n, T], and
+    the clip masks (those of :func:`clipped_surrogate`, evaluated on s_i: every token of a clipped sequence).
+
+    ``logp``/``old_logp`` must be zero (or finite) under ``mask == 0``. ``seq_log_ratio_sum`` [n]: the
+    per-sequence sum of log-ratios over the whole (CP-sharded) sequence, with ``seq_num_tokens`` [n] its
+    full length; without them the local tokens are the whole sequence.
+    """
+    m = mask.to(logp.dtype)  # [n, T]
+    n = logp.shape[0]
+    if seq_log_ratio_sum is not None:
+        if seq_num_tokens is None:
+            raise ValueError("seq_num_tokens: required with seq_log_ratio_sum (the full length of each sequence)")
+        if seq_log_ratio_sum.shape != (n,):
+            raise ValueError(f"seq_log_ratio_sum: expected shape ({n},), got {tuple(seq_log_ratio_sum.shape)}")
+        total = seq_log_ratio_sum.detach().to(logp.dtype)  # [n]
+    else:
+        total = sequence_log_ratio_sum(logp, old_logp, mask).to(logp.dtype)  # [n]
+    lengths = m.sum(dim=1) if seq_num_tokens is None else seq_num_tokens.to(logp.dtype)  # [n]
+    if lengths.shape != (n,):
+        raise ValueError(f"seq_num_tokens: expected shape ({n},), got {tuple(lengths.shape)}")
+    if seq_log_ratio_sum is None and seq_num_tokens is not None and not torch.equal(lengths, m.sum(dim=1)):
+        raise ValueError("seq_log_ratio_sum: required for policy_loss='gspo' when sequences are sharded "
+                         "(seq_num_tokens differs from the local mask's lengths); all-reduce sequence_log_ratio_sum")
+    mean = total / lengths.clamp(min=1.0)  # [n] (1/len_i) S_i
+    inside = (mean.abs() <= cfg.max_log_ratio).to(logp.dtype)[:, None]  # clamp's gradient: 0 outside
+    mean = mean.clamp(-cfg.max_log_ratio, cfg.max_log_ratio)
+    # value s_i on every token; d/d logp_it = s_i (module doc)
+    log_ratio = mean[:, None] + inside * (logp - logp.detach())  # [n, T]
+    return _ppo_clip(torch.exp(log_ratio), advantages, cfg)
+
+
+def cispo_surrogate(logp, old_logp, advantages, cfg: GRPOLossConfig):
+    """Per-token CISPO loss ``-sg(clip(r, 1 - eps_low, 1 + eps_high)) * A * logp`` [n, T], the ratio r, and the
+    masks of tokens whose weight was truncated: low = r < 1 - eps_low, high = r > 1 + eps_high (whatever the
+    sign of A: the weight is bounded either way, and the token keeps its gradient ``-w * A``)."""
+    ratio = torch.exp((logp.detach() - old_logp.detach()).clamp(-cfg.max_log_ratio, cfg.max_log_ratio))  # [n, T]
+    weight = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)  # [n, T], no gradient
+    loss = -weight * advantages * logp  # [n, T]
+    masks = {
+        "clip_frac_low": ratio < 1.0 - cfg.clip_eps_low,
+        "clip_frac_high": ratio > 1.0 + cfg.clip_eps_high,
+    }
+    return loss, ratio, masks
+
+
+def _ppo_clip(ratio, advantages, cfg: GRPOLossConfig):
+    """-min(r A, clip(r) A) (and the dual clip) of given ratios [n, T]; see :func:`clipped_surrogate`."""
     clipped = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
     loss = -torch.minimum(ratio * advantages, clipped * advantages)  # [n, T]
     neg = advantages < 0
@@ -172,6 +287,7 @@ def grpo_loss(
     num_global_tokens: float | None = None,
     num_global_sequences: float | None = None,
     seq_num_tokens: torch.Tensor | None = None,
+    seq_log_ratio_sum: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss (scalar) and detached scalar metrics.
 
@@ -181,11 +297,13 @@ def grpo_loss(
     ``cfg.kl_beta > 0`` and otherwise only used for the ``kl_ref`` metric. ``engine_logp`` [n, T]: the
     rollout engine's log-probs of the sampled tokens, required when ``cfg.tis_cap`` is set (the
     policy-gradient terms are then weighted by :func:`truncated_is_weights` of the old log-probs).
-    Normalisers: module doc.
+    Normalisers: module doc. ``seq_log_ratio_sum`` [n] (``policy_loss="gspo"`` only): the all-reduced
+    :func:`sequence_log_ratio_sum` of sequences sharded over context-parallel ranks, with ``seq_num_tokens``.
 
     Metrics: loss, pg_loss, kl_loss, kl_ref, clip_frac_low, clip_frac_high, dual_clip_frac,
     approx_kl (k3 of the policy vs the old policy), ratio_mean, entropy, tis_weight_mean, tis_clip_frac
-    (each when it applies).
+    (each when it applies). All are token means: for gspo, ``ratio_mean`` averages s_i over tokens and the
+    clip fractions count the tokens of clipped sequences; for cispo they count truncated weights (any sign).
     """
     if logp.dim() != 2:
         raise ValueError(f"logp: expected [n, T], got shape {tuple(logp.shape)}")
@@ -203,6 +321,8 @@ def grpo_loss(
         raise ValueError("ref_logp: required when kl_beta > 0")
     if cfg.tis_cap is not None and engine_logp is None:
         raise ValueError("engine_logp: required when tis_cap is set (the rollout engine's log-probs of the sampled tokens)")
+    if seq_log_ratio_sum is not None and cfg.policy_loss != "gspo":
+        raise ValueError(f"seq_log_ratio_sum: only used by policy_loss='gspo', not {cfg.policy_loss!r}")
 
     keep = mask.bool()
     m = keep.to(logp.dtype)  # [n, T]
@@ -216,7 +336,14 @@ def grpo_loss(
         seq_num_tokens=seq_num_tokens,
     )
 
-    pg_tok, ratio, clip_masks = clipped_surrogate(logp, old_logp, advantages, cfg)  # [n, T]
+    if cfg.policy_loss == "gspo":
+        pg_tok, ratio, clip_masks = gspo_surrogate(logp, old_logp, advantages, keep, cfg,
+                                                   seq_log_ratio_sum=seq_log_ratio_sum,
+                                                   seq_num_tokens=seq_num_tokens)  # [n, T]
+    elif cfg.policy_loss == "cispo":
+        pg_tok, ratio, clip_masks = cispo_surrogate(logp, old_logp, advantages, cfg)  # [n, T]
+    else:
+        pg_tok, ratio, clip_masks = clipped_surrogate(logp, old_logp, advantages, cfg)  # [n, T]
     tis = None
     if cfg.tis_cap is not None:
         engine_logp = torch.where(keep, engine_logp.detach(), 0.0)
@@ -226,7 +353,8 @@ def grpo_loss(
     metrics: dict[str, torch.Tensor] = {"pg_loss": aggregate(pg_tok, m, cfg, **norms)}
     if ref_logp is not None:
         ref_logp = torch.where(keep, ref_logp.detach(), 0.0)
-        kl_tok = kl_penalty(logp, ref_logp, cfg.kl_estimator, max_log_ratio=cfg.max_log_ratio)  # [n, T]
+        kl_tok = kl_penalty(logp, ref_logp, cfg.kl_estimator, max_log_ratio=cfg.max_log_ratio,
+                            old_logp=old_logp if cfg.kl_importance_weight else None)  # [n, T]
         metrics["kl_ref"] = _token_mean(kl_tok, m, num_global_tokens)
         if cfg.kl_beta > 0:
             kl_loss = aggregate(kl_tok, m, cfg, **norms)

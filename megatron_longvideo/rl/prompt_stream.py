@@ -3,7 +3,7 @@
 ``PromptStream.draw(k)`` hands out this DP rank's next k prompts. With ``prefetch_workers`` the samples
 (probe, frame decoding, tokenization, the file's content hash) are made ahead in DataLoader worker
 processes while the current step trains: processes, not threads, because decoding needs the GIL between
-FFmpeg calls and a training loop's Python would stall it (``benchmarks/prefetch.py``). At most
+FFmpeg calls and a training loop's Python would stall it (``benchmarks/decode_sharded.py``). At most
 ``prefetch_workers x prefetch_factor`` samples wait at a time, which bounds the memory. A worker's
 ``VideoDecodeError`` or ``RecordError`` reaches the caller as the original exception, naming the file.
 

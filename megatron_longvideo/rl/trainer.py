@@ -30,9 +30,10 @@ from megatron_longvideo.models.prefill import prefill_step
 from megatron_longvideo.models.video_cache import VideoEmbeddingCache, cache_key, weights_version
 from megatron_longvideo.parallel.groups import ParallelGroups
 from megatron_longvideo.platform.device import compute_device
-from megatron_longvideo.rl.advantages import group_advantages
+from megatron_longvideo.rl.advantages import ESTIMATORS as ADVANTAGE_ESTIMATORS
+from megatron_longvideo.rl.advantages import batch_moments, batch_normalize, compute_advantages, overlong_penalty
 from megatron_longvideo.rl.engines.base import SamplingConfig
-from megatron_longvideo.rl.losses import GRPOLossConfig, grpo_loss, logprob_diff, needs_reference
+from megatron_longvideo.rl.losses import GRPOLossConfig, grpo_loss, logprob_diff, needs_reference, sequence_log_ratio_sum
 from megatron_longvideo.rl.packing import build_prefill_batch
 from megatron_longvideo.rl.rewards import compute_rewards
 from megatron_longvideo.rl.engines.decode import mix_seed
@@ -57,7 +58,16 @@ class GRPOConfig:
     loss: GRPOLossConfig = dataclasses.field(default_factory=GRPOLossConfig)
     """Clipped surrogate, KL and aggregation."""
     advantage_scale: str = "std"
-    """'std' (GRPO: divide by the group's std) or 'none' (Dr.GRPO)."""
+    """'std' (GRPO: divide by the group's std) or 'none' (Dr.GRPO); ``advantage_estimator`` overrides it."""
+    advantage_estimator: Optional[str] = None
+    """:func:`~megatron_longvideo.rl.advantages.compute_advantages`'s estimator: "grpo", "dr_grpo", "rloo" or
+    "reinforce_pp" (group baseline, then normalised over the step's whole batch, all replicas); None: from
+    ``advantage_scale``."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: responses longer than ``max_new_tokens - overlong_buffer`` tokens
+    lose up to ``overlong_penalty`` reward, linearly to the limit (0: off)."""
+    overlong_penalty: float = 1.0
+    """The punishment at the length limit (and beyond)."""
     rewards: tuple[tuple[str, float], ...] = (("accuracy", 1.0), ("format", 0.1))
     """(reward name or 'module:function', weight) pairs; the total is their weighted sum."""
     dynamic_sampling: bool = False
@@ -98,6 +108,17 @@ class GRPOConfig:
             raise ValueError(f"prompts_per_step: must be >= 1, got {self.prompts_per_step}")
         if self.advantage_scale not in ("std", "none"):
             raise ValueError(f"advantage_scale: must be 'std' or 'none', got {self.advantage_scale!r}")
+        if self.advantage_estimator is None:
+            object.__setattr__(self, "advantage_estimator", "grpo" if self.advantage_scale == "std" else "dr_grpo")
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage_estimator: {self.advantage_estimator!r} is not one of {ADVANTAGE_ESTIMATORS}")
+        if self.advantage_estimator in ("grpo", "rloo") and self.group_size < 2:
+            raise ValueError(f"group_size: {self.advantage_estimator} needs at least 2 responses per prompt")
+        if not 0 <= self.overlong_buffer <= self.sampling.max_new_tokens:
+            raise ValueError(f"overlong_buffer: must be in [0, max_new_tokens={self.sampling.max_new_tokens}], "
+                             f"got {self.overlong_buffer}")
+        if not 0.0 <= self.overlong_penalty < math.inf:
+            raise ValueError(f"overlong_penalty: must be finite and >= 0, got {self.overlong_penalty}")
         if not self.rewards:
             raise ValueError("rewards: at least one reward is required")
         if self.num_minibatches < 1 or self.prompts_per_step % self.num_minibatches:
@@ -254,14 +275,36 @@ class GRPOTrainer:
         texts = [self._decode(r) for g in token_groups for r in g]
         truths = [p.ground_truth for p in prompts for _ in range(cfg.group_size)]
         total, parts = compute_rewards(texts, truths, self.reward_spec)
+        if cfg.overlong_buffer:
+            lengths = torch.tensor([len(r) for g in token_groups for r in g], device="cpu")
+            parts["overlong"] = overlong_penalty(lengths, cfg.sampling.max_new_tokens, cfg.overlong_buffer,
+                                                 cfg.overlong_penalty).to(total.dtype)
+            total = total + parts["overlong"]
         g = cfg.group_size
         rewards = total.view(-1, g).float()
         advantages = self.advantages(rewards)
         return Rollouts(list(prompts), token_groups, rewards, {k: v.view(-1, g).float() for k, v in parts.items()}, advantages)
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        """``[groups, G]`` advantages of ``[groups, G]`` rewards."""
-        return group_advantages(rewards, scale=self.cfg.advantage_scale)
+        """``[groups, G]`` advantages of ``[groups, G]`` rewards, within their groups. REINFORCE++'s batch
+        normalisation needs the step's whole batch: :meth:`normalize_batch`, once the groups are collected."""
+        estimator = self.cfg.advantage_estimator
+        return compute_advantages(rewards, estimator="dr_grpo" if estimator == "reinforce_pp" else estimator)
+
+    def normalize_batch(self, ro: Rollouts) -> None:
+        """REINFORCE++: the group-baselined advantages of the step's groups over every replica, normalised by
+        their mean and std (a collective over DP). Groups without signal (all zero: equal rewards, or the
+        fillers that keep replicas in step) stay zero and are left out of the statistics."""
+        if self.cfg.advantage_estimator != "reinforce_pp":
+            return
+        adv = ro.advantages  # [groups, G]
+        signal = adv.ne(0).any(dim=1)  # [groups]
+        moments = batch_moments(adv[signal]).to(self.device)
+        if self.groups.dp_size > 1:
+            dist.all_reduce(moments, group=self.groups.dp)
+        if float(moments[0]) < 2:  # fewer than two values with signal in the whole batch: nothing to scale
+            return
+        ro.advantages = torch.where(signal[:, None], batch_normalize(adv, moments=moments.cpu()), torch.zeros_like(adv))
 
     def _decode(self, ids: list[int]) -> str:
         """Response text for the rewards: without the stop token that ended it (it stays in the token
@@ -331,10 +374,15 @@ class GRPOTrainer:
                 known = grid(given.to(logp.dtype))
                 diff = logprob_diff(engine_grid, grid(old_owned), known, num_global_tokens=1.0)
                 diff = torch.stack([diff["mean"], known.sum(), diff["max"]])  # [sum |e - o|, tokens, max]
+            seq_ratio = None
+            if cfg.loss.policy_loss == "gspo":  # one ratio per response: its log-ratios summed over every CP rank
+                seq_ratio = sequence_log_ratio_sum(grid(logp), grid(old_owned), mask)
+                if groups.cp_size > 1:
+                    dist.all_reduce(seq_ratio, group=groups.cp)
             loss, metrics = grpo_loss(
                 grid(logp), grid(old_owned), None if ref is None else grid(ref[plan.owned]),
                 advantages, mask, cfg.loss, entropy=grid(entropy.detach()), engine_logp=engine_grid,
-                num_global_tokens=1.0, num_global_sequences=1.0, seq_num_tokens=lengths_d,
+                num_global_tokens=1.0, num_global_sequences=1.0, seq_num_tokens=lengths_d, seq_log_ratio_sum=seq_ratio,
             )
             # per-token loss normalisation by megatron: count each target (or each sequence) once
             if seq_level:
@@ -398,6 +446,7 @@ class GRPOTrainer:
             self.optimizer.zero_grad()
             metrics["skipped"] = 1.0
             return metrics
+        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])  # the rate this update uses
         ok, grad_norm, _ = self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step(increment=1)
@@ -420,19 +469,36 @@ class GRPOTrainer:
             rounds.append(ro)
             need = sampler.add([(ro, i) for i in range(len(ro.prompts))], ro.rewards)
         kept, stats = sampler.take()
-        if not kept:  # nothing with signal: train on the last round anyway (advantages are zero)
-            kept = [(ro, i) for i in range(len(ro.prompts))][: cfg.prompts_per_step]
+        # Every data-parallel replica trains on the same number of groups: the optimizer steps (and the
+        # gradient all-reduce in each) follow it. A replica short of the most any replica kept fills up
+        # with its own dropped groups, whose advantages are zero (no policy gradient); with nothing kept
+        # anywhere, every replica trains on prompts_per_step such groups.
+        target = self._agree_max(len(kept)) or cfg.prompts_per_step
+        chosen = {(id(r), i) for r, i in kept}
+        spare = [(r, i) for r in reversed(rounds) for i in range(len(r.prompts)) if (id(r), i) not in chosen]
+        filled = spare[: max(target - len(kept), 0)]
+        kept = kept + filled
         merged = Rollouts(
             prompts=[r.prompts[i] for r, i in kept],
             responses=[r.responses[i] for r, i in kept],
             rewards=torch.stack([r.rewards[i] for r, i in kept]),
             parts={k: torch.stack([r.parts[k][i] for r, i in kept]) for k in kept[0][0].parts},
-            advantages=torch.stack([r.advantages[i] for r, i in kept]),
+            advantages=torch.stack([r.advantages[i] if (id(r), i) in chosen else torch.zeros_like(r.advantages[i])
+                                    for r, i in kept]),
             generated_rewards=torch.cat([r.rewards for r in rounds]),
             generated_parts={k: torch.cat([r.parts[k] for r in rounds]) for k in rounds[0].parts},
             engine_logprobs=None if kept[0][0].engine_logprobs is None else [r.engine_logprobs[i] for r, i in kept],
         )
-        return merged, {"groups_dropped": float(stats.num_dropped_groups), "refill_rounds": float(stats.num_rounds)}
+        return merged, {"groups_dropped": float(stats.num_dropped_groups), "refill_rounds": float(stats.num_rounds),
+                        "groups_filled": float(len(filled))}
+
+    def _agree_max(self, value: int) -> int:
+        """The largest ``value`` over the data-parallel replicas (every rank calls it)."""
+        if self.groups.dp_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.groups.dp)
+        return int(t.item())
 
     def step(self, draw: Callable[[int], list[RLPrompt]]) -> dict:
         """One GRPO step; ``draw(k)`` returns k new prompts for this replica. Returns the metrics."""
@@ -447,6 +513,7 @@ class GRPOTrainer:
         times["time/sync"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         ro, sample_stats = self.collect(draw)
+        self.normalize_batch(ro)
         if self.engine is not None:
             self.engine.sleep()
         times["time/rollout"] = time.perf_counter() - t1

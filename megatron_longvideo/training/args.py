@@ -41,16 +41,28 @@ def model_options(args) -> dict:
             "transformer_impl": args.transformer_impl, "params_dtype": params_dtype(args)}
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's help with its default shown once: appended unless the help already says what the default
+    is, and left out where there is none to show (None, a switch that is off)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser(description: str = "") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--config", help="JSON file of flag values (command-line flags override it)")
     g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--context-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--cp-comm-type", default="all_gather", choices=("all_gather", "a2a", "p2p"))
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="ranks that split each layer's weights (Megatron TP)")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="pipeline stages (SFT / pretraining; GRPO needs 1)")
+    g.add_argument("--context-parallel-size", type=int, default=1, help="ranks that split each sequence (CP): long videos' tokens spread over them")
+    g.add_argument("--sequence-parallel", action="store_true", help="shard the activations between TP regions over the TP ranks (Megatron SP)")
+    g.add_argument("--cp-comm-type", default="all_gather", choices=("all_gather", "a2a", "p2p"), help="how CP ranks exchange keys and values: all_gather, a2a (Ulysses-style) or p2p (ring)")
     g.add_argument("--encode-group", default="tp_cp", choices=("tp_cp", "cp"),
                    help="ranks that split one video's frames (parallel encoding)")
     g = p.add_argument_group("model (defaults: the tiny CPU demo model)")
@@ -62,14 +74,14 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                    help="qwen2_5_vl: tower layers (0-based) with full attention (default: the last)")
     g.add_argument("--mrope-section", type=int, nargs=3, default=None,
                    help="qwen2_5_vl: rotary frequencies per temporal / height / width row (default: 1/4, 3/8, 3/8 of head_dim / 2)")
-    g.add_argument("--num-layers", type=int, default=2)
-    g.add_argument("--hidden-size", type=int, default=64)
-    g.add_argument("--num-attention-heads", type=int, default=4)
-    g.add_argument("--num-query-groups", type=int, default=2)
+    g.add_argument("--num-layers", type=int, default=2, help="LLM transformer layers")
+    g.add_argument("--hidden-size", type=int, default=64, help="LLM hidden size")
+    g.add_argument("--num-attention-heads", type=int, default=4, help="LLM attention heads")
+    g.add_argument("--num-query-groups", type=int, default=2, help="LLM key/value heads (grouped-query attention)")
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden size")
     g.add_argument("--rotary-base", type=float, default=10000.0, help="RoPE base (Qwen2: 1e6)")
     g.add_argument("--norm-epsilon", type=float, default=1e-6, help="RMSNorm epsilon of the LLM")
-    g.add_argument("--max-position-embeddings", type=int, default=32768)
+    g.add_argument("--max-position-embeddings", type=int, default=32768, help="longest sequence the rotary tables cover")
     tie = g.add_mutually_exclusive_group()
     tie.add_argument("--untie-embeddings-and-output-weights", dest="tie_embeddings", action="store_false",
                      help="separate input embedding and output layer (the default here)")
@@ -77,10 +89,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                      help="share the input embedding with the output layer")
     g.set_defaults(tie_embeddings=False)
     g.add_argument("--image-size", type=int, default=32, help="frame side in pixels the vision tower takes")
-    g.add_argument("--patch-size", type=int, default=8)
-    g.add_argument("--vision-hidden-size", type=int, default=32)
-    g.add_argument("--vision-num-layers", type=int, default=2)
-    g.add_argument("--vision-num-attention-heads", type=int, default=2)
+    g.add_argument("--patch-size", type=int, default=8, help="vision tower patch side in pixels")
+    g.add_argument("--vision-hidden-size", type=int, default=32, help="vision tower hidden size")
+    g.add_argument("--vision-num-layers", type=int, default=2, help="vision tower layers")
+    g.add_argument("--vision-num-attention-heads", type=int, default=2, help="vision tower attention heads")
     g.add_argument("--vision-ffn-hidden-size", type=int, default=None, help="ViT MLP width (default: 4 x its hidden size)")
     g.add_argument("--hf-config", default=None, metavar="DIR",
                    help="take every model shape from a Hugging Face folder's config.json (LLaVA-OneVision); "
@@ -112,7 +124,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--synthetic-data", help="write (once) and use the synthetic dataset and tokenizer in this folder")
     g.add_argument("--num-frames", type=int, default=8, help="frames sampled uniformly per video")
     g.add_argument("--fps", type=float, default=None, help="sample at this rate instead (capped by --max-frames)")
-    g.add_argument("--max-frames", type=int, default=512)
+    g.add_argument("--max-frames", type=int, default=512, help="most frames sampled per video (caps --fps sampling; the encoder refuses longer videos)")
     g.add_argument("--seq-length", type=int, default=None, help="pad every micro-batch to this (needed for PP > 1)")
     g.add_argument("--num-workers", type=int, default=0,
                    help="worker processes per rank that decode the next samples while a step trains (the SFT / "
@@ -124,31 +136,31 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--on-bad-input", default="skip", choices=["raise", "skip"],
                    help="skip: a bad record or video is dropped, counted by reason and reported; raise: stop at the first")
     g = p.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--micro-batch-size", type=int, default=1, help="samples per micro-batch on each data-parallel replica")
     g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x DP (no accumulation)")
-    g.add_argument("--train-iters", type=int, default=100)
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-style", default="cosine", choices=("constant", "linear", "cosine"))
-    g.add_argument("--lr-decay-iters", type=int, default=None)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--train-iters", type=int, default=100, help="optimizer iterations (GRPO: steps) to train for")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
+    g.add_argument("--lr-warmup-iters", type=int, default=0, help="iterations of linear warm-up from 0 to --lr")
+    g.add_argument("--lr-decay-style", default="cosine", choices=("constant", "linear", "cosine"), help="learning-rate decay after the warm-up")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="iterations the decay spans (default: --train-iters)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.95, help="Adam beta2")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping threshold (0: off)")
+    g.add_argument("--use-distributed-optimizer", action="store_true", help="shard the optimizer state over data-parallel ranks (Megatron's distributed optimizer)")
+    g.add_argument("--seed", type=int, default=1234, help="random seed (weights, sampling, data order)")
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", help="checkpoint root to save into (a run resumes from it when it holds one)")
     g.add_argument("--load", help="checkpoint to start from when --save holds none")
     g.add_argument("--finetune", action="store_true", help="with --load: weights only, fresh optimizer, step 0")
     g.add_argument("--save-interval", type=int, default=0, help="0: save at the end only")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="0: keep all")
-    g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--exit-interval", type=int, default=None, help="stop (after saving) when the iteration is a multiple of this; run again to resume")
     g.add_argument("--no-verify-checksums", action="store_true", help="skip sha256 checks when loading")
-    g.add_argument("--log-interval", type=int, default=1)
-    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--log-interval", type=int, default=1, help="iterations between log lines")
+    g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here (rank 0)")
     return p
 
 
@@ -406,3 +418,39 @@ def train_config(args):
 def run_config(args, stage: str) -> dict:
     """The run's flags as a JSON-able dict (saved with every checkpoint)."""
     return {"stage": stage, **{k: v for k, v in vars(args).items()}}
+
+
+def validate_inputs(args, *, data_flags=("data_path",), checkpoint_flags=("load",)) -> None:
+    """Check, before any model is built, that the files a run reads exist: the records file(s), the video
+    root, the tokenizer and the checkpoints to start from. One ``ValueError`` lists every problem, a line
+    each naming the flag, the path and what was expected (not the first alone: a run that will fail on
+    its third path should not take three restarts to say so)."""
+    from megatron_longvideo.checkpoint.dist_ckpt import find_checkpoint
+
+    problems = []
+
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    for name in data_flags:
+        path = getattr(args, name, None)
+        if path and not os.path.isfile(path):
+            what = "is a directory" if os.path.isdir(path) else "does not exist"
+            problems.append(f"{flag(name)} {path}: {what}; expected a records file (.jsonl or .json)")
+    root = getattr(args, "video_root", None)
+    if root and not os.path.isdir(root):
+        problems.append(f"--video-root {root}: {'is a file' if os.path.exists(root) else 'does not exist'}; "
+                        "expected the folder the records' video paths are relative to")
+    tok = getattr(args, "tokenizer", None)
+    if tok and tok != "bytes" and not os.path.exists(tok):
+        problems.append(f"--tokenizer {tok}: does not exist; expected a sentencepiece .model file or a Hugging Face "
+                        "tokenizer folder")
+    for name in checkpoint_flags:
+        path = getattr(args, name, None)
+        if path and find_checkpoint(path) is None:
+            what = "does not exist" if not os.path.exists(path) else "holds no complete checkpoint"
+            problems.append(f"{flag(name)} {path}: {what}; expected a checkpoint folder (iter_* with a manifest) "
+                            "or a save root holding one")
+    if problems:
+        raise ValueError("; ".join(problems) if len(problems) == 1 else
+                         f"{len(problems)} inputs are wrong: " + "; ".join(problems))

@@ -114,6 +114,7 @@ def run_stage(stage: str, args):
         resolve_tokenizer,
         run_config,
         train_config,
+        validate_inputs,
     )
     from megatron_longvideo.training.loop import train
     from megatron_longvideo.training.vlm_step import vlm_loss_step
@@ -134,6 +135,7 @@ def run_stage(stage: str, args):
         for flag in ("data_path", "video_root", "tokenizer"):
             if not getattr(args, flag):
                 raise ValueError(f"--{flag.replace('_', '-')} is required (or --synthetic-data DIR)")
+        validate_inputs(args)
         tokenizer = load_tokenizer_for(args)
         cfg = model_config(args, tokenizer)
         from megatron_longvideo.models import video_token_counter

@@ -85,6 +85,7 @@ def test_lazy_frames_equal_decode_video_and_decode_only_what_is_asked(videos, na
         start, stop = FrameShard(rank=rank, size=3).frames_of(len(lazy))
         lazy.decode_shard(FrameShard(rank=rank, size=3))
         assert lazy.num_decoded == stop - start and lazy.decoded_positions() == list(range(start, stop))
+        assert len(lazy._store.blocks) == 1  # one tensor per request: a worker shares it through one descriptor
         pieces.append(lazy.frames(start, stop))
         assert lazy.num_decoded == stop - start  # asking again decodes nothing
     assert torch.equal(torch.cat(pieces), full.frames)
@@ -96,6 +97,7 @@ def test_lazy_frames_equal_decode_video_and_decode_only_what_is_asked(videos, na
     again = pickle.loads(pickle.dumps(lazy))  # as a DataLoader worker sends it
     assert again.decoded_positions() == [0, 4, 9] and again.num_decoded == 3
     assert torch.equal(again.frames(4, 5), full.frames[4:5]) and again.num_decoded == 3
+    assert torch.equal(again[4], full.frames[4]) and torch.equal(again[-1], full.frames[-1])  # an int: a frame
 
 
 def test_a_slice_past_the_cut_fails_with_the_file_named(videos):

@@ -1,9 +1,16 @@
-"""Group-relative advantages against hand-computed values."""
+"""Advantages (GRPO, Dr.GRPO, RLOO, REINFORCE++) and DAPO's overlong penalty against hand-computed values."""
 
 import pytest
 import torch
 
-from megatron_longvideo.rl.advantages import degenerate_groups, group_advantages
+from megatron_longvideo.rl.advantages import (
+    batch_moments,
+    batch_normalize,
+    compute_advantages,
+    degenerate_groups,
+    group_advantages,
+    overlong_penalty,
+)
 
 
 def test_grpo_unbiased_std_by_hand():
@@ -78,3 +85,122 @@ def test_bad_arguments(kwargs, match):
     rewards = kwargs.pop("rewards")
     with pytest.raises(ValueError, match=match):
         group_advantages(rewards, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- #
+# compute_advantages: RLOO, REINFORCE++ with baseline
+
+
+def test_compute_advantages_grpo_and_dr_grpo_are_group_advantages():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.rand(5, 4, generator=g)
+    torch.testing.assert_close(compute_advantages(rewards), group_advantages(rewards))
+    torch.testing.assert_close(compute_advantages(rewards, estimator="dr_grpo"), group_advantages(rewards, scale="none"))
+    torch.testing.assert_close(compute_advantages(rewards.view(-1), estimator="grpo", group_size=4, unbiased=False),
+                               group_advantages(rewards, unbiased=False).view(-1))
+
+
+def test_rloo_by_hand_and_leave_one_out_definition():
+    # [1, 0, 0, 0]: baselines mean of the others = 0, 1/3, 1/3, 1/3 -> A = 1, -1/3, -1/3, -1/3
+    #   (= 4/3 * (r - 0.25)). [2, 0, 1, 1]: baselines 2/3, 4/3, 1, 1 -> A = 4/3, -4/3, 0, 0.
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [2.0, 0.0, 1.0, 1.0]])
+    expected = torch.tensor([[1.0, -1 / 3, -1 / 3, -1 / 3], [4 / 3, -4 / 3, 0.0, 0.0]])
+    torch.testing.assert_close(compute_advantages(rewards, estimator="rloo"), expected)
+    g = torch.Generator().manual_seed(1)
+    rewards = torch.rand(3, 5, generator=g, dtype=torch.float64)
+    loo = torch.stack([rewards[:, i] - torch.cat([rewards[:, :i], rewards[:, i + 1:]], dim=1).mean(dim=1)
+                       for i in range(5)], dim=1)
+    torch.testing.assert_close(compute_advantages(rewards, estimator="rloo"), loo)
+    torch.testing.assert_close(compute_advantages(rewards.view(-1), estimator="rloo", group_size=5), loo.view(-1))
+
+
+def test_reinforce_pp_by_hand():
+    # Groups [1, 0] and [3, 1]: baselined B = [0.5, -0.5], [1, -1]; batch mean 0, sum of squares 2.5.
+    #   unbiased std = sqrt(2.5 / 3) = 0.9128709 -> A = B / std = +-0.5477226, +-1.0954451
+    #   biased std   = sqrt(2.5 / 4) = 0.7905694 -> A = +-0.6324555, +-1.2649111
+    rewards = torch.tensor([[1.0, 0.0], [3.0, 1.0]])
+    expected = torch.tensor([[0.5477226, -0.5477226], [1.0954451, -1.0954451]])
+    torch.testing.assert_close(compute_advantages(rewards, estimator="reinforce_pp", eps=0.0), expected)
+    expected = torch.tensor([[0.6324555, -0.6324555], [1.2649111, -1.2649111]])
+    torch.testing.assert_close(compute_advantages(rewards, estimator="reinforce_pp", eps=0.0, unbiased=False), expected)
+
+
+def test_reinforce_pp_halves_with_combined_statistics_equal_the_whole_batch():
+    """Two data-parallel ranks with 2 and 4 groups: their moments summed (by an in-place all-reduce, or
+    precomputed) give the whole batch's advantages on each rank's own groups."""
+    g = torch.Generator().manual_seed(2)
+    rewards = torch.rand(6, 4, generator=g)
+    rewards[3] = 0.5  # a degenerate group: exactly zero
+    whole = compute_advantages(rewards, estimator="reinforce_pp")
+    assert torch.equal(whole[3], torch.zeros(4))
+    halves = [rewards[:2], rewards[2:]]
+    local = [batch_moments(compute_advantages(h, estimator="dr_grpo")) for h in halves]
+
+    def all_reduce_for(rank):
+        def all_reduce(t):  # sums the other rank's moments in, in place, like torch.distributed.all_reduce
+            t.add_(local[1 - rank])
+        return all_reduce
+
+    by_all_reduce = [compute_advantages(h, estimator="reinforce_pp", all_reduce=all_reduce_for(r))
+                     for r, h in enumerate(halves)]
+    torch.testing.assert_close(torch.cat(by_all_reduce), whole)
+    by_moments = [compute_advantages(h, estimator="reinforce_pp", global_moments=local[0] + local[1]) for h in halves]
+    torch.testing.assert_close(torch.cat(by_moments), whole)
+    # one rank alone is normalised by its own statistics: different
+    assert not torch.allclose(compute_advantages(halves[0], estimator="reinforce_pp"), whole[:2])
+
+
+def test_batch_normalize_and_moments():
+    x = torch.tensor([1.0, 2.0, 3.0, 6.0])  # mean 3, unbiased var (4 + 1 + 0 + 9) / 3 = 14/3
+    torch.testing.assert_close(batch_moments(x), torch.tensor([4.0, 12.0, 50.0], dtype=torch.float64))
+    std = (14 / 3) ** 0.5
+    torch.testing.assert_close(batch_normalize(x, eps=0.0), (x - 3) / std)
+    assert torch.equal(batch_normalize(torch.full((3,), 2.0)), torch.zeros(3))  # zero variance
+    assert batch_normalize(torch.zeros(0)).shape == (0,)
+
+
+def test_all_groups_degenerate_gives_zero_for_every_estimator():
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.2, 0.2, 0.2]])
+    for estimator in ("grpo", "dr_grpo", "rloo", "reinforce_pp"):
+        assert torch.equal(compute_advantages(rewards, estimator=estimator), torch.zeros(2, 3)), estimator
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(estimator="ppo"), "estimator"),
+        (dict(estimator="rloo", rewards=torch.zeros(3, 1)), "group_size"),
+        (dict(estimator="rloo", rewards=torch.zeros(6), group_size=4), "group_size"),
+        (dict(estimator="rloo", eps=-1.0), "eps"),
+        (dict(estimator="grpo", global_moments=torch.ones(3)), "global_moments"),
+        (dict(estimator="rloo", all_reduce=lambda t: None), "global_moments"),
+        (dict(estimator="reinforce_pp", global_moments=torch.ones(3), all_reduce=lambda t: None), "global_moments"),
+        (dict(estimator="reinforce_pp", global_moments=torch.ones(4)), "global_moments"),
+        (dict(estimator="reinforce_pp", global_moments=torch.tensor([1.0, 0.0, 0.0])), "global_moments"),
+    ],
+)
+def test_compute_advantages_bad_arguments(kwargs, match):
+    rewards = kwargs.pop("rewards", torch.rand(2, 3))
+    with pytest.raises(ValueError, match=match):
+        compute_advantages(rewards, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- #
+# DAPO overlong penalty
+
+
+def test_overlong_penalty_boundaries():
+    # L_max = 100, L_cache = 20: 0 up to 80, then (80 - L) / 20 down to -1 at 100, -1 beyond.
+    lengths = torch.tensor([0, 79, 80, 81, 90, 99, 100, 101, 150])
+    expected = torch.tensor([0.0, 0.0, 0.0, -0.05, -0.5, -0.95, -1.0, -1.0, -1.0])
+    torch.testing.assert_close(overlong_penalty(lengths, 100, 20), expected)
+    torch.testing.assert_close(overlong_penalty(lengths.tolist(), 100, 20, factor=0.5), 0.5 * expected)
+    # buffer 0: a hard cut at L_max; buffer = L_max: a ramp from length 0
+    torch.testing.assert_close(overlong_penalty([99, 100, 101], 100, 0), torch.tensor([0.0, 0.0, -1.0]))
+    torch.testing.assert_close(overlong_penalty([0, 50, 100, 101], 100, 100), torch.tensor([0.0, -0.5, -1.0, -1.0]))
+    out = overlong_penalty(torch.tensor([[90.0, 10.0]], dtype=torch.float64), 100, 20)
+    assert out.dtype == torch.float64 and out.shape == (1, 2)
+    for kwargs, match in [(dict(max_len=0, buffer=0), "max_len"), (dict(max_len=10, buffer=11), "buffer"),
+                          (dict(max_len=10, buffer=-1), "buffer"), (dict(max_len=10, buffer=2, factor=-1.0), "factor")]:
+        with pytest.raises(ValueError, match=match):
+            overlong_penalty([1], **kwargs)

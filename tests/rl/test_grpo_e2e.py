@@ -46,7 +46,7 @@ def _family(family, tok):
     return cfg, build_vlm, 32, cfg.vision.num_video_tokens
 
 
-def _setup(tok_path, cp, pack, split=None, family="llava_onevision", tis=None, view=None, kind="hf"):
+def _setup(tok_path, cp, pack, split=None, family="llava_onevision", tis=None, view=None, kind="hf", algo=None):
     from megatron_longvideo.data.tokenizer import load_tokenizer
     from megatron_longvideo.models.video_cache import content_id_of_frames
     from megatron_longvideo.parallel.groups import ParallelConfig, initialize_parallel
@@ -85,6 +85,11 @@ def _setup(tok_path, cp, pack, split=None, family="llava_onevision", tis=None, v
         rewards=((f"{__name__}:text_length_reward", 1.0), ("format", 0.1)),
         update_epochs=2, groups_per_microbatch=1, log_samples_every=0,
     )
+    if algo:  # another policy loss / advantage estimator / reward shaping
+        import dataclasses
+
+        grpo = dataclasses.replace(grpo, loss=dataclasses.replace(grpo.loss, **algo.get("loss", {})),
+                                   **{k: v for k, v in algo.items() if k != "loss"})
     if kind == "megatron":  # generation on the policy itself
         engine = build_engine("megatron", cfg, policy=ddp, groups=groups, tokenizer=tok, pad_token_id=tok.pad_id)
     else:
@@ -112,13 +117,14 @@ def _setup(tok_path, cp, pack, split=None, family="llava_onevision", tis=None, v
     return trainer, prompts, ddp, groups
 
 
-def _worker(rank, world_size, tok_path, pack, split=None, family="llava_onevision", tis=None, view=None, kind="hf"):
+def _worker(rank, world_size, tok_path, pack, split=None, family="llava_onevision", tis=None, view=None, kind="hf",
+            algo=None):
     init_cpu_dist()
     from megatron_longvideo.checkpoint.full_state import gather_full_state
     from megatron_longvideo.models.llm import unwrap
     from megatron_longvideo.parallel.groups import destroy_parallel
 
-    trainer, prompts, ddp, groups = _setup(tok_path, world_size, pack, split, family, tis, view, kind)
+    trainer, prompts, ddp, groups = _setup(tok_path, world_size, pack, split, family, tis, view, kind, algo)
     queue = list(prompts)
     draw = lambda k: [queue.pop(0) for _ in range(k)]  # noqa: E731
     losses, rewards = [], []
@@ -160,6 +166,38 @@ def test_two_grpo_steps_cp2_packed_equal_world1_unpacked(tmp_path, family):
     assert m["cache/hits_this_step"] > 0, "the old-policy, reference and update passes should reuse the cached video"
     # the weights moved: the comparison is not between two untouched models
     assert any(m[k] > 0 for k in ("train/grad_norm",))
+
+
+ALGORITHMS = {
+    "gspo+reinforce_pp+overlong": {"loss": {"policy_loss": "gspo", "clip_eps_low": 3e-4, "clip_eps_high": 4e-4,
+                                            "kl_importance_weight": True, "aggregation": "seq_mean"},
+                                   "advantage_estimator": "reinforce_pp", "overlong_buffer": 3},
+    "cispo+rloo": {"loss": {"policy_loss": "cispo", "clip_eps_low": 1.0, "clip_eps_high": 0.28},
+                   "advantage_estimator": "rloo"},
+}
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_other_algorithms_at_cp2_packed_equal_world1_unpacked(tmp_path, name):
+    """GSPO's sequence ratio summed over the CP ranks, REINFORCE++'s batch statistics, CISPO and RLOO, the
+    overlong shaping and the importance-weighted KL: two steps at CP=2 packed equal world=1 unpacked."""
+    from megatron_longvideo.data.tokenizer import train_sentencepiece
+
+    tok_path = train_sentencepiece(VOCAB_TEXTS, str(tmp_path / "tok"), vocab_size=300)
+    algo = ALGORITHMS[name]
+    ref = run_ranks(_worker, 1, tok_path, False, None, "llava_onevision", None, None, "hf", algo)[0]
+    got = run_ranks(_worker, 2, tok_path, True, None, "llava_onevision", None, None, "hf", algo)
+    for r in got:
+        assert r["rewards"] == ref["rewards"]
+        for a, b in zip(r["losses"], ref["losses"]):
+            assert abs(a - b) <= 1e-5 * max(abs(b), 1e-3), (r["losses"], ref["losses"])
+        for k, w in ref["weights"].items():
+            err = ((r["weights"][k] - w).abs().max() / w.abs().max().clamp_min(1e-12)).item()
+            assert err <= 1e-5, f"{k}: updated weights differ by {err:.2e} (relative)"
+    m = ref["metrics"]
+    assert m["train/loss"] != 0.0 and m["train/grad_norm"] > 0
+    if "overlong_buffer" in algo:
+        assert "reward/overlong" in m and m["reward/overlong"] < 0, m  # 6-token responses, the limit 6, buffer 3
 
 
 def test_truncated_importance_sampling_and_logprob_diff_at_cp2_packed_equal_world1(tmp_path):
@@ -239,6 +277,53 @@ def test_dynamic_sampling_refills_then_trains_on_what_it_has(tmp_path):
     assert drawn == [2, 2], "two rounds of two prompts: every group had equal rewards"
     assert metrics["sampling/groups_dropped"] == 4.0 and metrics["sampling/refill_rounds"] == 2.0
     assert metrics["reward/std"] == 0.0 and metrics["train/skipped"] == 0.0
+
+
+def signal_or_flat_reward(inp) -> float:
+    """A user reward: constant for a prompt whose answer is 'FLAT' (its group is dropped), else a number that
+    differs between different texts."""
+    return 0.5 if inp.answer == "FLAT" else sum(map(ord, inp.response)) % 97 / 97.0
+
+
+def _replicas_worker(rank, world_size, tok_path):
+    init_cpu_dist()
+    import dataclasses
+
+    from megatron_longvideo.parallel.groups import destroy_parallel
+    from megatron_longvideo.rl.rewards import GroundTruth
+
+    trainer, prompts, ddp, groups = _setup(tok_path, 1, True)  # CP=1 on 2 ranks: two data-parallel replicas
+    assert groups.dp_size == 2
+    trainer.cfg = dataclasses.replace(trainer.cfg, dynamic_sampling=True, max_refill_rounds=1, num_minibatches=2,
+                                      update_epochs=1, rewards=((f"{__name__}:signal_or_flat_reward", 1.0),))
+    trainer.reward_spec = dict(trainer.cfg.rewards)
+    flat = GroundTruth(answer="FLAT", problem_type="free_form")
+    # replica 0: one group with signal and one without; replica 1: none with signal. Unagreed, replica 0
+    # would train on 1 group (one minibatch, one optimizer step), replica 1 on 2 (two): a hang.
+    mine = [prompts[0], dataclasses.replace(prompts[1], ground_truth=flat)] if rank == 0 else \
+        [dataclasses.replace(p, ground_truth=flat) for p in prompts[2:4]]
+    updates = []
+    step = trainer.optimizer.step
+
+    def counted_step(*args, **kwargs):
+        updates.append(1)
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = counted_step
+    metrics = trainer.step(lambda k: mine[:k])
+    destroy_parallel()
+    return {"updates": len(updates), "filled": metrics["sampling/groups_filled"],
+            "dropped": metrics["sampling/groups_dropped"]}
+
+
+def test_data_parallel_replicas_take_the_same_optimizer_steps_with_dynamic_sampling(tmp_path):
+    from megatron_longvideo.data.tokenizer import train_sentencepiece
+
+    tok_path = train_sentencepiece(VOCAB_TEXTS, str(tmp_path / "tok"), vocab_size=300)
+    results = run_ranks(_replicas_worker, 2, tok_path, timeout=180)  # unagreed, the ranks hang
+    assert results[0]["updates"] == results[1]["updates"] == 1, results  # one kept group -> one minibatch each
+    assert results[0]["filled"] == 0.0 and results[0]["dropped"] == 1.0, results
+    assert results[1]["filled"] == 1.0 and results[1]["dropped"] == 2.0, results  # filled with a dropped group
 
 
 def _nan_worker(rank, world_size, tok_path):

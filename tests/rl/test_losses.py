@@ -1,5 +1,7 @@
-"""GRPO loss: hand-computed values, clipping gradients, gradcheck, split-batch invariance."""
+"""GRPO loss (PPO, GSPO, CISPO; KL): hand-computed values, closed forms, clipping gradients, gradcheck,
+split-batch invariance."""
 
+import dataclasses
 import math
 
 import pytest
@@ -14,6 +16,7 @@ from megatron_longvideo.rl.losses import (
     kl_penalty,
     logprob_diff,
     needs_reference,
+    sequence_log_ratio_sum,
     truncated_is_weights,
 )
 
@@ -271,3 +274,251 @@ def test_logprob_diff_by_hand_and_over_split_batches():
     assert max(h["max"].item() for h in halves) == out["max"].item()
     none = logprob_diff(engine, trainer, torch.zeros_like(mask))
     assert none["mean"].item() == 0.0 and none["max"].item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- #
+# GSPO, CISPO, importance-weighted KL
+
+
+def test_policy_loss_config_defaults_and_validation():
+    cfg = GRPOLossConfig()
+    assert (cfg.policy_loss, cfg.kl_importance_weight) == ("ppo", False)
+    GRPOLossConfig(policy_loss="gspo", clip_eps_low=3e-4, clip_eps_high=4e-4)  # GSPO paper's ranges
+    GRPOLossConfig(policy_loss="cispo", clip_eps_low=1.0, clip_eps_high=4.0)  # no lower bound on the weight
+    GRPOLossConfig(policy_loss="gspo", dual_clip_c=3.0)
+    bad = [
+        (dict(policy_loss="trpo"), "policy_loss"),
+        (dict(policy_loss="cispo", clip_eps_low=1.5), "clip_eps_low"),
+        (dict(policy_loss="gspo", clip_eps_low=1.0), "clip_eps_low"),
+        (dict(policy_loss="cispo", dual_clip_c=3.0), "dual_clip_c"),
+        (dict(kl_importance_weight=1), "kl_importance_weight"),
+    ]
+    for kwargs, field in bad:
+        with pytest.raises(ValueError, match=field):
+            GRPOLossConfig(**kwargs)
+
+
+def gspo_case():
+    """Sequence 0: log-ratios (ln 2, 0), A = +1; sequence 1: (-0.1, 0.1, 0), A = -2; padding holds nan."""
+    old = torch.full((2, 3), -1.0, dtype=torch.float64)
+    logp = old + torch.tensor([[LN2, 0.0, 0.0], [-0.1, 0.1, 0.0]], dtype=torch.float64)
+    logp[0, 2] = math.nan
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    return logp.requires_grad_(), old, adv, mask
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
+def test_gspo_by_hand(aggregation):
+    # s_0 = exp((ln 2 + 0) / 2) = sqrt 2 = 1.414214 > 1.28 with A > 0: clipped, loss -1.28 on both tokens, no grad.
+    # s_1 = exp(0 / 3) = 1, A = -2: loss -min(-2, -2) = 2 on each of its 3 tokens; the sequence objective
+    #   f(s) = -A s = 2 s has d f / d logp_t = 2 * s / len = 2/3 per token.
+    # token_mean (5 tokens): (2 * -1.28 + 3 * 2) / 5 = 0.688, grad on sequence 1 = (1/5) * len * 2/3 = 0.4
+    # seq_mean:              (-1.28 + 2) / 2 = 0.36,         grad on sequence 1 = (1/2) * 2/3 = 1/3
+    logp, old, adv, mask = gspo_case()
+    cfg = GRPOLossConfig(policy_loss="gspo", clip_eps_low=0.2, clip_eps_high=0.28, aggregation=aggregation)
+    loss, metrics = grpo_loss(logp, old, None, adv, mask, cfg)
+    expected_loss, g = {"token_mean": (0.688, 0.4), "seq_mean": (0.36, 1 / 3)}[aggregation]
+    torch.testing.assert_close(loss, torch.tensor(expected_loss, dtype=torch.float64))
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0, 0.0], [g, g, g]], dtype=torch.float64))
+    assert metrics["clip_frac_high"].item() == pytest.approx(0.4)  # the 2 tokens of sequence 0, of 5
+    assert metrics["clip_frac_low"].item() == 0.0
+    assert metrics["ratio_mean"].item() == pytest.approx((2 * math.sqrt(2) + 3) / 5)
+
+
+def gspo_sequence_form(logp, old, adv, mask, cfg):
+    """Reference: GSPO written per sequence with autograd through the mean log-ratio; the per-sequence
+    loss f(s_i) is then spread over the sequence's tokens and aggregated like any token loss."""
+    m = mask.to(logp.dtype)
+    lengths = m.sum(dim=1)
+    s = torch.exp(torch.where(mask.bool(), logp - old, 0.0).sum(dim=1) / lengths)  # [n]
+    f = -torch.minimum(s * adv, s.clamp(1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high) * adv)  # [n]
+    if cfg.dual_clip_c is not None:
+        f = torch.where(adv < 0, torch.minimum(f, -cfg.dual_clip_c * adv), f)
+    if cfg.aggregation == "token_mean":
+        return (f * lengths).sum() / m.sum()
+    if cfg.aggregation == "seq_mean":
+        return f.mean()
+    return (f * lengths).sum() / (logp.shape[0] * cfg.norm_len)
+
+
+GSPO_CONFIGS = [
+    GRPOLossConfig(policy_loss="gspo", aggregation=a, norm_len=8, clip_eps_low=0.05, clip_eps_high=0.08, dual_clip_c=dc)
+    for a in AGGREGATIONS
+    for dc in (None, 1.1)
+]
+
+
+@pytest.mark.parametrize("cfg", GSPO_CONFIGS, ids=lambda c: f"{c.aggregation}-{c.dual_clip_c}")
+def test_gspo_equals_the_sequence_form_in_value_and_gradient(cfg):
+    logp, old, _, adv, mask = random_case(n=12, num_tokens=5, seed=7)
+    adv = adv.sign() * (adv.abs() + 0.1)
+    mine = logp.clone().requires_grad_()
+    loss, metrics = grpo_loss(mine, old, None, adv, mask, cfg)
+    loss.backward()
+    ref = logp.clone().requires_grad_()
+    expected = gspo_sequence_form(ref, old, adv, mask, cfg)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(mine.grad, torch.where(mask, ref.grad, 0.0))
+    assert metrics["clip_frac_low"] > 0 and metrics["clip_frac_high"] > 0  # both sides exercised
+
+
+@pytest.mark.parametrize("cfg", GSPO_CONFIGS[::2], ids=lambda c: c.aggregation)
+def test_gspo_context_parallel_halves_sum_to_the_whole(cfg):
+    """Each sequence's tokens split over two CP ranks: with the all-reduced sum of log-ratios and the full
+    lengths, the two partial losses (and gradients, and token-mean metrics) sum to the whole."""
+    logp, old, ref, adv, mask = random_case(n=12, num_tokens=5, seed=7)
+    cfg = dataclasses.replace(cfg, kl_beta=0.05)
+    whole = logp.clone().requires_grad_()
+    loss, metrics = grpo_loss(whole, old, ref, adv, mask, cfg)
+    loss.backward()
+
+    cols = logp.clone().requires_grad_()
+    halves = [slice(0, 2), slice(2, 5)]
+    # the all-reduce (SUM over the CP group) of each rank's partial per-sequence sums
+    seq_sum = sum(sequence_log_ratio_sum(logp[:, c], old[:, c], mask[:, c]) for c in halves)
+    norms = dict(num_global_tokens=mask.sum(), num_global_sequences=mask.shape[0], seq_num_tokens=mask.sum(dim=1))
+    results = [
+        grpo_loss(cols[:, c], old[:, c], ref[:, c], adv, mask[:, c], cfg, seq_log_ratio_sum=seq_sum, **norms)
+        for c in halves
+    ]
+    total = sum(r[0] for r in results)
+    total.backward()
+    torch.testing.assert_close(total, loss)
+    torch.testing.assert_close(cols.grad, whole.grad)
+    for name in ("clip_frac_low", "clip_frac_high", "ratio_mean", "approx_kl", "kl_ref"):
+        torch.testing.assert_close(sum(m[name] for _, m in results), metrics[name], msg=name)
+    # without the global sums a sharded sequence would use its local mean: refused
+    with pytest.raises(ValueError, match="seq_log_ratio_sum"):
+        grpo_loss(cols[:, :2], old[:, :2], ref[:, :2], adv, mask[:, :2], cfg, **norms)
+
+    # data parallel: rows split, no sequence sharded
+    rows = logp.clone().requires_grad_()
+    parts = [slice(0, 5), slice(5, 12)]
+    norms.pop("seq_num_tokens")
+    total = sum(grpo_loss(rows[r], old[r], ref[r], adv[r], mask[r], cfg, **norms)[0] for r in parts)
+    total.backward()
+    torch.testing.assert_close(total, loss)
+    torch.testing.assert_close(rows.grad, whole.grad)
+
+
+def test_gspo_argument_errors():
+    logp, old, adv, mask = gspo_case()
+    with pytest.raises(ValueError, match="seq_log_ratio_sum: only used"):
+        grpo_loss(logp, old, None, adv, mask, GRPOLossConfig(), seq_log_ratio_sum=torch.zeros(2))
+    cfg = GRPOLossConfig(policy_loss="gspo")
+    with pytest.raises(ValueError, match="seq_num_tokens: required"):
+        grpo_loss(logp, old, None, adv, mask, cfg, seq_log_ratio_sum=torch.zeros(2))
+    with pytest.raises(ValueError, match="seq_log_ratio_sum: expected"):
+        grpo_loss(logp, old, None, adv, mask, cfg, seq_log_ratio_sum=torch.zeros(3), seq_num_tokens=torch.ones(2))
+    # on-policy: every s_i is 1, the loss is -mean A
+    loss, _ = grpo_loss(logp, None, None, adv, mask, cfg)
+    assert loss.item() == pytest.approx(-(2 * 1.0 + 3 * -2.0) / 5)
+
+
+def test_cispo_by_hand_gradient_is_the_clipped_weight_times_advantage():
+    # Three one-token sequences, ratios r = 1.5, 0.5, 1.0 and A = +1, -2, +1; eps_low 0.2, eps_high 0.28:
+    #   w = sg(clip(r, 0.8, 1.28)) = 1.28, 0.8, 1.0;  l = -w A logp;  d l / d logp = -w A = -1.28, 1.6, -1.0
+    # token mean over 3: value -(1.28 logp_0 - 1.6 logp_1 + logp_2) / 3, gradient -w A / 3. The first token
+    # is clipped high with A > 0, which PPO would give zero gradient; CISPO keeps it.
+    old = torch.full((3, 1), -1.0, dtype=torch.float64)
+    logp = (old + torch.tensor([[1.5], [0.5], [1.0]], dtype=torch.float64).log()).requires_grad_()
+    adv = torch.tensor([1.0, -2.0, 1.0], dtype=torch.float64)
+    mask = torch.ones(3, 1)
+    cfg = GRPOLossConfig(policy_loss="cispo", clip_eps_low=0.2, clip_eps_high=0.28)
+    loss, metrics = grpo_loss(logp, old, None, adv, mask, cfg)
+    w = torch.tensor([1.28, 0.8, 1.0], dtype=torch.float64)
+    lp = logp.detach()[:, 0]
+    torch.testing.assert_close(loss, -(w * adv * lp).sum() / 3)
+    loss.backward()
+    torch.testing.assert_close(logp.grad[:, 0], -w * adv / 3)
+    assert metrics["clip_frac_high"].item() == pytest.approx(1 / 3)
+    assert metrics["clip_frac_low"].item() == pytest.approx(1 / 3)
+    assert metrics["ratio_mean"].item() == pytest.approx(1.0)
+    # clip_eps_low = 1: no lower bound, the r = 0.5 token keeps weight 0.5
+    logp.grad = None
+    loss, _ = grpo_loss(logp, old, None, adv, mask, dataclasses.replace(cfg, clip_eps_low=1.0))
+    loss.backward()
+    torch.testing.assert_close(logp.grad[:, 0], -torch.tensor([1.28, 0.5, 1.0], dtype=torch.float64) * adv / 3)
+
+
+def test_cispo_never_zeroes_a_gradient_and_matches_closed_form_on_random_data():
+    logp, old, _, adv, mask = random_case(n=6, num_tokens=5, seed=3)
+    x = logp.clone().requires_grad_()
+    cfg = GRPOLossConfig(policy_loss="cispo", clip_eps_low=0.2, clip_eps_high=0.28, aggregation="seq_mean")
+    loss, _ = grpo_loss(x, old, None, adv, mask, cfg)
+    loss.backward()
+    w = torch.exp(logp - old).clamp(0.8, 1.28)
+    lengths = mask.sum(dim=1, keepdim=True)
+    expected = torch.where(mask, -w * adv[:, None] / lengths / mask.shape[0], 0.0)
+    torch.testing.assert_close(x.grad, expected)
+    assert (x.grad[mask] != 0).all()
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [GRPOLossConfig(policy_loss="gspo", aggregation=a, norm_len=8, kl_beta=0.05, kl_estimator=k, clip_eps_high=0.28,
+                    dual_clip_c=1.4) for a in AGGREGATIONS for k in ("k1", "k3")],
+    ids=lambda c: f"{c.aggregation}-{c.kl_estimator}",
+)
+def test_gradcheck_fp64_gspo(cfg):
+    """GSPO's per-token gradient is the true derivative of its (sequence-form) value. CISPO and the
+    importance-weighted KL are not gradchecked: their detached weights make the gradient differ from the
+    value's derivative by design; their closed-form gradients are tested above and below."""
+    logp, old, ref, adv, mask = random_case(n=3, num_tokens=4, seed=1)
+    logp.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: grpo_loss(x, old, ref, adv, mask, cfg)[0], (logp,))
+
+
+def test_cispo_split_batch_matches_whole():
+    logp, old, ref, adv, mask = random_case()
+    cfg = GRPOLossConfig(policy_loss="cispo", aggregation="seq_mean", kl_beta=0.05)
+    whole = logp.clone().requires_grad_()
+    loss, _ = grpo_loss(whole, old, ref, adv, mask, cfg)
+    loss.backward()
+    cols = logp.clone().requires_grad_()
+    norms = dict(num_global_tokens=mask.sum(), num_global_sequences=mask.shape[0], seq_num_tokens=mask.sum(dim=1))
+    total = sum(grpo_loss(cols[:, c], old[:, c], ref[:, c], adv, mask[:, c], cfg, **norms)[0]
+                for c in (slice(0, 2), slice(2, 5)))
+    total.backward()
+    torch.testing.assert_close(total, loss)
+    torch.testing.assert_close(cols.grad, whole.grad)
+
+
+def test_importance_weighted_kl_is_unbiased_under_the_old_policy_by_enumeration():
+    """One step over a 5-token vocabulary: the exact expectation under pi_old (a weighted sum over every
+    token, no sampling) of the weighted estimator is KL(pi || ref); of the unweighted k3 it is not."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    old, logp, ref = torch.log_softmax(logits, dim=-1).unbind()  # [5] each
+    exact = (logp.exp() * (logp - ref)).sum()  # KL(pi || ref)
+    p_old = old.exp()
+    for estimator in ("k1", "k3"):
+        weighted = kl_penalty(logp, ref, estimator, old_logp=old)
+        torch.testing.assert_close((p_old * weighted).sum(), exact, msg=estimator)
+    plain = (p_old * kl_penalty(logp, ref, "k3")).sum()
+    assert abs(plain - exact) > 1e-2
+    # and the unweighted k3 is exact on-policy (expectation under pi itself)
+    torch.testing.assert_close((logp.exp() * kl_penalty(logp, ref, "k3")).sum(), exact)
+
+
+def test_importance_weighted_kl_in_the_loss_by_hand():
+    # One token: logp = 0, old = -ln 2 (r = 2, detached weight), ref = ln 2: k3 = 0.306853, weighted 0.613706;
+    # d k3 / d logp = 1 - e^(ref - logp) = -1, weighted -2. A = 0, beta = 0.1: loss 0.0613706, grad -0.2.
+    logp = torch.zeros(1, 1, dtype=torch.float64, requires_grad=True)
+    old = torch.full((1, 1), -LN2, dtype=torch.float64)
+    ref = torch.full((1, 1), LN2, dtype=torch.float64)
+    adv, mask = torch.zeros(1, dtype=torch.float64), torch.ones(1, 1)
+    cfg = GRPOLossConfig(kl_beta=0.1, kl_importance_weight=True)
+    loss, metrics = grpo_loss(logp, old, ref, adv, mask, cfg)
+    torch.testing.assert_close(loss, torch.tensor(0.0613706, dtype=torch.float64), atol=1e-7, rtol=0)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.2]], dtype=torch.float64))
+    assert metrics["kl_ref"].item() == pytest.approx(0.613706, abs=1e-6)
+    # unweighted: half of that; on-policy (old = None): the weight is 1
+    plain, _ = grpo_loss(logp, old, ref, adv, mask, GRPOLossConfig(kl_beta=0.1))
+    assert plain.item() == pytest.approx(0.0306853, abs=1e-7)
+    on_policy, _ = grpo_loss(logp, None, ref, adv, mask, cfg)
+    assert on_policy.item() == pytest.approx(0.0306853, abs=1e-7)
