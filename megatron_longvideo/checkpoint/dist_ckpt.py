@@ -200,6 +200,9 @@ def save_checkpoint(root: str, step: int, *, model, groups: ParallelGroups, opti
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_longvideo.checkpoint.writer import install_writer_queue
+
+    install_writer_queue()  # megatron's writer queue manager, but one that dies with this process
     final = iter_dir(root, step)
     tmp = final + ".tmp"
     rank = dist.get_rank()

@@ -1,6 +1,8 @@
 """Rewards: hand-checked parses, the tag rules, adversarial inputs, the registry and batch sums."""
 
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -316,3 +318,159 @@ def test_compute_rewards_errors(monkeypatch):
     R.register_reward("broken", lambda inp: float("inf"))
     with pytest.raises(ValueError, match="broken"):
         R.compute_rewards(["a"], gts, {"broken": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------
+# Caps on normalised text: a cut answer matches only by what its start decides.
+
+
+def test_cut_answers_match_only_by_their_start():
+    # The raw text is cut before NFKC, so its "end" is unknown: "B" + spaces does not count as "B".
+    assert R.parse_choice("B" + " " * 50 + "x", OPTIONS, max_chars=20) is None
+    assert R.parse_choice("B) " + "\ufdfa" * 5, OPTIONS, max_chars=20) == 1  # closed letter: decided
+    assert R.parse_choice("blue" + "\ufdfa" * 5, OPTIONS, max_chars=20) is None  # 94 chars once NFKC'd
+    assert R.parse_choice("blue " + "\ufdfa", OPTIONS) is None  # uncut: no option's text either
+    assert R.parse_number("12" + "x" * 30, max_chars=20) == 12.0  # 3 characters follow: complete
+    assert R.parse_number("x" * 17 + "123456", max_chars=20) is None  # "123" might go on
+    assert R.parse_number("12e-" + "\ufdfa" * 3, max_chars=4) is None  # the exponent may go on
+    assert R.parse_number("1" * 30, max_chars=20) is None
+    # Exact match: "ab" + "..." * n normalises to "ab"; cut, it matches nothing.
+    ff = dict(answer="ab", problem_type="free_form")
+    assert R.exact_match_reward(RewardInput(response="<answer>ab" + "…" * 8 + "</answer>", **ff), max_chars=30) == 1.0
+    assert R.exact_match_reward(RewardInput(response="<answer>ab" + "…" * 10 + "</answer>", **ff), max_chars=30) == 0.0
+    assert R.normalize_text("Ａ" * 10, max_chars=4) == "aaaa"
+    with pytest.raises(ValueError, match="max_chars"):
+        R.parse_number("1", max_chars=0)
+
+
+def test_long_combining_runs_keep_their_first_30_marks():
+    assert R.normalize_text("a" + "\u0301" * 40) == R.normalize_text("a" + "\u0301" * 30)
+    assert R.normalize_text("a" + "\u0301" * 29) != R.normalize_text("a" + "\u0301" * 30)
+    # Half-width voiced marks decompose to combining marks: they count too.
+    assert R._cut_non_starter_runs("a" + "\uff9e" * 40) == "a" + "\uff9e" * 30
+    assert R._cut_non_starter_runs("x" * 40 + "a\u0301" * 40) == "x" * 40 + "a\u0301" * 40  # short runs kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Ground truths that cannot be scored.
+
+
+@pytest.mark.parametrize(
+    "gt, spec, reason",
+    [
+        (GroundTruth(answer="B", options=OPTIONS), None, None),
+        (GroundTruth(answer="blue", options=OPTIONS), None, None),
+        (GroundTruth(answer="C"), None, None),  # no options: letters compare
+        (GroundTruth(answer="12 s", problem_type="numeric"), None, None),
+        (GroundTruth(answer="Yes.", problem_type="free_form"), None, None),
+        (GroundTruth(answer="E", options=OPTIONS), None, "ground truth: answer names no option"),
+        (GroundTruth(answer="purple", options=OPTIONS), None, "ground truth: answer names no option"),
+        (GroundTruth(answer="purple"), None, "ground truth: answer names no option"),
+        (GroundTruth(answer="", options=OPTIONS), None, "ground truth: empty answer"),
+        (GroundTruth(answer="  ", problem_type="numeric"), None, "ground truth: empty answer"),
+        (GroundTruth(answer="?!", problem_type="free_form"), None, "ground truth: empty answer"),
+        (GroundTruth(answer="three", problem_type="numeric"), None, "ground truth: answer is not a number"),
+        (GroundTruth(answer="1e999", problem_type="numeric"), None, "ground truth: answer is not a number"),
+        (GroundTruth(answer="3", problem_type="essay"), None, "ground truth: unknown problem type"),
+        (GroundTruth(answer="B", options=("A. red", None)), None, "ground truth: unparsable options"),
+        (GroundTruth(answer="B", options="AB"), None, "ground truth: unparsable options"),
+        (GroundTruth(answer=3, problem_type="numeric"), None, "ground truth: malformed"),
+        (None, None, "ground truth: malformed"),
+        # The spec decides what is read: format and user rewards read no answer.
+        (GroundTruth(answer="E", options=OPTIONS), {"format": 1.0, "m:f": 1.0}, None),
+        (GroundTruth(answer="B", options=OPTIONS), ["numeric"], "ground truth: answer is not a number"),
+        (GroundTruth(answer="12", problem_type="numeric"), ["format", "multiple_choice"],
+         "ground truth: answer names no option"),
+    ],
+)
+def test_check_ground_truth(gt, spec, reason):
+    assert R.check_ground_truth(gt, spec) == reason
+
+
+def test_check_ground_truth_reads_the_data_side_record():
+    from megatron_longvideo.data.prompts import GroundTruth as RecordTruth
+
+    def record(answer, options=(("A", "red"), ("B", "blue"))):
+        return RecordTruth(problem_id="q1", problem_type="multiple choice", answer=answer, options=options)
+
+    assert R.check_ground_truth(record("B")) is None
+    assert R.check_ground_truth(record("E")) == "ground truth: answer names no option"
+    assert R.check_ground_truth(record("B", options=(("A",),))) == "ground truth: malformed"  # no option text
+
+
+# ---------------------------------------------------------------------------------------------
+# The failure channel of compute_rewards.
+
+
+def test_compute_rewards_reports_failures_and_nan_totals(monkeypatch):
+    monkeypatch.setattr(R, "REWARDS", dict(R.REWARDS))
+
+    def picky(inp):
+        return {"raise": lambda: 1 / 0, "nan": lambda: float("nan"), "text": lambda: "0.5"}.get(
+            inp.response, lambda: 0.25)()
+
+    R.register_reward("picky", picky)
+    mc, bad = GroundTruth(answer="B", options=OPTIONS), GroundTruth(answer="E", options=OPTIONS)
+    responses = ["ok", "raise", "nan", "text", wrap("B"), wrap("B")]
+    gts = [mc, mc, mc, mc, bad, bad]
+    ids = ["q0", "q1", "q2", "q3", "q4", "q4"]
+    failures = []
+    total, parts = R.compute_rewards(responses, gts, {"accuracy": 1.0, "picky": 2.0}, failures=failures, ids=ids)
+    assert [(f.index, f.reason) for f in failures] == [
+        (1, "reward: error"), (2, "reward: non-finite"), (3, "reward: not a number"),
+        (4, "ground truth: answer names no option"), (5, "ground truth: answer names no option"),
+    ]
+    assert all(isinstance(f, tuple) and len(f) == 3 and "\n" not in f.message for f in failures)
+    assert "'picky'" in failures[0].message and "'q1'" in failures[0].message
+    assert "ZeroDivisionError" in failures[0].message
+    assert "'accuracy'" in failures[3].message and "'q4'" in failures[3].message and "'E'" in failures[3].message
+    assert total[0].item() == 0.5 and total[1:].isnan().all()
+    assert parts["accuracy"][:4].tolist() == [0.0] * 4 and parts["accuracy"][4:].isnan().all()
+    # Without a failures list the first failure raises, naming the reward and the record.
+    with pytest.raises(ValueError, match="'picky' on record 'q1'.*ZeroDivisionError"):
+        R.compute_rewards(responses, gts, {"picky": 1.0}, ids=ids)
+    with pytest.raises(ValueError, match="'accuracy' on response 0: ground truth answer 'E' names no option"):
+        R.compute_rewards(responses[4:] * 3, gts[4:] * 3, {"accuracy": 1.0})
+    with pytest.raises(ValueError, match="ids"):
+        R.compute_rewards(responses, gts, {"picky": 1.0}, ids=ids[:2])
+    with pytest.raises(ValueError, match="time_limit_s"):
+        R.compute_rewards(responses, gts, {"picky": 1.0}, time_limit_s=0.0)
+
+
+def test_compute_rewards_time_limit(tmp_path, monkeypatch):
+    # One timing assertion, generous: a 5 s call abandoned after 0.2 s leaves the batch well under 3 s.
+    (tmp_path / "slow_rewards_mod.py").write_text(
+        "import threading\n"
+        "release = threading.Event()\n"
+        "def slow(inp):\n"
+        "    if inp.response == 'slow':\n"
+        "        release.wait(5.0)\n"
+        "    if inp.response == 'own-timeout':\n"
+        "        raise TimeoutError('from the reward itself')\n"
+        "    return 1.0\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "slow_rewards_mod", raising=False)
+    import slow_rewards_mod
+
+    gts = [GroundTruth(answer="B", options=OPTIONS)] * 5
+    responses = ["a", "slow", "b", "own-timeout", "slow"]
+    spec = {"slow_rewards_mod:slow": 1.0, "format": 1.0}
+    try:
+        failures = []
+        start = time.perf_counter()
+        total, _ = R.compute_rewards(responses, gts, spec, failures=failures, ids=list("vwxyz"), time_limit_s=0.2)
+        elapsed = time.perf_counter() - start
+        assert elapsed < 3.0, elapsed
+        assert [(f.index, f.reason) for f in failures] == [
+            (1, "reward: timeout"), (3, "reward: error"), (4, "reward: timeout")]  # the next call was not blocked
+        assert "'w'" in failures[0].message and "0.2 s" in failures[0].message
+        assert total[[0, 2]].tolist() == [1.0, 1.0]
+        # From a worker thread of the process too (no signals involved).
+        out = {}
+        worker = threading.Thread(target=lambda: out.update(r=R.compute_rewards(["a"], gts[:1], spec, time_limit_s=1.0)))
+        worker.start()
+        worker.join(10.0)
+        assert out["r"][0].tolist() == [1.0]
+    finally:
+        slow_rewards_mod.release.set()  # let the abandoned calls finish
