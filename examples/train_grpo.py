@@ -72,6 +72,9 @@ def add_grpo_args(parser):
                    help="log rollout/logprob_diff_mean and _max: engine vs trainer log-probs of the sampled tokens")
     g.add_argument("--reward", action="append", default=None, metavar="NAME=WEIGHT",
                    help="reward (registered name or module:function) and weight, repeatable (default accuracy=1.0, format=0.2)")
+    g.add_argument("--reward-time-limit", type=float, default=30.0,
+                   help="seconds a user reward (module:function) may take per response; past it the call is abandoned "
+                        "and its group left out of the update, counted as 'reward: timeout' (0: no limit)")
     g.add_argument("--dynamic-sampling", action="store_true", help="drop groups with equal rewards and refill (DAPO)")
     g.add_argument("--no-pack", action="store_true", help="disable shared-prefix packing")
     g.add_argument("--update-epochs", type=int, default=1, help="passes over each step's rollouts")
@@ -266,7 +269,8 @@ def main(argv=None):
                             tis_cap=args.tis_cap),
         engine_logprobs=args.engine_logprobs,
         advantage_scale=args.advantage_scale, advantage_estimator=args.advantage_estimator,
-        overlong_buffer=args.overlong_buffer, overlong_penalty=args.overlong_penalty, rewards=rewards, dynamic_sampling=args.dynamic_sampling,
+        overlong_buffer=args.overlong_buffer, overlong_penalty=args.overlong_penalty, rewards=rewards,
+        reward_time_limit_s=args.reward_time_limit or None, dynamic_sampling=args.dynamic_sampling,
         num_minibatches=args.num_minibatches, update_epochs=args.update_epochs, log_samples_every=args.log_samples_every,
         rollout_max_frames=args.rollout_max_frames, sync_bucket_mb=args.sync_bucket_mb,
         offload_reference=args.offload_reference, responses_per_microbatch=args.responses_per_microbatch,
@@ -309,6 +313,9 @@ def main(argv=None):
             checkpointing.save(args.train_iters)
     stream.close()
     report_run_skips(stream.skip_report, log)
+    if trainer.reward_report.total:  # this replica's responses that no reward could score (rank 0)
+        log(f"rewards: {trainer.reward_report.total} responses could not be scored; their groups were left out\n"
+            + trainer.reward_report.top_reasons())
     if rank0 and history:
         k = max(1, len(history) // 5)
         first, last = sum(history[:k]) / k, sum(history[-k:]) / k

@@ -35,6 +35,7 @@ from megatron_longvideo.rl.advantages import batch_moments, batch_normalize, com
 from megatron_longvideo.rl.engines.base import SamplingConfig
 from megatron_longvideo.rl.losses import GRPOLossConfig, grpo_loss, logprob_diff, needs_reference, sequence_log_ratio_sum
 from megatron_longvideo.rl.packing import build_prefill_batch
+from megatron_longvideo.data.errors import SkipReport
 from megatron_longvideo.rl.rewards import compute_rewards
 from megatron_longvideo.rl.engines.decode import mix_seed
 from megatron_longvideo.rl.rollout import (RLPrompt, agree_rollout_split, generate_groups, nonempty, prompt_embeddings,
@@ -68,6 +69,9 @@ class GRPOConfig:
     lose up to ``overlong_penalty`` reward, linearly to the limit (0: off)."""
     overlong_penalty: float = 1.0
     """The punishment at the length limit (and beyond)."""
+    reward_time_limit_s: Optional[float] = 30.0
+    """A user reward (``module:function``) call taking longer is abandoned and its group left out of the
+    update, counted (built-in rewards are bounded by construction). None: no limit."""
     rewards: tuple[tuple[str, float], ...] = (("accuracy", 1.0), ("format", 0.1))
     """(reward name or 'module:function', weight) pairs; the total is their weighted sum."""
     dynamic_sampling: bool = False
@@ -161,6 +165,9 @@ class Rollouts:
     engine_logprobs: Optional[list] = None
     """``[group][response]`` the engine's log-probs of the response tokens (lists of floats; None for a
     response it gave none for), when the sampling asked for them."""
+    failed_groups: int = 0
+    """Groups left out because a reward could not score one of their responses (their rewards and
+    advantages are zero: they train nothing and, under dynamic sampling, are dropped)."""
 
     def __post_init__(self):
         if self.generated_rewards is None:
@@ -198,6 +205,8 @@ class GRPOTrainer:
         """Where the passes compute; rewards and advantages are scored on the host and moved here."""
         self.pad_id = tokenizer.pad_id
         self.reward_spec = dict(cfg.rewards)
+        self.reward_report = SkipReport(log=self.log if dist.get_rank() == 0 else None)
+        """Responses a reward could not score, by reason (``reward: timeout``, ``ground truth: ...``)."""
         self._versions: dict[int, str] = {}
         self._round = 0
         """Generation rounds so far in this step (dynamic sampling draws several): part of the seeds."""
@@ -274,7 +283,12 @@ class GRPOTrainer:
         cfg = self.cfg
         texts = [self._decode(r) for g in token_groups for r in g]
         truths = [p.ground_truth for p in prompts for _ in range(cfg.group_size)]
-        total, parts = compute_rewards(texts, truths, self.reward_spec)
+        failures = []
+        ids = [p.sample_id for p in prompts for _ in range(cfg.group_size)]
+        total, parts = compute_rewards(texts, truths, self.reward_spec, failures=failures, ids=ids,
+                                       time_limit_s=cfg.reward_time_limit_s)
+        for failure in failures:
+            self.reward_report.count(failure.reason, failure.message)
         if cfg.overlong_buffer:
             lengths = torch.tensor([len(r) for g in token_groups for r in g], device="cpu")
             parts["overlong"] = overlong_penalty(lengths, cfg.sampling.max_new_tokens, cfg.overlong_buffer,
@@ -282,8 +296,13 @@ class GRPOTrainer:
             total = total + parts["overlong"]
         g = cfg.group_size
         rewards = total.view(-1, g).float()
+        parts = {k: v.view(-1, g).float() for k, v in parts.items()}
+        failed = ~torch.isfinite(rewards).all(dim=1)  # [groups]: a response could not be scored
+        if failed.any():  # the group is left out: zero rewards (equal: no advantage, dropped by dynamic sampling)
+            rewards = torch.where(failed[:, None], 0.0, rewards)
+            parts = {k: torch.where(failed[:, None] | ~torch.isfinite(v), 0.0, v) for k, v in parts.items()}
         advantages = self.advantages(rewards)
-        return Rollouts(list(prompts), token_groups, rewards, {k: v.view(-1, g).float() for k, v in parts.items()}, advantages)
+        return Rollouts(list(prompts), token_groups, rewards, parts, advantages, failed_groups=int(failed.sum()))
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """``[groups, G]`` advantages of ``[groups, G]`` rewards, within their groups. REINFORCE++'s batch
@@ -486,6 +505,7 @@ class GRPOTrainer:
             advantages=torch.stack([r.advantages[i] if (id(r), i) in chosen else torch.zeros_like(r.advantages[i])
                                     for r, i in kept]),
             generated_rewards=torch.cat([r.rewards for r in rounds]),
+            failed_groups=sum(r.failed_groups for r in rounds),
             generated_parts={k: torch.cat([r.parts[k] for r in rounds]) for k in rounds[0].parts},
             engine_logprobs=None if kept[0][0].engine_logprobs is None else [r.engine_logprobs[i] for r, i in kept],
         )
@@ -554,7 +574,7 @@ class GRPOTrainer:
         lengths = torch.tensor([len(r) for g in ro.responses for r in g], dtype=torch.float64, device="cpu")
         rewards, parts = ro.generated_rewards.double(), ro.generated_parts
         local = torch.tensor([rewards.sum().item(), (rewards ** 2).sum().item(), rewards.numel(), lengths.sum().item(),
-                              lengths.numel()] + [parts[k].sum().item() for k in sorted(parts)], dtype=torch.float64,
+                              lengths.numel()] + [parts[k].sum().item() for k in sorted(parts)] + [ro.failed_groups], dtype=torch.float64,
                              device=self.device)
         dist.all_reduce(local, group=self.groups.dp)
         local = local.cpu()
@@ -567,6 +587,7 @@ class GRPOTrainer:
         }
         for i, k in enumerate(sorted(parts)):
             metrics[f"reward/{k}"] = (local[5 + i] / n).item()
+        metrics["reward/failed_groups"] = local[-1].item()  # left out: a reward could not score a response
         for key in updates[-1]:
             if key == "rollout/logprob_diff_max":
                 metrics[key] = max(u[key] for u in updates)

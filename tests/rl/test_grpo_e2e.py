@@ -326,6 +326,49 @@ def test_data_parallel_replicas_take_the_same_optimizer_steps_with_dynamic_sampl
     assert results[1]["filled"] == 1.0 and results[1]["dropped"] == 2.0, results  # filled with a dropped group
 
 
+def failing_reward(inp) -> float:
+    """A user reward that breaks on one prompt's responses (answer 'BAD') and hangs on another's ('SLOW')."""
+    if inp.answer == "BAD":
+        raise KeyError("no such field")
+    if inp.answer == "SLOW":
+        import time
+
+        time.sleep(3.0)
+    return sum(map(ord, inp.response)) % 97 / 97.0
+
+
+def _failing_reward_worker(rank, world_size, tok_path):
+    init_cpu_dist()
+    import dataclasses
+
+    from megatron_longvideo.parallel.groups import destroy_parallel
+    from megatron_longvideo.rl.rewards import GroundTruth
+
+    trainer, prompts, ddp, groups = _setup(tok_path, world_size, True)
+    trainer.cfg = dataclasses.replace(trainer.cfg, prompts_per_step=3, num_minibatches=1, update_epochs=1,
+                                      reward_time_limit_s=0.2, rewards=((f"{__name__}:failing_reward", 1.0),))
+    trainer.reward_spec = dict(trainer.cfg.rewards)
+    mine = [dataclasses.replace(prompts[0], ground_truth=GroundTruth(answer="BAD", problem_type="free_form")),
+            prompts[1], dataclasses.replace(prompts[2], ground_truth=GroundTruth(answer="SLOW", problem_type="free_form"))]
+    metrics = trainer.step(lambda k: mine[:k])
+    report = trainer.reward_report
+    destroy_parallel()
+    return {"failed": metrics["reward/failed_groups"], "counts": report.counts(), "example": report.examples,
+            "loss": metrics["train/loss"], "grad_norm": metrics["train/grad_norm"]}
+
+
+def test_a_reward_that_raises_or_hangs_leaves_its_group_out_and_is_counted(tmp_path):
+    from megatron_longvideo.data.tokenizer import train_sentencepiece
+
+    tok_path = train_sentencepiece(VOCAB_TEXTS, str(tmp_path / "tok"), vocab_size=300)
+    r = run_ranks(_failing_reward_worker, 1, tok_path)[0]
+    assert r["failed"] == 2.0, r  # the BAD and the SLOW group; the third trains
+    assert r["counts"] == {"reward: error": 4, "reward: timeout": 4}, r
+    assert "on record 'p0'" in r["example"]["reward: error"] and "KeyError" in r["example"]["reward: error"]
+    assert "on record 'p2'" in r["example"]["reward: timeout"]
+    assert r["grad_norm"] > 0, "the group that could be scored still trains"
+
+
 def _nan_worker(rank, world_size, tok_path):
     init_cpu_dist()
     import warnings
