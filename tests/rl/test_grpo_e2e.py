@@ -142,6 +142,17 @@ def _worker(rank, world_size, tok_path, pack, split=None, family="llava_onevisio
     return out
 
 
+def _assert_same_runs(got, ref):
+    """Every run in ``got`` drew the reference run's rollouts and ended with its losses and weights (fp32)."""
+    for r in got:
+        assert r["rewards"] == ref["rewards"], "rollouts differ: the engines did not sample the same responses"
+        for a, b in zip(r["losses"], ref["losses"]):
+            assert abs(a - b) <= 1e-5 * max(abs(b), 1e-3), (r["losses"], ref["losses"])
+        for k, w in ref["weights"].items():
+            err = ((r["weights"][k] - w).abs().max() / w.abs().max().clamp_min(1e-12)).item()
+            assert err <= 1e-5, f"{k}: updated weights differ by {err:.2e} (relative)"
+
+
 @pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl"])
 def test_two_grpo_steps_cp2_packed_equal_world1_unpacked(tmp_path, family):
     from megatron_longvideo.data.tokenizer import train_sentencepiece
@@ -153,13 +164,7 @@ def test_two_grpo_steps_cp2_packed_equal_world1_unpacked(tmp_path, family):
         got += run_ranks(_worker, 2, tok_path, False, 3)
     # and with the rollouts drawn by the policy itself (the megatron engine, no weight sync)
     got += run_ranks(_worker, 2, tok_path, True, None, family, None, None, "megatron")
-    for r in got:
-        assert r["rewards"] == ref["rewards"], "rollouts differ: the engines did not sample the same responses"
-        for a, b in zip(r["losses"], ref["losses"]):
-            assert abs(a - b) <= 1e-5 * max(abs(b), 1e-3), (r["losses"], ref["losses"])
-        for k, w in ref["weights"].items():
-            err = ((r["weights"][k] - w).abs().max() / w.abs().max().clamp_min(1e-12)).item()
-            assert err <= 1e-5, f"{k}: updated weights differ by {err:.2e} (relative)"
+    _assert_same_runs(got, ref)
     m = ref["metrics"]
     assert m["train/loss"] != 0.0 and m["train/kl_ref"] >= 0.0 and m["reward/std"] > 0
     assert m["time/encode"] > 0, "the step encoded new videos"
@@ -187,13 +192,7 @@ def test_other_algorithms_at_cp2_packed_equal_world1_unpacked(tmp_path, name):
     algo = ALGORITHMS[name]
     ref = run_ranks(_worker, 1, tok_path, False, None, "llava_onevision", None, None, "hf", algo)[0]
     got = run_ranks(_worker, 2, tok_path, True, None, "llava_onevision", None, None, "hf", algo)
-    for r in got:
-        assert r["rewards"] == ref["rewards"]
-        for a, b in zip(r["losses"], ref["losses"]):
-            assert abs(a - b) <= 1e-5 * max(abs(b), 1e-3), (r["losses"], ref["losses"])
-        for k, w in ref["weights"].items():
-            err = ((r["weights"][k] - w).abs().max() / w.abs().max().clamp_min(1e-12)).item()
-            assert err <= 1e-5, f"{k}: updated weights differ by {err:.2e} (relative)"
+    _assert_same_runs(got, ref)
     m = ref["metrics"]
     assert m["train/loss"] != 0.0 and m["train/grad_norm"] > 0
     if "overlong_buffer" in algo:
