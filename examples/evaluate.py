@@ -155,4 +155,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from megatron_longvideo.training.launch import run_script  # one error line per run; tracebacks in logs/
+
+    sys.exit(run_script(main, name="evaluate"))

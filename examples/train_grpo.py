@@ -238,6 +238,10 @@ def main(argv=None):
     from megatron_longvideo.training.engine import build_optimizer, mixed_precision, wrap_ddp
 
     groups, tok, cfg, policy, stream = build(args)
+    if args.save:  # a second run on the same --save refuses at once, naming the first
+        from megatron_longvideo.checkpoint.lock import lock_save_folder_on_rank0
+
+        lock_save_folder_on_rank0(args.save)
     rank0 = dist.get_rank() == 0
     log = print if rank0 else (lambda *a, **k: None)
     ddp = wrap_ddp(policy, groups, use_distributed_optimizer=args.use_distributed_optimizer)
@@ -424,4 +428,6 @@ def build_grpo_scheduler(args, optimizer):
 
 
 if __name__ == "__main__":
-    main()
+    from megatron_longvideo.training.launch import run_script  # one error line per run; tracebacks in logs/
+
+    sys.exit(run_script(main, name="train_grpo"))

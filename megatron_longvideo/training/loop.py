@@ -197,6 +197,10 @@ def train(cfg: TrainConfig, optim: OptimConfig, *, model_provider: Callable[[], 
     if groups.size(groups.pp) > 1 and cfg.seq_length is None:
         raise ValueError("seq_length must be set with pipeline parallelism (one tensor shape for every micro-batch)")
     num_micro = cfg.num_microbatches(groups.dp_size)
+    if cfg.save:  # a second run on the same --save refuses at once, naming the first
+        from megatron_longvideo.checkpoint.lock import lock_save_folder_on_rank0
+
+        lock_save_folder_on_rank0(cfg.save)
     model = wrap_ddp(model_provider(), groups, use_distributed_optimizer=optim.use_distributed_optimizer)
     optimizer = build_optimizer([model], optim)
     scheduler = build_scheduler(optimizer, cfg, optim)
