@@ -69,7 +69,9 @@ def test_grpo_script_refuses_te_with_packing_at_start_up(tmp_path):
         import train_grpo
     finally:
         sys.path.pop(0)
-    need = ["--data-path", "x.jsonl", "--video-root", str(tmp_path), "--tokenizer", "t.model"]
+    (tmp_path / "x.jsonl").write_text("")  # the inputs are checked to exist at parse time
+    (tmp_path / "t.model").write_bytes(b"")
+    need = ["--data-path", str(tmp_path / "x.jsonl"), "--video-root", str(tmp_path), "--tokenizer", str(tmp_path / "t.model")]
     args = train_grpo.parse_args(need + ["--core-attention", "te"])
     with pytest.raises(ValueError, match="--core-attention te"):
         train_grpo.build(args)
