@@ -91,14 +91,18 @@ def _attention_worker(rank, world_size, seq_len):
                 attn = _module(mode, 4, kv_heads, 32, groups, context)
                 q, k, v = (torch.randn(t, 1, n, 32).to(dtype).requires_grad_(True) for n in (4, kv_heads, kv_heads))
                 grad = torch.randn(t, 1, 128).to(dtype)
-                for _ in range(2):  # the second run is measured
+                runs = []
+                for _ in range(4):  # a warm-up, then three measured runs
                     with LiveTensorMeter() as meter:
                         with context.use(layout=SequenceLayout.plain(seq_len)):
                             o = attn(q, k, v, None)
                         after, forward_peak = meter.live, meter.peak
                         o.backward(grad)
                     q.grad = k.grad = v.grad = o = None
-                out[(str(dtype), kv_heads, mode)] = (after, forward_peak, meter.peak)
+                    runs.append((after, forward_peak, meter.peak))
+                # gloo frees its buffers from its own threads, so a run may still count a previous exchange's
+                # buffer: that excess only adds, and the smallest of the measured runs leaves it out
+                out[(str(dtype), kv_heads, mode)] = tuple(min(r[i] for r in runs[1:]) for i in range(3))
     destroy_parallel()
     return out
 
