@@ -31,7 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--num-frames", type=int, default=8, help="frames sampled uniformly per video (as in training) "
                                                               "(default: 8)")
     p.add_argument("--max-records", type=int, default=8, help="answer the first N records (default: 8)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer generated (default: 32)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer generated (default: 64)")
     return p.parse_args(argv)
 
 

@@ -52,8 +52,12 @@ _NOISE = (
      r"megatron\.core(\.|\Z)"),
     # torch.compile, called by megatron's fused kernels at import, imports torch.utils.mkldnn, which uses it
     (DeprecationWarning, r"`torch\.jit\.script_method` is deprecated", r"torch\.jit\._script\Z"),
+    # megatron's torch_dist checkpoints are ShardedTensor-based; torch's loader says so on every load
+    (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor",
+     r"torch\.distributed\.checkpoint(\.|\Z)"),
 )
-"""The import-time warnings :func:`quiet_warnings` ignores (seen with megatron-core 0.16.1, torch 2.x)."""
+"""The warnings :func:`quiet_warnings` ignores, import-time and checkpoint-load noise (seen with megatron-core
+0.16.1, torch 2.x)."""
 
 _HINTS = (
     # (module, class name, hint); the first class the exception is an instance of wins (subclasses first)
