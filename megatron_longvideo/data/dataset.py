@@ -146,6 +146,12 @@ class LongVideoDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def set_shard(self, shard: FrameShard | None) -> None:
+        """Decode this rank's slice of each video in ``__getitem__`` (see ``shard``); needs ``decode="lazy"``."""
+        if shard is not None and self.config.decode != "lazy":
+            raise ValueError("shard: frame-sharded decoding needs a dataset with decode='lazy'")
+        self.shard = shard
+
     def load_frames(self, video: str, *, decode: str | None = None) -> tuple[torch.Tensor, list[int], list[float]]:
         """``([T, 3, S, S] float32 normalised, indices, timestamps)`` of a video, via the cache if set; the
         frames a ``LazyFrames`` under ``decode="lazy"`` (``decode`` overrides the config's)."""

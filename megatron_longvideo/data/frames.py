@@ -24,7 +24,7 @@ import torch
 from megatron_longvideo.data.errors import VideoDecodeError
 from megatron_longvideo.data.sampling import FrameSamplingConfig, frame_timestamps
 
-__all__ = ["FrameShard", "LazyFrames", "agree_on_shard_errors", "as_tensor", "frame_shard", "is_lazy", "shard_failure"]
+__all__ = ["FrameShard", "LazyFrames", "agree_on_shard_errors", "as_tensor", "frame_shard", "is_lazy", "settle_shard_error", "shard_failure"]
 
 
 def frame_shard(num_frames: int, group_size: int, rank: int, unit: int = 1) -> tuple[int, int, int]:
@@ -257,6 +257,14 @@ def shard_failure(error: tuple[str, str]) -> VideoDecodeError:
     """The ``VideoDecodeError`` of an agreed ``(path, message)`` (:func:`agree_on_shard_errors`)."""
     path, message = error
     return VideoDecodeError(path, message.split(": cannot decode video: ", 1)[-1])
+
+
+def settle_shard_error(error: tuple[str, str], on_error: str, report) -> None:
+    """What every rank does with an agreed slice failure: raise it (``on_error="raise"``) or count it in
+    ``report`` (a :class:`~megatron_longvideo.data.errors.SkipReport`)."""
+    if on_error == "raise":
+        raise shard_failure(error)
+    report.add_video_errors([error])
 
 
 def agree_on_shard_errors(errors, group=None) -> list:

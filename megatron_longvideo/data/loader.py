@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from megatron_longvideo.data.errors import RecordError, SkipReport, VideoDecodeError
-from megatron_longvideo.data.frames import FrameShard, agree_on_shard_errors, shard_failure
+from megatron_longvideo.data.frames import FrameShard, agree_on_shard_errors, settle_shard_error
 from megatron_longvideo.data.prompts import IGNORE_INDEX
 from megatron_longvideo.data.sampler import DistributedVideoSampler
 
@@ -75,16 +75,22 @@ class Failed:
         self.error = error
 
 
-class _CarryErrors(torch.utils.data.Dataset):
+class CarryErrors(torch.utils.data.Dataset):
+    """``dataset`` as DataLoader workers run it: a bad input's exception comes back as a :class:`Failed`
+    value; ``sample`` (a subclass's hook) finishes each sample in the worker."""
+
     def __init__(self, dataset):
         self.dataset = dataset
 
     def __len__(self):
         return len(self.dataset)
 
+    def sample(self, index):
+        return self.dataset[index]
+
     def __getitem__(self, index):
         try:
-            return self.dataset[index]
+            return self.sample(index)
         except (VideoDecodeError, RecordError) as e:
             return Failed(e)
 
@@ -116,9 +122,7 @@ class ResumableDataLoader:
         self.skip_report = skip_report if skip_report is not None else getattr(dataset, "skip_report", SkipReport())
         self.prefetch_factor = prefetch_factor
         if shard is not None:
-            if getattr(getattr(dataset, "config", None), "decode", "full") != "lazy":
-                raise ValueError("shard: frame-sharded decoding needs a dataset with decode='lazy'")
-            dataset.shard = shard
+            dataset.set_shard(shard)
         self.group = group
 
     def __len__(self) -> int:
@@ -128,7 +132,7 @@ class ResumableDataLoader:
     def __iter__(self):
         epoch = self.sampler.epoch
         loader = torch.utils.data.DataLoader(
-            _CarryErrors(self.dataset), batch_size=self.micro_batch_size, sampler=self.sampler, drop_last=True,
+            CarryErrors(self.dataset), batch_size=self.micro_batch_size, sampler=self.sampler, drop_last=True,
             num_workers=self.num_workers, collate_fn=_CollateOrFail(self.collate_fn),
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
         )
@@ -139,9 +143,7 @@ class ResumableDataLoader:
             self.sampler.advance(self.micro_batch_size * self.sampler.dp_size)
             (error,) = agree_on_shard_errors([batch.get("shard_error")], self.group)
             if error is not None:
-                if getattr(self.dataset.config, "on_error", "raise") == "raise":
-                    raise shard_failure(error)
-                self.skip_report.add_video_errors([error])
+                settle_shard_error(error, self.dataset.config.on_error, self.skip_report)
                 continue
             yield batch
         if self.sampler.epoch == epoch:  # a tail smaller than a micro-batch was dropped

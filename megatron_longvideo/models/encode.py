@@ -196,13 +196,11 @@ def _encode_parallel(encoder, videos: Sequence[torch.Tensor], groups: ParallelGr
             local = None
             errors.append((e.path, str(e)))
         pieces.append(local)
-    if any(is_lazy(v) for v in videos):
+    if any(is_lazy(v) for v in videos):  # only a LazyFrames decodes (and can fail) here
         agreed = agree_on_shard_errors(errors, groups.tp_cp)
         failed = next((e for e in agreed if e is not None), None)
         if failed is not None:
             raise shard_failure(failed)
-    elif any(e is not None for e in errors):
-        raise VideoDecodeError(*next(e for e in errors if e is not None))
     blank = next((p[:1] for p in pieces if p is not None and p.shape[0]), None)  # one unit, for its shape
     if blank is None:  # this rank holds only padding: a unit's shape without decoding anything
         v = videos[0]

@@ -177,7 +177,7 @@ def build_eval_set(path: str, *, tokenizer, num_video_tokens, video_root: str, s
                                 decode="lazy" if decode == "sharded" else "full")
     dataset = LongVideoDataset(records, tokenizer=tokenizer, num_video_tokens=num_video_tokens, config=config,
                                skip_report=skip_report)
-    dataset.shard = shard if decode == "sharded" else None
+    dataset.set_shard(shard if decode == "sharded" else None)
     return EvalSet(dataset=dataset, categories=categories, path=path)
 
 
@@ -212,7 +212,7 @@ def _row(index: int, record, category: str) -> dict:
 def _replica_rows(policy, groups, tokenizer, eval_set: EvalSet, indices: Sequence[int], *, engine, sampling, split,
                   batch_size: int, log) -> list[dict]:
     """Scored rows of ``indices`` on this replica (every rank of it the same)."""
-    from megatron_longvideo.data.frames import agree_on_shard_errors, shard_failure
+    from megatron_longvideo.data.frames import agree_on_shard_errors, settle_shard_error
     from megatron_longvideo.models.llm import unwrap
     from megatron_longvideo.rl.rollout import RLPrompt, generate_groups, prompt_embeddings
 
@@ -230,9 +230,7 @@ def _replica_rows(policy, groups, tokenizer, eval_set: EvalSet, indices: Sequenc
             record, row = dataset.records[i], _row(i, dataset.records[i], eval_set.categories[i])
             dataset.skip_report.add_video_errors(sample["bad_inputs"])
             if shard_error is not None:
-                if dataset.config.on_error == "raise":
-                    raise shard_failure(shard_error)
-                dataset.skip_report.add_video_errors([shard_error])
+                settle_shard_error(shard_error, dataset.config.on_error, dataset.skip_report)
             if sample["index"] != i or shard_error is not None:  # skip mode stepped over this record's bad video
                 reason = shard_error[1] if shard_error else sample["bad_inputs"][0][1] if sample["bad_inputs"] else "bad video"
                 row.update(skipped=reason, prediction=None, extracted=None, correct=False, formatted=False)

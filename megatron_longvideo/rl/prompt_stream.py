@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from megatron_longvideo.data.errors import RecordError, SkipReport, VideoDecodeError
-from megatron_longvideo.data.frames import FrameShard, agree_on_shard_errors, shard_failure
-from megatron_longvideo.data.loader import Failed
+from megatron_longvideo.data.errors import SkipReport
+from megatron_longvideo.data.frames import FrameShard, agree_on_shard_errors, settle_shard_error
+from megatron_longvideo.data.loader import CarryErrors, Failed
 from megatron_longvideo.models.video_cache import content_id_of_file
 from megatron_longvideo.rl.rewards import GroundTruth
 from megatron_longvideo.rl.rollout import RLPrompt
@@ -45,27 +45,20 @@ def to_rl_prompt(sample: dict, content_ids: dict) -> RLPrompt:
     )
 
 
-class _PromptItems(torch.utils.data.Dataset):
-    """The dataset as the prefetch workers run it: also hashes each file (once per worker); an exception
-    comes back as a :class:`~megatron_longvideo.data.loader.Failed` value."""
+class _PromptItems(CarryErrors):
+    """The dataset as the prefetch workers run it: also hashes each file (once per worker)."""
 
     def __init__(self, dataset):
-        self.dataset = dataset
+        super().__init__(dataset)
         self._content_ids: dict = {}
 
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        try:
-            sample = self.dataset[index]
-            path = sample["video_path"]
-            if path not in self._content_ids:
-                self._content_ids[path] = content_id_of_file(path)
-            sample["content_id"] = self._content_ids[path]
-            return sample
-        except (VideoDecodeError, RecordError) as e:
-            return Failed(e)
+    def sample(self, index):
+        sample = self.dataset[index]
+        path = sample["video_path"]
+        if path not in self._content_ids:
+            self._content_ids[path] = content_id_of_file(path)
+        sample["content_id"] = self._content_ids[path]
+        return sample
 
 
 class _StreamOrder(torch.utils.data.Sampler):
@@ -111,9 +104,7 @@ class PromptStream:
         self.skip_report = skip_report if skip_report is not None else SkipReport()
         self.prefetch_workers, self.prefetch_factor = prefetch_workers, prefetch_factor
         if shard is not None:
-            if getattr(getattr(dataset, "config", None), "decode", "full") != "lazy":
-                raise ValueError("shard: frame-sharded decoding needs a dataset with decode='lazy'")
-            dataset.shard = shard
+            dataset.set_shard(shard)
         self.group = group
         self.epoch, self.position = 0, 0
         self._order = sampler.rank_indices(0)
@@ -150,10 +141,8 @@ class PromptStream:
             for sample, error in zip(samples, errors):
                 if error is None:
                     out.append(to_rl_prompt(sample, self._content_ids))
-                    continue
-                if self.dataset.config.on_error == "raise":
-                    raise shard_failure(error)
-                self.skip_report.add_video_errors([error])
+                else:
+                    settle_shard_error(error, self.dataset.config.on_error, self.skip_report)
         return out
 
     def close(self) -> None:

@@ -160,7 +160,6 @@ def _read(path: str) -> tuple[dict, list]:
 
 
 def test_grpo_evaluates_in_place_and_evaluate_at_cp2_equals_cp1(tmp_path):
-    pytest.importorskip("tensorboard")
     from megatron_longvideo.rl.evaluation import load_eval_records
     from megatron_longvideo.rl.rewards import GroundTruth, RewardInput, accuracy_reward, format_reward
 

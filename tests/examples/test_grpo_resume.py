@@ -54,7 +54,6 @@ def _is_weight(key: str) -> bool:
 
 
 def test_a_resumed_grpo_run_equals_the_uninterrupted_one(tmp_path):
-    pytest.importorskip("tensorboard")
     data = make_data(str(tmp_path / "data"), num_videos=4)
     common = ["--video-root", data["video_root"], "--tokenizer", data["tokenizer"], "--data-path", data["qa"],
               "--num-frames", "4", "--max-new-tokens", "8", "--seed", "3", "--group-size", "2", "--prompts-per-step", "2",
