@@ -18,6 +18,16 @@ Two measurements, each a ratio inside one run, medians over repeats:
    The fixed costs every rank pays whatever E is, the probe and the frame table (one demuxing pass
    over the whole file, built by the first request that seeks), are timed alone as well.
 
+   **Shared probe** (``data/probe_cache.py``): the same shards, in the same rounds, with the group's
+   probe shared through a fresh folder per round and E. First epoch: rank 0's ``probe_shared`` probes,
+   builds the frame table and publishes (timed: ``t_pub``), then decodes its shard; each other rank
+   reads the entry and decodes its shard. In a real group those ranks start with rank 0 and wait for
+   the entry, so the critical path is ``max(rank 0, t_pub + slowest other rank)``. Later epochs: the
+   entry is there and every rank, rank 0 included, reads it. Reported per E: both critical paths
+   (medians), the later epochs' sum over ranks, each against today's E=1 of the same round, the probes
+   and frame tables made by the ranks that read the entry (0 when it works), and whether the shards
+   equal ``decode_video`` bit for bit. Reading an entry is timed alone as well.
+
 2. **Prefetch.** A ``PromptStream`` over a small synthetic RL dataset (``make_synthetic_dataset``,
    videos of one to two minutes, ``decode='full'``) hands out k prompts per step; each step forces the
    frames to exist (``as_tensor``) and then runs a simulated training step: tanh(matmul) of float32
@@ -36,7 +46,7 @@ Two measurements, each a ratio inside one run, medians over repeats:
    stream is closed after its configuration. On a 2-core machine 2 workers plus the main thread
    oversubscribe the cores.
 
-    python benchmarks/decode_sharded.py                                 # ~3.5 min on 2 CPU cores
+    python benchmarks/decode_sharded.py                                 # ~5 min on 2 CPU cores
     python benchmarks/decode_sharded.py --quick --out /tmp/sharded.md   # smoke size, well under a minute
 
 A run and what it shows: docs/results/decode_sharded_cpu.md.
@@ -81,19 +91,62 @@ def _decode_rank(video: str, cfg, rank: int, size: int):
     return time.perf_counter() - start, lazy
 
 
-def measure_sharding(video: str, cfg, repeats: int) -> tuple[dict, dict]:
-    """Per group size: medians of the slowest rank and of the sum, what a rank keeps, exactness."""
+def _shared_rank(video: str, cfg, rank: int, size: int, folder: str):
+    """One rank with the group's probe shared through ``folder``: ``(seconds to the probe, seconds in
+    all, lazy frames)``. ``wait_s=0``: here rank 0 has published before the others run; a rank that
+    missed the entry would probe itself and show in the file-pass count."""
+    from megatron_longvideo.data.frames import FrameShard
+    from megatron_longvideo.data.probe_cache import probe_shared
+
+    start = time.perf_counter()
+    lazy = probe_shared(video, cfg, probe_dir=folder, shard=FrameShard(rank=rank, size=size), wait_s=0)
+    probed = time.perf_counter() - start
+    lazy.decode_shard(FrameShard(rank=rank, size=size))
+    return probed, time.perf_counter() - start, lazy
+
+
+def _shards_exact(lazies, size: int, reference) -> bool:
+    """The ranks' shards, concatenated, equal ``reference`` and were served from what each decoded."""
+    from megatron_longvideo.data.frames import FrameShard
+
+    before = [lz.num_decoded for lz in lazies]
+    parts = [lz.frames(*FrameShard(rank=r, size=size).frames_of(len(lz))) for r, lz in enumerate(lazies)]
+    return torch.equal(torch.cat(parts), reference.frames) and [lz.num_decoded for lz in lazies] == before
+
+
+def measure_sharing(video: str, cfg, e: int, folder: str, reference, check: bool) -> dict:
+    """One round of E ranks sharing the probe: the first epoch's and a later epoch's critical paths."""
+    published, first_total, rank0 = _shared_rank(video, cfg, 0, e, folder)
+    first = [_shared_rank(video, cfg, r, e, folder) for r in range(1, e)]
+    later = [_shared_rank(video, cfg, r, e, folder) for r in range(e)]
+    readers = [lz for _, _, lz in first + later]
+    out = {"first": max([first_total] + [published + t for _, t, _ in first]),
+           "later": max(t for _, t, _ in later), "later_total": sum(t for _, t, _ in later),
+           "passes": sum(lz.num_probes + lz.num_tables_built for lz in readers)}
+    if check:
+        out["exact"] = (_shards_exact([rank0] + [lz for _, _, lz in first], e, reference)
+                        and _shards_exact([lz for _, _, lz in later], e, reference))
+    return out
+
+
+def measure_sharding(video: str, cfg, repeats: int, scratch: str) -> tuple[dict, dict, dict]:
+    """Per group size: medians of the slowest rank and of the sum, what a rank keeps, exactness; the
+    same with the probe shared (``scratch``: a folder for the shared probes)."""
     from megatron_longvideo.data import backends
     from megatron_longvideo.data.frames import FrameShard
+    from megatron_longvideo.data.probe_cache import probe_shared
     from megatron_longvideo.data.video import decode_video, probe_lazy, probe_video
 
     reference = decode_video(video, cfg)  # warm-up (page cache, codec) and the frames to match
     slowest = {e: [] for e in GROUP_SIZES}
     total = {e: [] for e in GROUP_SIZES}
+    shared = {e: [] for e in GROUP_SIZES}
     kept = {}
     exact = {}
     for round_ in range(repeats):
         for e in GROUP_SIZES:
+            shared[e].append(measure_sharing(video, cfg, e, os.path.join(scratch, f"r{round_}_e{e}"), reference,
+                                             check=round_ == 0))
             seconds, lazies = [], []
             for r in range(e):
                 s, lazy = _decode_rank(video, cfg, r, e)
@@ -115,6 +168,15 @@ def measure_sharding(video: str, cfg, repeats: int) -> tuple[dict, dict]:
                 "ratio": statistics.median(a / b for a, b in zip(slowest[e], slowest[1])),
                 "total_ratio": statistics.median(a / b for a, b in zip(total[e], total[1])),
                 "frames": kept[e][0], "bytes": kept[e][1], "exact": exact[e]} for e in GROUP_SIZES}
+    sharing = {}
+    for e in GROUP_SIZES:
+        rounds = shared[e]
+        sharing[e] = {key: statistics.median(r[key] for r in rounds) for key in ("first", "later", "later_total")}
+        for key in ("first", "later"):
+            sharing[e][key + "_ratio"] = statistics.median(r[key] / b for r, b in zip(rounds, slowest[1]))
+        sharing[e]["vs_today"] = statistics.median(r["later"] / b for r, b in zip(rounds, slowest[e]))
+        sharing[e]["passes"] = max(r["passes"] for r in rounds)
+        sharing[e]["exact"] = rounds[0]["exact"]
 
     def timed(fn, n=max(repeats, 3)):
         out = []
@@ -129,10 +191,12 @@ def measure_sharding(video: str, cfg, repeats: int) -> tuple[dict, dict]:
         "decode_video": timed(lambda: decode_video(video, cfg)),
         "probe": timed(lambda: probe_lazy(video, cfg)),
         "table": timed(lambda: backends.frame_table(video, info.num_frames)),
+        "read": timed(lambda: probe_shared(video, cfg, probe_dir=os.path.join(scratch, "r0_e2"),
+                                           shard=FrameShard(rank=1, size=2), wait_s=0)),
         "num_frames": info.num_frames,
         "sampled": len(reference.indices),
     }
-    return rows, fixed
+    return rows, sharing, fixed
 
 
 # ---------------------------------------------------------------------------------------------- part 2
@@ -177,7 +241,7 @@ def _run_steps(ds, workers: int, k: int, steps: int, train) -> dict:
             cpu = time.process_time()  # this process's threads (FFmpeg's included), not the workers'
             start = time.perf_counter()
             prompts = stream.draw(k)
-            frames = [as_tensor(p.frames) for p in prompts]
+            frames = [as_tensor(p.videos[0]) for p in prompts]
             waited = time.perf_counter() - start
             if train is not None:
                 train()
@@ -315,7 +379,11 @@ def main(argv=None) -> int:
         write_static_video(video, num_frames=video_frames, fps=args.fps, size=args.size, gop=args.gop)
         print(f"wrote {video} in {time.perf_counter() - start:.0f} s")
     cfg = FrameSamplingConfig(num_frames=num_frames, image_size=args.image_size)
-    shard_rows, fixed = measure_sharding(video, cfg, repeats)
+    scratch = tempfile.mkdtemp(prefix="probe_shared_")
+    try:
+        shard_rows, sharing, fixed = measure_sharding(video, cfg, repeats, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
     root = _synthetic(args.cache_dir, videos, clip[0], clip[1], args.fps, args.size)
     prefetch_rows, alone = measure_prefetch(root, prompt_frames, args.image_size, k, steps, rounds, args.matmul)
@@ -338,6 +406,25 @@ def main(argv=None) -> int:
             f"| {e} | {r['frames']} | {r['bytes'] / 2**20:.2f} | {r['slowest']:.3f} | {r['total']:.3f} | "
             f"{r['ratio']:.2f} | {1 / e:.3f} | {1 / r['ratio']:.2f}x | {r['total_ratio']:.2f} | "
             f"{'yes' if r['exact'] else 'NO'} |")
+    lines += [
+        "", "## Shared probe", "",
+        f"The same shards with the group's probe shared (`probe_shared`): rank 0 probes, builds the frame table "
+        f"and publishes; the others read the entry ({fixed['read'] * 1e3:.1f} ms) instead of probing and demuxing. "
+        f"First epoch: max(rank 0, rank 0's publish + the slowest other rank), the others waiting for the entry; "
+        f"later epochs: every rank reads it. Against today's per-rank probe at E=1 of the same round "
+        f"(medians of {repeats} rounds).", "",
+        "| group size | per-rank probe: slowest (s) | shared, first epoch: slowest (s) | shared, later epochs: "
+        "slowest (s) | shared, later epochs: sum (s) | speed-up vs E=1: per-rank probe | speed-up vs E=1: "
+        "shared, first epoch | speed-up vs E=1: shared, later epochs | ideal | later epochs vs per-rank probe "
+        "| probes + tables by readers | shards equal decode_video |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for e, r in sharing.items():
+        today = shard_rows[e]
+        lines.append(
+            f"| {e} | {today['slowest']:.3f} | {r['first']:.3f} | {r['later']:.3f} | {r['later_total']:.3f} | "
+            f"{1 / today['ratio']:.2f}x | {1 / r['first_ratio']:.2f}x | {1 / r['later_ratio']:.2f}x | {e}x | "
+            f"{r['vs_today']:.2f} | {r['passes']} | {'yes' if r['exact'] else 'NO'} |")
     ideal, serial = max(alone["train"], alone["decode"]), alone["train"] + alone["decode"]
     cores = os.cpu_count() or 1
     crowded = (f"{cores} CPU cores: {max(WORKERS)} workers plus the main thread oversubscribe them"

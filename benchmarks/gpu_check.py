@@ -157,8 +157,8 @@ def check_grpo_step(quick: bool) -> tuple[list[str], bool]:
             ids = torch.cat([torch.tensor([tok.im_start_id], device="cpu"),
                              torch.full((vision.num_video_tokens(frames),), tok.video_id, device="cpu"), text,
                              torch.tensor([tok.im_end_id], device="cpu")])
-            out.append(RLPrompt(frames=video, prompt_ids=ids, ground_truth=GroundTruth(answer="A"),
-                                content_id=f"check-{counter[0]}"))
+            out.append(RLPrompt(videos=(video,), prompt_ids=ids, ground_truth=GroundTruth(answer="A"),
+                                content_ids=(f"check-{counter[0]}",)))
         return out
 
     runs = {}

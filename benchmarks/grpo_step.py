@@ -1,13 +1,19 @@
-"""One GRPO step, phase by phase, in four modes measured in the same run, against the frame count.
+"""One GRPO step, phase by phase, in six modes measured in the same run, against the frame count.
 
 Modes, for N ranks that share each prompt (N=2 on the CPU machine), G responses per prompt:
 
-  baseline        the N ranks split the G responses (data parallel); each rank encodes the whole
+  naive           the N ranks split the G responses (data parallel); each rank encodes the whole
                   video itself for every use: every rollout re-encodes it and prefills its own copy
                   (engine called with n=1 per response), and every sequence of the log-prob and
-                  update passes encodes it again (no cache); one sequence per micro-batch
+                  update passes encodes it again (no cache); one sequence per micro-batch. No real
+                  system does this: it is kept as an upper bound
+  mrsp_off        the published system without MR-SP (the baseline to beat): the N ranks split the G
+                  responses (data parallel, no sequence parallelism); each rank encodes the whole video
+                  once per pass that needs it (one rollout prefill shared by its n = G/N samples, then
+                  once each for the old-policy, reference and update passes), no embedding reuse
+                  across passes; one sequence per micro-batch
   stage1          MR-SP stage 1: the frames are split over the N ranks, encoded once, all-gathered
-                  and cached; the rollouts and passes reuse the embeddings; sequences as baseline
+                  and cached; the rollouts and passes reuse the embeddings; sequences as mrsp_off
   stage12         + stage 2: one sequence sharded over N CP ranks for the old-policy, reference and
                   update passes (one sequence per micro-batch)
   stage12_packed  + shared-prefix packing: the G responses behind one copy of the prefix, one row
@@ -16,16 +22,25 @@ Modes, for N ranks that share each prompt (N=2 on the CPU machine), G responses 
                   tokens are the same: every response has its own seed); the rollout phase against
                   stage12_packed's is the "Rollouts split over ranks" table
 
-Every mode runs the library's ``GRPOTrainer`` step (baseline: its generation re-encodes per response);
-the phases (encode, rollout, old log-probs, reference log-probs, update) are timed and their per-rank
-peak memory (RSS growth over the step's start, sampled by a thread; on CUDA max_memory_allocated) is
-recorded, together with the memory model's prediction (``megatron_longvideo.memory_model``).
-Each step draws a new video (the cache starts cold, as in training). After one warm-up step per mode,
-each frame count runs ``--repeats`` steps; medians are reported. A mode whose peak exceeds
-``--memory-cap-mb`` is marked OOM there and not run at larger frame counts.
+Every mode runs the library's ``GRPOTrainer`` step (naive: its generation re-encodes per response);
+the phases (encode, rollout prefill, rollout decode, old log-probs, reference log-probs, update) are
+timed and their per-rank peak memory (RSS growth over the step's start, sampled by a thread; on CUDA
+max_memory_allocated) is recorded, together with the memory model's prediction
+(``megatron_longvideo.memory_model``). Each step draws a new video (the cache starts cold, as in
+training). After one warm-up step per mode, each frame count runs ``--repeats`` steps; medians are
+reported. A mode whose peak exceeds ``--memory-cap-mb`` is marked OOM there and not run at larger frame
+counts; one whose step takes longer than ``--time-cap-s`` is not run at larger frame counts either.
+
+The model: by default the tiny one (LLM 2 x 64, ViT 2 x 32 on 32 px frames, 4 tokens per frame).
+``--cost-match llava`` / ``qwen`` takes the CPU model of ``benchmarks/cost_model.py`` that has
+LLaVA-OneVision-7B's (196) / Qwen2.5-VL-7B's (128 at 448 px) tokens per frame and their ratio of vision
+FLOPs per frame to LLM FLOPs per token within 5%; the report prints both models' ratios.
+``--memory-cap-scaled 80`` sets the cap from an 80 GB GPU scaled to the model (see :func:`scaled_cap_mb`).
 
     python benchmarks/grpo_step.py --out-dir docs/results/grpo_step_cpu   # 8..1024 frames, CPU
+    python benchmarks/grpo_step.py --cost-match llava --frames 64 256 1024 4096 --memory-cap-scaled 80 --out-dir OUT
     python benchmarks/grpo_step.py --quick --out-dir /tmp/grpo_smoke       # smoke size (CI)
+    python benchmarks/grpo_step.py --quick --cost-match qwen --out-dir /tmp/grpo_smoke_qwen
 """
 
 from __future__ import annotations
@@ -47,12 +62,20 @@ from megatron_longvideo.parallel.spawn import init_cpu_dist, run_ranks
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import PeakMemory, current_memory_mb  # noqa: E402
 
-MODES = ("baseline", "stage1", "stage12", "stage12_packed")
+MODES = ("naive", "mrsp_off", "stage1", "stage12", "stage12_packed")
 SPLIT_MODE = "stage12_packed_all"
 """stage12_packed with every rank generating its share (reported beside stage12_packed, not in the mode tables)."""
-LABELS = {"baseline": "baseline", "stage1": "MR-SP stage 1", "stage12": "stage 1+2", "stage12_packed": "stage 1+2 + packing",
-          SPLIT_MODE: "stage 1+2 + packing, every rank generates"}
-PHASES = ("encode", "rollout", "old", "ref", "update")
+LABELS = {"naive": "naive (re-encode per use, n=1)", "mrsp_off": "without MR-SP (published)", "stage1": "MR-SP stage 1",
+          "stage12": "stage 1+2", "stage12_packed": "stage 1+2 + packing", SPLIT_MODE: "stage 1+2 + packing, every rank generates"}
+MEMORY_MODES = {"naive": "baseline", "mrsp_off": "baseline", "stage1": "stage1", "stage12": "stage12",
+                "stage12_packed": "stage12_packed", SPLIT_MODE: "stage12_packed"}
+"""Each mode's layout in ``megatron_longvideo.memory_model`` (mrsp_off: its baseline, with one KV copy of a prompt
+for the samples of an engine call)."""
+DATA_PARALLEL = ("naive", "mrsp_off", "stage1")
+"""Modes whose ranks split each group's responses (no CP)."""
+PHASES = ("encode", "prefill", "decode", "old", "ref", "update")
+"""Columns of the phase table: encode (all video encoding in the step), the rollout's prefill and decode (the rest of
+the rollout: sampling, the decode steps, the broadcast), the old-policy and reference log-prob passes, the update."""
 VOCAB_TEXTS = ["what colour is the shape in the video", "the shape is red green blue yellow",
                "answer with the letter of the option", "a b c d options shown in frames"] * 20
 
@@ -63,26 +86,47 @@ def _trainer_class(mode):
     import torch.distributed as dist
 
     from megatron_longvideo.models.encode import encode_stats
+    from megatron_longvideo.models.llm import unwrap
     from megatron_longvideo.rl.rollout import generate_groups, nonempty, prompt_embeddings
     from megatron_longvideo.rl.trainer import GRPOTrainer
 
     class Measured(GRPOTrainer):
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args, fresh_cache=None, **kwargs):
             super().__init__(*args, **kwargs)
-            self.phases: dict = {}  # {phase: time, encode time, peak MB over step_base_mb}, reset per step
+            self.phases: dict = {}  # {phase: time, encode time, prefill time, peak MB over step_base_mb}, reset per step
             self.step_base_mb = 0.0
             self.drawn: list = []  # each step's response token ids (the split modes must draw the same)
+            self.fresh_cache = fresh_cache
+            """mrsp_off: a new (empty) embedding cache for every pass, so no pass reuses another's encoding."""
+            self.prefill_s = 0.0
+            from megatron_longvideo.rl.engines.hf_engine import HFEngine
+
+            if isinstance(self.engine, HFEngine):  # the hf engines (plain and multimodal RoPE): time the prompt prefill
+                forward = self.engine._forward
+
+                def timed(embeds, positions, cache, _forward=forward):
+                    if embeds.shape[1] == 1:  # a decode step
+                        return _forward(embeds, positions, cache)
+                    t0 = time.perf_counter()
+                    out = _forward(embeds, positions, cache)
+                    self.prefill_s += time.perf_counter() - t0
+                    return out
+
+                self.engine._forward = timed
 
         def _measure(self, name, fn, *args):
-            enc = encode_stats().seconds
+            if self.fresh_cache is not None:
+                self.cache = self.fresh_cache()
+            enc, prefill = encode_stats().seconds, self.prefill_s
             with PeakMemory() as mem:
                 t0 = time.perf_counter()
                 out = fn(*args)
                 elapsed = time.perf_counter() - t0
             enc = encode_stats().seconds - enc
-            rec = self.phases.setdefault(name, {"time": 0.0, "encode": 0.0, "peak_mb": 0.0})
+            rec = self.phases.setdefault(name, {"time": 0.0, "encode": 0.0, "prefill": 0.0, "peak_mb": 0.0})
             rec["time"] += elapsed - enc
             rec["encode"] += enc
+            rec["prefill"] += self.prefill_s - prefill
             rec["peak_mb"] = max(rec["peak_mb"], mem.peak_abs_mb - self.step_base_mb)
             return out
 
@@ -110,25 +154,27 @@ def _trainer_class(mode):
             g = rewards.shape[1]
             return full[:, self.groups.dp_rank * g : (self.groups.dp_rank + 1) * g]
 
-    if mode == "stage1":
+    if mode in ("stage1", "mrsp_off"):
         return SharedPrompt
 
-    class Baseline(SharedPrompt):
+    class Naive(SharedPrompt):
         """Each rollout encodes the video again and prefills its own copy of the prompt."""
 
         def generate(self, prompts):
             out = [[] for _ in prompts]
             eos = self.tokenizer.eos_id
+            positions_of = getattr(unwrap(self.policy), "rollout_positions", None)  # multimodal RoPE (Qwen2.5-VL)
+            positions = positions_of(prompts) if positions_of is not None else None
             for k in range(self.cfg.group_size):
                 with torch.no_grad():
                     embeds = prompt_embeddings(self.policy, self.groups, prompts)  # no cache: encodes again
                 seed = self.groups.dp_rank * 100003 + self.step_count * 1009 + k
                 sampling = dataclasses.replace(self.cfg.sampling, n=1).for_rank(seed)
-                for i, group in enumerate(generate_groups(self.engine, self.groups, embeds, sampling)):
+                for i, group in enumerate(generate_groups(self.engine, self.groups, embeds, sampling, positions=positions)):
                     out[i].append(nonempty(group[0], eos))
             return out
 
-    return Baseline
+    return Naive
 
 
 def _worker(rank, world_size, mode, frame_counts, opts):
@@ -136,7 +182,6 @@ def _worker(rank, world_size, mode, frame_counts, opts):
     import torch.distributed as dist
 
     from megatron_longvideo.data.tokenizer import load_tokenizer
-    from megatron_longvideo.models.llava_onevision.model import VLMConfig, build_vlm
     from megatron_longvideo.models.video_cache import VideoEmbeddingCache
     from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
     from megatron_longvideo.rl.engines import build_engine
@@ -152,12 +197,11 @@ def _worker(rank, world_size, mode, frame_counts, opts):
     groups = initialize_parallel(ParallelConfig(context_parallel_size=cp), seed=1)
     if mode == "stage1":  # the ranks share the prompt: split its frames over all of them
         groups = dataclasses.replace(groups, encode=groups.dp)
-    llm, vision = _model(opts)
-    cfg = VLMConfig(llm=llm, vision=vision, video_token_id=tok.video_id)
+    cfg, build, image_size, num_video_tokens = _vlm(opts, tok.video_id)
     torch.manual_seed(1)
-    policy = build_vlm(cfg, groups, recompute_activations=opts["recompute"])
+    policy = build(cfg, groups, recompute_activations=opts["recompute"])
     torch.manual_seed(1)
-    reference = build_vlm(cfg, groups)
+    reference = build(cfg, groups)
     reference.requires_grad_(False)
     ddp = wrap_ddp(policy, groups)
     optimizer = build_optimizer([ddp], OptimConfig(lr=1e-5, clip_grad=1.0))
@@ -171,9 +215,10 @@ def _worker(rank, world_size, mode, frame_counts, opts):
     )
     every_rank = mode == SPLIT_MODE  # else the replica's first rank draws the whole group
     engine = build_engine("hf", cfg, tokenizer=tok, pad_token_id=tok.pad_id) if every_rank or is_replica_leader(groups) else None
-    cache = VideoEmbeddingCache(max_bytes=0 if mode == "baseline" else 8 << 30)
+    cache = VideoEmbeddingCache(max_bytes=0 if mode == "naive" else 8 << 30)
+    fresh = (lambda: VideoEmbeddingCache(max_bytes=8 << 30)) if mode == "mrsp_off" else None
     trainer = _trainer_class(mode)(grpo, policy=ddp, optimizer=optimizer, groups=groups, tokenizer=tok, engine=engine,
-                                   reference=reference, cache=cache, log=lambda s: None)
+                                   reference=reference, cache=cache, log=lambda s: None, fresh_cache=fresh)
     text = torch.tensor(tok.encode("which colour is the shape shown in the video answer with the letter"))
     counter = [0]
 
@@ -182,11 +227,11 @@ def _worker(rank, world_size, mode, frame_counts, opts):
         for _ in range(k):
             counter[0] += 1  # a new video every step (same on every rank: the ranks share the prompt)
             gen = torch.Generator().manual_seed(counter[0])
-            video = torch.randn(frames, 3, vision.image_size, vision.image_size, generator=gen)
-            n = vision.num_video_tokens(frames)
+            video = torch.randn(frames, 3, image_size, image_size, generator=gen)
+            n = num_video_tokens(frames)
             ids = torch.cat([torch.tensor([tok.im_start_id]), torch.full((n,), tok.video_id), text, torch.tensor([tok.im_end_id])])
-            out.append(RLPrompt(frames=video, prompt_ids=ids, ground_truth=GroundTruth(answer="A", options=("red", "blue")),
-                                content_id=f"bench-{counter[0]}", sample_id=str(counter[0])))
+            out.append(RLPrompt(videos=(video,), prompt_ids=ids, ground_truth=GroundTruth(answer="A", options=("red", "blue")),
+                                content_ids=(f"bench-{counter[0]}",), sample_id=str(counter[0])))
         return out
 
     def one_step(frames):
@@ -194,9 +239,13 @@ def _worker(rank, world_size, mode, frame_counts, opts):
         trainer.step_base_mb = current_memory_mb()
         with PeakMemory() as whole:
             metrics = trainer.step(lambda k: draw(k, frames))
-        encode = sum(r["encode"] for r in trainer.phases.values())
-        row = {p: trainer.phases.get(p, {}).get("time", 0.0) for p in PHASES if p != "encode"}
-        row["encode"] = encode
+        rollout = trainer.phases.get("rollout", {})
+        row = {p: trainer.phases.get(p, {}).get("time", 0.0) for p in ("old", "ref", "update")}
+        row["rollout"] = rollout.get("time", 0.0)  # without its encoding
+        row["prefill"] = rollout.get("prefill", 0.0)
+        row["decode"] = row["rollout"] - row["prefill"]
+        row["encode"] = sum(r["encode"] for r in trainer.phases.values())
+        row["phase_encode"] = {p: r["encode"] for p, r in trainer.phases.items()}
         row["sync"] = metrics["time/sync"]
         row["step"] = metrics["time/step"]
         row["peak_mb"] = max([whole.peak_mb] + [r["peak_mb"] for r in trainer.phases.values()])
@@ -204,23 +253,28 @@ def _worker(rank, world_size, mode, frame_counts, opts):
         return row
 
     one_step(frame_counts[0])  # warm-up: first-call costs, allocator pools
-    results, oom = {}, False
+    results, stop = {}, None
     for frames in frame_counts:
-        if oom:
-            results[frames] = {"oom": True, "measured": False}
+        if stop:
+            results[frames] = {"oom": stop == "oom", "measured": False, "skipped": stop}
             continue
         trainer.drawn = []
         rows = [one_step(frames) for _ in range(opts["repeats"])]
-        row = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "phase_peak_mb"}
-        row["phase_peak_mb"] = {p: statistics.median(r["phase_peak_mb"].get(p, 0.0) for r in rows) for p in rows[0]["phase_peak_mb"]}
-        peak = torch.tensor([row["peak_mb"]])
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the rank that needs the most
-        row["peak_mb"] = peak.item()
+        per_phase = ("phase_peak_mb", "phase_encode")
+        row = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k not in per_phase}
+        for key in per_phase:
+            row[key] = {p: statistics.median(r[key].get(p, 0.0) for r in rows) for p in rows[0][key]}
+        peak = torch.tensor([row["peak_mb"], row["step"]])
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the rank that needs the most; every rank stops together
+        row["peak_mb"] = peak[0].item()
         row["text_len"] = len(text) + 2
         row["oom"] = opts["memory_cap_mb"] is not None and row["peak_mb"] > opts["memory_cap_mb"]
         row["measured"] = True
         row["tokens"] = hashlib.sha1(repr(trainer.drawn).encode()).hexdigest()[:12]
-        oom = row["oom"]
+        if row["oom"]:
+            stop = "oom"
+        elif opts.get("time_cap_s") is not None and peak[1].item() > opts["time_cap_s"]:
+            stop = "time"
         results[frames] = row
     destroy_parallel()
     return results
@@ -231,27 +285,113 @@ def _predicted(mode, frames, row, opts):
     from megatron_longvideo.memory_model import StepLayout, predict_step_memory
 
     packed = mode in ("stage12_packed", SPLIT_MODE)
-    layout = StepLayout(mode="stage12_packed" if mode == SPLIT_MODE else mode, ranks=opts["ranks"], group_size=opts["group_size"], response_len=opts["response_len"],
+    layout = StepLayout(mode=MEMORY_MODES[mode], ranks=opts["ranks"], group_size=opts["group_size"], response_len=opts["response_len"],
                         text_len=row["text_len"], responses_per_microbatch=None if packed else opts["responses_per_microbatch"],
-                        recompute=opts["recompute"])
-    est = predict_step_memory(*_model(opts), frames, layout)
+                        recompute=opts["recompute"], engine_prefix_sharing=mode != "naive")
+    llm, vision, image_size, family = _model(opts)
+    est = predict_step_memory(llm, vision, frames, layout, image_size=image_size if family == "qwen2_5_vl" else None)
     return est.working / 2**20, {p: v / 2**20 for p, v in est.phases.items()}
 
 
 def _model(opts):
+    """(LLM config, tower config, frame size in pixels, family) of the benchmark's model: the tiny LLaVA-OneVision
+    one (``--hidden`` x ``--layers``), or the ``--cost-match`` CPU model of ``cost_model``."""
+    if opts.get("cost_match"):
+        from cost_model import cost_matched
+
+        m = cost_matched(opts["cost_match"], vocab_size=304)
+        return m.llm, m.vision, m.image_size, m.reference.family
     from megatron_longvideo.models.llm import LLMConfig
     from megatron_longvideo.models.llava_onevision.vision import VisionConfig
 
     h = opts["hidden"]
     llm = LLMConfig.tiny(vocab_size=304, hidden_size=h, num_layers=opts["layers"], num_attention_heads=4,
                          num_query_groups=2, ffn_hidden_size=4 * h)
-    return llm, VisionConfig(freeze=True, freeze_projector=True)
+    vision = VisionConfig(freeze=True, freeze_projector=True)
+    return llm, vision, vision.image_size, "llava_onevision"
+
+
+def _vlm(opts, video_token_id):
+    """(model config, builder, frame size, video placeholder tokens of T frames) of the benchmark's model."""
+    llm, vision, image_size, family = _model(opts)
+    if family == "qwen2_5_vl":
+        from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig, build_qwen25vl
+
+        cfg = Qwen25VLConfig(llm=llm, vision=vision, video_token_id=video_token_id)
+        return cfg, build_qwen25vl, image_size, lambda t: cfg.num_video_tokens(t, image_size, image_size)
+    from megatron_longvideo.models.llava_onevision.model import VLMConfig, build_vlm
+
+    return VLMConfig(llm=llm, vision=vision, video_token_id=video_token_id), build_vlm, image_size, vision.num_video_tokens
+
+
+def _reference(opts):
+    """The 7B reference the model stands for (LLaVA-OneVision-7B unless ``--cost-match qwen``)."""
+    from cost_model import REFERENCES
+
+    return REFERENCES[opts.get("cost_match") or "llava"]()
+
+
+def scaled_cap_mb(opts, gpu_gib: float, usable: float = 0.9) -> float:
+    """A per-rank working-memory cap (MB) that is to the CPU model what a ``gpu_gib`` GPU is to its 7B reference:
+    the memory model's working memory of the CPU model, in this run's stage 1+2 + packing layout, at the frame
+    count where the reference in stage 1+2 + packing fills ``usable`` of the GPU under the 8-GPU plan ``GPU_7B``.
+    So at the cap stage 1+2 + packing runs as far as it would on the GPUs (as far as the memory model is right),
+    and the other modes run out where their memory, relative to it, makes them."""
+    from megatron_longvideo.memory_model import StepLayout, max_frames, predict_step_memory
+
+    ref = _reference(opts)
+    qwen = ref.family == "qwen2_5_vl"
+    layout = StepLayout(mode="stage12_packed", engine_prefix_sharing=True, responses_per_microbatch=None, **GPU_7B)
+    frames = max_frames(ref.llm, ref.vision, layout, gpu_gib * usable * 2**30, image_size=ref.image_size if qwen else None)
+    llm, vision, image_size, family = _model(opts)
+    ours = StepLayout(mode="stage12_packed", ranks=opts["ranks"], group_size=opts["group_size"], response_len=opts["response_len"],
+                      text_len=16, responses_per_microbatch=None, recompute=opts["recompute"], engine_prefix_sharing=True)
+    est = predict_step_memory(llm, vision, frames, ours, image_size=image_size if family == "qwen2_5_vl" else None)
+    opts["memory_cap_frames"] = frames
+    return est.working / 2**20
+
+
+def _describe(opts) -> str:
+    llm, vision, image_size, family = _model(opts)
+    if family == "qwen2_5_vl":
+        tower = f"Qwen2.5-VL ViT {vision.depth} x {vision.hidden_size} on {image_size} px frames"
+    else:
+        tower = f"SigLIP-style ViT {vision.num_layers} x {vision.hidden_size} on {image_size} px frames"
+    from cost_model import tokens_per_frame
+
+    return (f"LLM {llm.num_layers} layers x {llm.hidden_size} wide, {tower} "
+            f"({tokens_per_frame(vision, image_size=image_size):g} tokens per frame)")
+
+
+def cost_report(opts) -> str:
+    """The cost ratios of the benchmark's model and of the 7B reference it stands for (``cost_model``)."""
+    import cost_model as cm
+
+    llm, vision, image_size, _ = _model(opts)
+    ref = _reference(opts)
+    frames = [f for f in (1024, 4096) if f in opts["frames"]] or [1024, 4096]
+    lines = ["## Cost ratios: this model against the 7B it stands for (`benchmarks/cost_model.py`)", "",
+             "ratio = vision FLOPs per frame / LLM FLOPs per token (the layers' matmuls: 2 x their weights); the last "
+             "columns add the LLM's attention at the mid-prompt context of that many frames (how much of the LLM's work "
+             "is attention, which a narrow CPU model has far more of).", "",
+             "| model | tokens / frame | vision GFLOP / frame | LLM MFLOP / token | ratio | "
+             + " | ".join(f"with attention, {f:,} frames" for f in frames) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(frames)]
+    for label, l, v, size in ((ref.name, ref.llm, ref.vision, ref.image_size), ("this run: " + _describe(opts), llm, vision, image_size)):
+        tpf = cm.tokens_per_frame(v, image_size=size)
+        at = [cm.ratio(l, v, image_size=size, context=(f * tpf + 64) / 2) for f in frames]
+        lines.append(f"| {label} | {tpf:g} | {cm.vision_flops_per_frame(v, l.hidden_size, image_size=size) / 1e9:.4g} | "
+                     f"{cm.llm_flops_per_token(l) / 1e6:.4g} | {cm.ratio(l, v, image_size=size):.1f} | "
+                     + " | ".join(f"{r:.2f}" for r in at) + " |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ #
 def _fmt_cell(row):
     if row.get("oom") and not row.get("measured"):
         return "OOM", "OOM"
+    if row.get("skipped") == "time":
+        return "skipped (time cap)", "-"
     if not row.get("measured"):  # a mode left out of --modes
         return "-", "-"
     time_s = f"{row['step']:.2f}"
@@ -261,49 +401,73 @@ def _fmt_cell(row):
     return time_s, mem
 
 
+def _runs(results, m, f):
+    r = results.get(m, {}).get(f, {})
+    return bool(r.get("measured")) and not r.get("oom")
+
+
 def report(results: dict, opts: dict) -> str:
     frames = opts["frames"]
     cap = opts["memory_cap_mb"]
+    modes = [m for m in MODES if any(r.get("measured") for r in results[m].values())] or list(MODES)
+    cap_text = f"{cap:.0f} MB per rank" if cap else "none"
+    if cap and opts.get("memory_cap_scaled"):
+        cap_text += (f" (8 x {opts['memory_cap_scaled']:g} GB scaled to the model, `scaled_cap_mb`: the reference's stage 1+2 + "
+                     f"packing fits {opts.get('memory_cap_frames', '?')} frames there)")
     lines = [f"## One GRPO step against the frame count ({opts['machine']})", "",
-             f"Model: LLM {opts['layers']} layers x {opts['hidden']} wide, ViT 2x32 on 32 px frames (4 tokens per frame); "
-             f"{opts['ranks']} ranks share each prompt; {opts.get('prompts', 1)} prompt(s) per step; G={opts['group_size']} "
-             f"responses of {opts['response_len']} tokens; "
-             f"activation recompute {'on' if opts['recompute'] else 'off'}; memory cap {cap} MB per rank"
+             f"Model: {_describe(opts)}; {opts['ranks']} ranks share each prompt; {opts.get('prompts', 1)} prompt(s) per step; "
+             f"G={opts['group_size']} responses of {opts['response_len']} tokens; "
+             f"activation recompute {'on' if opts['recompute'] else 'off'}; memory cap {cap_text}"
              f"{' (working memory: growth over the step start)' if cap else ''}; median of {opts['repeats']} step(s).", "",
+             f"Command: `{opts.get('command', 'not recorded in this results.json')}`", "",
              "Step time (s) and peak working memory per rank (MB, max over ranks):", "",
-             "| frames | " + " | ".join(f"{LABELS[m]} (s)" for m in MODES) + " | " + " | ".join(f"{LABELS[m]} (MB)" for m in MODES) + " |",
-             "|---:|" + "---:|" * (2 * len(MODES))]
+             "| frames | " + " | ".join(f"{LABELS[m]} (s)" for m in modes) + " | " + " | ".join(f"{LABELS[m]} (MB)" for m in modes) + " |",
+             "|---:|" + "---:|" * (2 * len(modes))]
     for f in frames:
-        cells = [_fmt_cell(results[m][f]) for m in MODES]
+        cells = [_fmt_cell(results[m][f]) for m in modes]
         lines.append(f"| {f} | " + " | ".join(c[0] for c in cells) + " | " + " | ".join(c[1] for c in cells) + " |")
 
-    def runs(m, f):
-        r = results[m][f]
-        return r.get("measured") and not r.get("oom")
+    if "mrsp_off" in modes:
+        others = [m for m in modes if m != "mrsp_off"]
+        lines += ["", f"Speed-up over {LABELS['mrsp_off']} (its step time / the mode's, same run; > 1: the mode is faster):", "",
+                  "| frames | " + " | ".join(LABELS[m] for m in others) + " |", "|---:|" + "---:|" * len(others)]
+        for f in frames:
+            cells = []
+            for m in others:
+                if _runs(results, "mrsp_off", f) and _runs(results, m, f):
+                    cells.append(f"{results['mrsp_off'][f]['step'] / max(results[m][f]['step'], 1e-9):.2f}x")
+                else:
+                    cells.append("-")
+            lines.append(f"| {f} | " + " | ".join(cells) + " |")
 
     lines += ["", "Ratios (measured in this run, at the largest frame count both modes run):", ""]
-    for slow, fast in (("baseline", "stage12"), ("baseline", "stage1"), ("stage12", "stage12_packed"), ("baseline", "stage12_packed")):
-        both = [f for f in frames if runs(slow, f) and runs(fast, f)]
+    for slow, fast in (("mrsp_off", "stage1"), ("mrsp_off", "stage12"), ("mrsp_off", "stage12_packed"),
+                       ("stage12", "stage12_packed"), ("naive", "mrsp_off"), ("naive", "stage12_packed")):
+        both = [f for f in frames if _runs(results, slow, f) and _runs(results, fast, f)]
         if both:
             a, b = results[slow][both[-1]], results[fast][both[-1]]
             lines.append(f"- {LABELS[fast]} vs {LABELS[slow]} at {both[-1]} frames: speed-up {a['step'] / b['step']:.2f}x, "
                          f"{b['peak_mb'] / max(a['peak_mb'], 1e-9):.2f}x the memory")
-    for m in MODES:
-        ran = [f for f in frames if runs(m, f)]
+    for m in modes:
+        ran = [f for f in frames if _runs(results, m, f)]
         first_oom = next((f for f in frames if results[m][f].get("oom")), None)
+        first_skip = next((f for f in frames if results[m][f].get("skipped") == "time"), None)
         lines.append(f"- {LABELS[m]}: runs up to {ran[-1] if ran else 'none'}"
-                     + (f", out of memory from {first_oom} frames" if first_oom else " (no OOM in the range)"))
+                     + (f", out of memory from {first_oom} frames" if first_oom else " (no OOM in the range)")
+                     + (f", not run from {first_skip} frames (time cap {opts.get('time_cap_s')} s)" if first_skip else ""))
 
-    lines += ["", "Phase breakdown (s) at the largest frame count each mode runs (encode: all video encoding in the step; "
-              "the other phases exclude it; sync: weights to the rollout engine):", "",
-              "| mode | frames | encode | rollout | old log-probs | ref log-probs | update | sync | step |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for m in MODES:
-        ran = [f for f in frames if runs(m, f)]
-        if not ran:
-            continue
-        r = results[m][ran[-1]]
-        lines.append(f"| {LABELS[m]} | {ran[-1]} | " + " | ".join(f"{r[p]:.2f}" for p in PHASES)
-                     + f" | {r['sync']:.2f} | {r['step']:.2f} |")
+    lines += ["", "Phase breakdown (s) per mode and frame count (encode: all video encoding in the step; the other phases "
+              "exclude it; prefill: the rollout engine's prompt prefill, on the rank that generates; decode: the rest of "
+              "the rollout; sync: weights to the rollout engine):", "",
+              "| mode | frames | encode | rollout prefill | rollout decode | old log-probs | ref log-probs | update | sync | step |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in modes:
+        for f in frames:
+            if not _runs(results, m, f):
+                continue
+            r = results[m][f]
+            lines.append(f"| {LABELS[m]} | {f} | " + " | ".join(f"{r.get(p, 0.0):.3f}" for p in PHASES)
+                         + f" | {r['sync']:.3f} | {r['step']:.2f} |")
 
     if results.get(SPLIT_MODE) and any(r.get("measured") for r in results[SPLIT_MODE].values()):
         lines += ["", f"Rollouts split over ranks: the rollout phase (s) of stage 1+2 + packing with the replica's first "
@@ -317,12 +481,12 @@ def report(results: dict, opts: dict) -> str:
                 lines.append(f"| {f} | {a['rollout']:.3f} | {b['rollout']:.3f} | {a['rollout'] / max(b['rollout'], 1e-9):.2f}x "
                              f"| {a['step']:.2f} / {b['step']:.2f} | {'yes' if a.get('tokens') == b.get('tokens') else 'NO'} |")
 
-    lines += ["", "Memory model check: predicted working memory (``megatron_longvideo.memory_model``) / measured, "
-              "per mode and frame count:", "",
-              "| frames | " + " | ".join(LABELS[m] for m in MODES) + " |", "|---:|" + "---:|" * len(MODES)]
+    lines += ["", "Memory model check: predicted working memory (``megatron_longvideo.memory_model``; naive and without MR-SP: "
+              "its baseline layout, without and with one KV copy per engine call) / measured, per mode and frame count:", "",
+              "| frames | " + " | ".join(LABELS[m] for m in modes) + " |", "|---:|" + "---:|" * len(modes)]
     for f in frames:
         cells = []
-        for m in MODES:
+        for m in modes:
             r = results[m][f]
             if not r.get("measured"):
                 cells.append("-")
@@ -347,7 +511,7 @@ def _capacity_rows(llm, vision, cap: float, image_size=None) -> list[str]:
     lines = []
     for mode in MODES:
         for comm in ("all_gather", "a2a", "p2p") if mode.startswith("stage12") else ("-",):
-            common = dict(mode=mode, engine_prefix_sharing=mode != "baseline",
+            common = dict(mode=MEMORY_MODES[mode], engine_prefix_sharing=mode != "naive",
                           responses_per_microbatch=None if mode == "stage12_packed" else 1,
                           cp_comm_type="all_gather" if comm == "-" else comm, **GPU_7B)
             layout = StepLayout(attention="engine", **common)
@@ -368,7 +532,7 @@ _HEADER = ["| mode | CP schedule | before: dense scores | tile engine | GiB at 1
            "|---|---|---:|---:|---:|---|---|"]
 _SETTING = ("G=8 responses of 512 tokens, 8 ranks sharing each prompt; bf16 weights and gradients, Adam state sharded "
             "over the 8 ranks, activation recompute, reference offloaded between its passes, rollout engine (vLLM: "
-            "prefill chunks of 8,192 tokens; one KV copy of a prompt for its samples, except in the baseline) asleep "
+            "prefill chunks of 8,192 tokens; one KV copy of a prompt for its samples, except in the naive mode) asleep "
             "outside the rollout")
 
 
@@ -410,6 +574,9 @@ def plot(results: dict, opts: dict, path: str) -> None:
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     frames = opts["frames"]
     measured = [results[m][f]["step"] for m in MODES for f in frames if results[m][f].get("measured")]
+    if not measured:
+        plt.close(fig)
+        return
     top = max(measured) * 1.3 if measured else 1.0
     for k, m in enumerate(MODES):
         xs = [f for f in frames if results[m][f].get("measured") and not results[m][f].get("oom")]
@@ -433,7 +600,7 @@ def plot(results: dict, opts: dict, path: str) -> None:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"One GRPO step, 4 modes ({opts['machine']}; x: out of memory)")
+    fig.suptitle(f"One GRPO step, {len(MODES)} modes ({_describe(opts)}; {opts['machine']}; x: out of memory)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -448,11 +615,19 @@ def main(argv=None) -> str:
     parser.add_argument("--prompts", type=int, default=1, help="prompts (groups) per step, each with its own video")
     parser.add_argument("--response-len", type=int, default=32)
     parser.add_argument("--responses-per-microbatch", type=int, default=1, help="unpacked modes")
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=64, help="LLM width of the tiny model (not with --cost-match)")
+    parser.add_argument("--layers", type=int, default=2, help="LLM layers of the tiny model (not with --cost-match)")
+    parser.add_argument("--cost-match", choices=["llava", "qwen"], default=None,
+                        help="the CPU model with LLaVA-OneVision-7B's / Qwen2.5-VL-7B's tokens per frame and vision/LLM "
+                             "FLOPs ratio (benchmarks/cost_model.py)")
     parser.add_argument("--recompute", action="store_true", help="activation recompute in the update pass")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--memory-cap-mb", type=float, default=None, help="per-rank working memory cap: above it, OOM")
+    parser.add_argument("--memory-cap-scaled", type=float, default=None, metavar="GPU_GB",
+                        help="the cap of a GPU of this many GB scaled to the model (scaled_cap_mb); overrides --memory-cap-mb")
+    parser.add_argument("--time-cap-s", type=float, default=None,
+                        help="a mode whose step takes longer is not run at larger frame counts")
+    parser.add_argument("--timeout-s", type=float, default=7200.0, help="wall-clock limit of one mode's whole run")
     parser.add_argument("--machine", default="CPU, 2 cores, torch " + torch.__version__.split("+")[0])
     parser.add_argument("--quick", action="store_true", help="smoke size: 4 and 8 frames, G=4, responses of 4")
     parser.add_argument("--out-dir", help="write report.md, results.json and step.png here")
@@ -462,7 +637,10 @@ def main(argv=None) -> str:
         with open(args.from_json) as f:
             saved = json.load(f)
         opts = saved["options"]
-        results = {m: {int(k): v for k, v in per.items()} for m, per in saved["results"].items()}
+        results = {("naive" if m == "baseline" else m): {int(k): v for k, v in per.items()}  # "baseline": the naive mode's old name
+                   for m, per in saved["results"].items()}
+        for m in MODES + (SPLIT_MODE,):
+            results.setdefault(m, {f: {"oom": False, "measured": False} for f in opts["frames"]})
         return _write(results, opts, args.out_dir)
     if args.quick:
         args.frames, args.group_size, args.response_len, args.repeats = [4, 8], 4, 4, 1
@@ -477,21 +655,26 @@ def main(argv=None) -> str:
         tok_path = train_sentencepiece(VOCAB_TEXTS, os.path.join(tmp, "tok"), vocab_size=300)
         opts = dict(tokenizer=tok_path, group_size=args.group_size, response_len=args.response_len, prompts=args.prompts,
                     responses_per_microbatch=args.responses_per_microbatch, hidden=args.hidden, layers=args.layers,
-                    recompute=args.recompute, repeats=args.repeats, memory_cap_mb=args.memory_cap_mb)
+                    recompute=args.recompute, repeats=args.repeats, memory_cap_mb=args.memory_cap_mb,
+                    cost_match=args.cost_match, time_cap_s=args.time_cap_s, memory_cap_scaled=args.memory_cap_scaled,
+                    ranks=args.ranks, frames=args.frames,
+                    command="python benchmarks/grpo_step.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        if args.memory_cap_scaled:
+            opts["memory_cap_mb"] = scaled_cap_mb(opts, args.memory_cap_scaled)
         results = {}
         for mode in MODES + (SPLIT_MODE,):
             if mode not in args.modes:
                 results[mode] = {f: {"oom": False, "measured": False} for f in args.frames}
                 continue
             t0 = time.perf_counter()
-            results[mode] = run_ranks(_worker, args.ranks, mode, args.frames, opts, timeout=7200)[0]
+            results[mode] = run_ranks(_worker, args.ranks, mode, args.frames, opts, timeout=args.timeout_s)[0]
             print(f"[{mode}] done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     opts.update(frames=args.frames, ranks=args.ranks, machine=args.machine)
     return _write(results, opts, args.out_dir)
 
 
 def _write(results, opts, out_dir):
-    text = report(results, opts) + "\n\n" + capacity_report()
+    text = report(results, opts) + "\n\n" + cost_report(opts) + "\n\n" + capacity_report()
     print(text)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)

@@ -120,12 +120,13 @@ def main(argv=None):
     import torch.distributed as dist
 
     from megatron_longvideo.data.errors import SkipReport
-    from megatron_longvideo.models import video_token_counter
+    from megatron_longvideo.models import tower_config
     from megatron_longvideo.parallel.groups import destroy_parallel, initialize_parallel
     from megatron_longvideo.platform import enable_cpu_mode
     from megatron_longvideo.models.encode import encode_shard
     from megatron_longvideo.rl.evaluation import build_eval_set, evaluate, format_table
-    from megatron_longvideo.training.args import frame_sampling, load_tokenizer_for, model_config, parallel_config
+    from megatron_longvideo.training.args import (dataset_media, frame_sampling, load_tokenizer_for, model_config,
+                                                  parallel_config)
 
     enable_cpu_mode()
     groups = initialize_parallel(parallel_config(args), seed=args.seed)
@@ -136,10 +137,10 @@ def main(argv=None):
         cfg = model_config(args, tok)
         model = load_model(args, cfg, groups)
         skips = SkipReport() if rank0 else SkipReport(log=None)
-        eval_set = build_eval_set(args.data_path, tokenizer=tok, num_video_tokens=video_token_counter(cfg, args.image_size),
-                                  video_root=args.video_root, sampling=frame_sampling(args),
+        eval_set = build_eval_set(args.data_path, tokenizer=tok, video_root=args.video_root, sampling=frame_sampling(args),
                                   category_field=args.category_field, on_error=args.on_bad_input, skip_report=skips,
-                                  decode=args.decode, shard=encode_shard(groups, cfg.vision))
+                                  decode=args.decode, shard=encode_shard(groups, tower_config(cfg)),
+                                  **dataset_media(args, cfg))
         result = evaluate(model, groups, tok, eval_set, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                           max_records=args.max_records, log=log)
         if rank0:

@@ -3,8 +3,10 @@
 Each caption record becomes ``<video> Describe the video. -> caption<|im_end|>`` with the loss on the
 caption. The LLM and the vision tower are frozen: only the projector (and the video newline embedding)
 learn to map frame features into the LLM's embedding space. The checkpoint it writes is the start of
-CoT-SFT (``examples/sft.py --load THIS --finetune``). Parallel encoding and context parallelism work as in
-SFT. Leaves out: interleaved image-text data, multi-video records.
+CoT-SFT (``examples/sft.py --load THIS --finetune``). Parallel encoding, context parallelism and sequence
+packing (``--pack-sequences``: short captions share a row, none seeing another) work as in SFT. Leaves
+out: interleaved image-text data, multi-video records, and the audio family (``--model-family qwen2_audio``
+is refused: the caption records describe videos; train it with ``examples/sft.py``).
 
 CPU demo (2 ranks, the synthetic dataset written on first use):
 

@@ -6,7 +6,11 @@ frames of a video are encoded in parallel over the ranks that hold the sample (`
 merged sequence is sharded over ``--context-parallel-size`` ranks. The LLM and the projector are trained,
 the vision tower is frozen (``--train-vision-tower`` trains it too). Start from a projector-pretraining
 checkpoint with ``--load PRETRAIN_DIR --finetune`` (its weights only; fresh optimizer and step count).
-Leaves out: sequence packing, the RL stage (see the GRPO script).
+``--pack-sequences`` packs each micro-batch's samples into one row (first-fit rows of ``--seq-length``
+when set) instead of padding them: each sample attends to itself only and its positions restart, so the
+loss and gradients are those of padded rows (``training/packing.py``). ``--model-family qwen2_audio``
+trains the audio family on audio and text records (``--vision-*`` shape its encoder, ``--audio-num-mel-bins``
+and ``--audio-window-seconds`` its input). Leaves out: the RL stage (see the GRPO script).
 
 CPU demo (2 ranks, context parallelism 2, the synthetic dataset written on first use):
 

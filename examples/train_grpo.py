@@ -9,7 +9,9 @@ multi-video records. ``--eval-data FILE --eval-interval N`` evaluates the policy
 (greedy; the numbers of ``examples/evaluate.py``, logged as ``eval/*``).
 
 CPU demo (2 ranks, CP=2, a few minutes; also what `bash examples/scripts/demo_cpu.sh` runs; add
-``--model-family qwen2_5_vl`` for the Qwen2.5-VL family):
+``--model-family qwen2_5_vl`` for the Qwen2.5-VL family; the audio family, Qwen2-Audio, takes audio and
+text records: ``--model-family qwen2_audio`` on the data of ``make_synthetic_dataset.py --tasks audio,text``
+with its ``tokenizer_qwen2_audio.model``, or ``--synthetic-data DIR``, which writes them under ``DIR/audio``):
 
     python tools/make_synthetic_dataset.py --out demo_out/data
     torchrun --nproc-per-node 2 examples/train_grpo.py --context-parallel-size 2 \
@@ -131,17 +133,15 @@ def parse_args(argv=None):
 
 
 def build(args):
-    import dataclasses
-
     from megatron_longvideo.data.dataset import LongVideoDataset, VideoDatasetConfig
     from megatron_longvideo.data.sampler import DistributedVideoSampler
-    from megatron_longvideo.models import build_model, family_of, video_token_counter
+    from megatron_longvideo.models import build_model, family_of, replace_tower, tower_config
     from megatron_longvideo.parallel.groups import initialize_parallel
     from megatron_longvideo.platform import enable_cpu_mode
     from megatron_longvideo.rl.prompt_stream import PromptStream
     from megatron_longvideo.models.llm import check_layout_supported
-    from megatron_longvideo.training.args import (frame_sampling, load_tokenizer_for, model_config, model_options,
-                                                  parallel_config)
+    from megatron_longvideo.training.args import (dataset_media, frame_sampling, load_tokenizer_for, model_config,
+                                                  model_options, parallel_config)
 
     if not args.no_pack:  # refuse at start-up what the first packed forward would refuse
         check_layout_supported(args.core_attention, packed=True)
@@ -153,30 +153,33 @@ def build(args):
     if family_of(cfg) == "qwen2_5_vl":
         if args.train_projector:
             raise ValueError("--train-projector: Qwen2.5-VL's merger is part of its tower; use --train-vision-tower")
-        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, freeze=not args.train_vision_tower))
-    else:
-        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(
-            cfg.vision, freeze=not args.train_vision_tower, freeze_projector=not (args.train_projector or args.train_vision_tower)))
+        cfg = replace_tower(cfg, freeze=not args.train_vision_tower)
+    else:  # the audio family's encoder and projector freeze as SigLIP's and its projector do
+        cfg = replace_tower(cfg, freeze=not args.train_vision_tower,
+                            freeze_projector=not (args.train_projector or args.train_vision_tower))
     torch.manual_seed(args.seed)
     policy = build_model(cfg, groups, seed=args.seed, recompute_activations=args.recompute_activations,
                          **model_options(args))
+    media = dataset_media(args, cfg)
     data_cfg = VideoDatasetConfig(mode="rl", video_root=args.video_root, on_error=args.on_bad_input, sampling=frame_sampling(args),
-                                  decode="lazy" if args.decode == "sharded" else "full")
+                                  decode="lazy" if args.decode == "sharded" else "full", audio=media["audio"],
+                                  probe_dir=media["probe_dir"])
     import torch.distributed as dist
 
     from megatron_longvideo.data.errors import SkipReport
 
     # every rank reads the whole file: rank 0 alone logs the skipped records (the counts are the same everywhere)
     skips = SkipReport() if dist.get_rank() == 0 else SkipReport(log=None)
-    dataset = LongVideoDataset.from_file(args.data_path, tokenizer=tok, num_video_tokens=video_token_counter(cfg, args.image_size),
-                                         config=data_cfg, skip_report=skips)
+    dataset = LongVideoDataset.from_file(args.data_path, tokenizer=tok, num_video_tokens=media["num_video_tokens"],
+                                         num_audio_tokens=media["num_audio_tokens"], config=data_cfg, skip_report=skips)
     sampler = DistributedVideoSampler(len(dataset), dp_rank=groups.dp_rank, dp_size=groups.dp_size, seed=args.seed)
     from megatron_longvideo.models.encode import encode_shard
 
     # enough samples waiting for a whole step's prompts (a worker makes --prefetch-factor of them ahead)
     factor = max(args.prefetch_factor, -(-args.prompts_per_step // max(args.num_workers, 1)))
     stream = PromptStream(dataset, sampler, prefetch_workers=args.num_workers, prefetch_factor=factor,
-                          shard=encode_shard(groups, cfg.vision) if args.decode == "sharded" else None, group=groups.tp_cp)
+                          shard=encode_shard(groups, tower_config(cfg)) if args.decode == "sharded" else None,
+                          group=groups.tp_cp)
     return groups, tok, cfg, policy, stream
 
 
@@ -202,7 +205,7 @@ def sft_warmup(args, groups, tok, policy_ddp, optimizer, stream, log):
             ids = torch.cat([ids, torch.full((pad,), tok.pad_id)])
             labels = torch.cat([labels, torch.full((pad,), tok.pad_id)])
             mask = torch.cat([mask, torch.zeros(pad)])
-            items.append((ids[None], labels[None], mask[None], [[prompt.frames]]))
+            items.append((ids[None], labels[None], mask[None], [list(prompt.videos)]))
 
         def step_fn(item, model):
             ids, labels, mask, videos = item
@@ -326,6 +329,9 @@ def main(argv=None):
         log(f"mean reward: first {k} steps {first:.3f}, last {k} steps {last:.3f}")
     if writer is not None:
         writer.close()
+    from megatron_longvideo.parallel.groups import destroy_parallel
+
+    destroy_parallel()  # megatron's groups torn down before the interpreter's exit (as the SFT stages do)
     return history
 
 
@@ -335,16 +341,16 @@ def _evaluator(args, groups, tok, cfg, policy, writer, log):
     import torch.distributed as dist
 
     from megatron_longvideo.data.errors import SkipReport
-    from megatron_longvideo.models import video_token_counter
+    from megatron_longvideo.models import tower_config
     from megatron_longvideo.rl.engines import build_engine
     from megatron_longvideo.models.encode import encode_shard
     from megatron_longvideo.rl.evaluation import build_eval_set, eval_scalars, evaluate
-    from megatron_longvideo.training.args import frame_sampling
+    from megatron_longvideo.training.args import dataset_media, frame_sampling
 
-    eval_set = build_eval_set(args.eval_data, tokenizer=tok, num_video_tokens=video_token_counter(cfg, args.image_size),
-                              video_root=args.video_root, sampling=frame_sampling(args), on_error=args.on_bad_input,
+    eval_set = build_eval_set(args.eval_data, tokenizer=tok, video_root=args.video_root, sampling=frame_sampling(args),
+                              on_error=args.on_bad_input,
                               skip_report=SkipReport() if dist.get_rank() == 0 else SkipReport(log=None),
-                              decode=args.decode, shard=encode_shard(groups, cfg.vision))
+                              decode=args.decode, shard=encode_shard(groups, tower_config(cfg)), **dataset_media(args, cfg))
     engine = build_engine("megatron", cfg, policy=policy, groups=groups, tokenizer=tok, pad_token_id=tok.pad_id)
 
     def run(step):

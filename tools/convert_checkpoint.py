@@ -1,4 +1,5 @@
-"""Convert checkpoints between Megatron (full state) and Hugging Face (Qwen2 / LLaVA-OneVision).
+"""Convert checkpoints between Megatron (dist checkpoint or full state) and Hugging Face (Qwen2 /
+LLaVA-OneVision / Qwen2.5-VL / Qwen2-Audio).
 
     python tools/convert_checkpoint.py to-hf --full-state policy.pt --out hf_model [--max-shard-size 2GB]
         [--dtype bfloat16] [--tokenizer tokenizer_dir]

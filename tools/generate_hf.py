@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
     from megatron_longvideo.data.records import load_records
     from megatron_longvideo.data.sampling import FrameSamplingConfig
     from megatron_longvideo.data.tokenizer import load_tokenizer
-    from megatron_longvideo.data.video import decode_video
+    from megatron_longvideo.data.video import decode_image, decode_video
     from megatron_longvideo.models import special_tokens
     from megatron_longvideo.rl.rewards import GroundTruth, RewardInput, accuracy_reward, extract_answer
 
@@ -59,13 +59,24 @@ def main(argv=None) -> dict:
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(args.hf, dtype=torch.float32).eval()
     sampling = FrameSamplingConfig(num_frames=args.num_frames, image_size=cfg.vision.image_size)
     records = load_records(args.data_path, video_root=args.video_root).records[: args.max_records]
+    several = [r for r in records if len(r.visuals) > 1]
+    if several:  # transformers takes one batch of equal-length videos per call: this tool gives one at a time
+        print(f"generate_hf.py: {len(several)} record(s) with several visual inputs left out (first: "
+              f"{several[0].problem_id!r}); this tool runs records with one video or image, or none", flush=True)
+        records = [r for r in records if len(r.visuals) <= 1]
     correct = 0
     for record in records:
-        frames = decode_video(os.path.join(args.video_root, record.video), sampling).frames  # [T, 3, S, S]
-        example = build_rl_prompt(record, tok, cfg.vision.num_video_tokens(frames.shape[0]))
+        visual = {}
+        counts = []
+        for kind, path in record.visuals:  # an image is a one-frame video
+            full = os.path.join(args.video_root, path)
+            frames = (decode_image(full, sampling) if kind == "image" else decode_video(full, sampling)).frames  # [T, 3, S, S]
+            visual = {"pixel_values_videos": frames[None]}
+            counts.append(cfg.vision.num_video_tokens(frames.shape[0]))
+        example = build_rl_prompt(record, tok, counts)
         ids = example.input_ids[None]  # [1, P]
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=frames[None],
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **visual,
                                  max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=tok.eos_id,
                                  pad_token_id=tok.pad_id)
         new = [t for t in out[0, ids.shape[1]:].tolist() if t != tok.eos_id]

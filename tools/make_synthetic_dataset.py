@@ -3,10 +3,16 @@
 Each video shows one coloured shape on a grey background for a stretch of frames; ``qa.jsonl`` asks
 its colour (multiple choice, with a reasoning string for CoT-SFT), ``captions.jsonl`` describes it
 (projector pretraining), and ``tokenizer.model`` is a small sentencepiece model trained on the text with
-LLaVA-OneVision's chat tokens (``tokenizer_qwen2_5_vl.model``: the same with Qwen2.5-VL's).
-Deterministic for a seed. Leaves out: audio, multi-video records.
+LLaVA-OneVision's chat tokens (``tokenizer_qwen2_5_vl.model``, ``tokenizer_qwen2_audio.model``: the same
+with Qwen2.5-VL's and Qwen2-Audio's). ``--tasks`` adds other kinds: an image question, a two-video
+question, a text-only sum (a mixed dataset), and ``audio``: beside each video a tone (a 16 kHz WAV of
+1.5 to 2.5 s, 220 or 1760 Hz) and the question "Is the tone high or low? A. low B. high", for
+``--model-family qwen2_audio`` (which takes audio and text records only: ``--tasks audio,text``).
+Deterministic for a seed.
 
     python tools/make_synthetic_dataset.py --out /tmp/synth --num-videos 64
+    python tools/make_synthetic_dataset.py --out /tmp/mixed --tasks colour,image,two_videos,text
+    python tools/make_synthetic_dataset.py --out /tmp/audio --tasks audio,text   # tokenizer_qwen2_audio.model
     python tools/make_synthetic_dataset.py --out /tmp/synth_vp9 --codec vp9   # for DALI's CPU decoder
 
 Importable: ``from make_synthetic_dataset import make_dataset`` (this folder on ``sys.path``), or use

@@ -5,17 +5,20 @@ DDP, optimizer, LR schedule and forward-backward schedule, their own data iterat
 the loss falls); train_video_lm.py is the same script changed to train a video-language model with
 megatron_longvideo: its groups (megatron's plus the encode group), its model (a GPTModel on its layer
 spec, whose core attention runs CP on CPU, plus a frozen SigLIP tower and a trained projector), its SFT
-loader (frames decoded lazily, bad inputs skipped) and ``vlm_forward`` (frames encoded in parallel over
-the encode group, merged into the text, sharded over CP). With the same flags it gives examples/sft.py's
-losses (tests/examples/test_adopt.py). README.md here shows the diff.
+loader (frames decoded lazily, bad inputs skipped), sequence packing (``pack_vlm_batch``: a micro-batch's
+samples in one row) and ``packed_vlm_forward`` (frames encoded in parallel over the encode group, merged
+into the text, sharded over CP). With the same flags it gives the losses of ``examples/sft.py
+--pack-sequences``, which are those of padded rows (tests/examples/test_adopt.py). README.md here shows
+the diff.
 
 * CP: megatron-core runs CP in TransformerEngine's attention only (its local ``DotProductAttention``
   asserts CP == 1) and TE does not run on CPU, so train_gpt.py stays at CP=1 (2 ranks: 2 DP replicas).
 * The embedding cache serves a video's tower + projector output while both are frozen
   (``--freeze-projector``: the LLM alone trains); by default the projector trains and training forwards
   bypass the cache (they need its gradient).
-* Shared-prefix packing is in the GRPO path only (G responses to one video prompt in a row); an SFT
-  sample has one response, so micro-batches are padded, as in examples/sft.py.
+* Packing: each sample of a packed row attends to itself only, its positions restart at 0 and its last
+  token predicts nothing, so the loss and gradients equal padded rows'; the row has no padding but the
+  few tokens that round it to 2 x CP. (Shared-prefix packing, a prompt's G responses in one row, is GRPO's.)
 * On CPU, ``enable_cpu_mode()`` patches megatron-core's CUDA assumptions (a no-op where CUDA exists):
   the one line a CPU run adds.
 

@@ -5,17 +5,20 @@ DDP, optimizer, LR schedule and forward-backward schedule, their own data iterat
 the loss falls); train_video_lm.py is the same script changed to train a video-language model with
 megatron_longvideo: its groups (megatron's plus the encode group), its model (a GPTModel on its layer
 spec, whose core attention runs CP on CPU, plus a frozen SigLIP tower and a trained projector), its SFT
-loader (frames decoded lazily, bad inputs skipped) and ``vlm_forward`` (frames encoded in parallel over
-the encode group, merged into the text, sharded over CP). With the same flags it gives examples/sft.py's
-losses (tests/examples/test_adopt.py). README.md here shows the diff.
+loader (frames decoded lazily, bad inputs skipped), sequence packing (``pack_vlm_batch``: a micro-batch's
+samples in one row) and ``packed_vlm_forward`` (frames encoded in parallel over the encode group, merged
+into the text, sharded over CP). With the same flags it gives the losses of ``examples/sft.py
+--pack-sequences``, which are those of padded rows (tests/examples/test_adopt.py). README.md here shows
+the diff.
 
 * CP: megatron-core runs CP in TransformerEngine's attention only (its local ``DotProductAttention``
   asserts CP == 1) and TE does not run on CPU, so train_gpt.py stays at CP=1 (2 ranks: 2 DP replicas).
 * The embedding cache serves a video's tower + projector output while both are frozen
   (``--freeze-projector``: the LLM alone trains); by default the projector trains and training forwards
   bypass the cache (they need its gradient).
-* Shared-prefix packing is in the GRPO path only (G responses to one video prompt in a row); an SFT
-  sample has one response, so micro-batches are padded, as in examples/sft.py.
+* Packing: each sample of a packed row attends to itself only, its positions restart at 0 and its last
+  token predicts nothing, so the loss and gradients equal padded rows'; the row has no padding but the
+  few tokens that round it to 2 x CP. (Shared-prefix packing, a prompt's G responses in one row, is GRPO's.)
 * On CPU, ``enable_cpu_mode()`` patches megatron-core's CUDA assumptions (a no-op where CUDA exists):
   the one line a CPU run adds.
 
@@ -45,11 +48,11 @@ from megatron_longvideo.models.encode import reduce_encode_replica_grads
 from megatron_longvideo.models.llava_onevision.vision import VisionConfig
 from megatron_longvideo.models.llm import LLMConfig, unwrap
 from megatron_longvideo.models.video_cache import VideoEmbeddingCache, cache_key, weights_version
-from megatron_longvideo.models.vlm import vlm_forward
 from megatron_longvideo.parallel import ParallelConfig, initialize_parallel
 from megatron_longvideo.training.lm_step import cp_shard
+from megatron_longvideo.training.packing import pack_vlm_batch, packed_vlm_forward
 from megatron_longvideo.training.stage import build_data_loader, build_stage_model, vlm_config_for
-from megatron_longvideo.training.vlm_step import prepare_vlm_batch, sequence_multiple
+from megatron_longvideo.training.vlm_step import sequence_multiple
 
 
 def parse_args(argv=None):
@@ -124,11 +127,11 @@ def main(argv=None):
 
     def forward_step(data_iterator, model):
         sample = next(data_iterator)
-        batch = prepare_vlm_batch(sample, pad_id=tokenizer.pad_id, multiple=sequence_multiple(groups))
-        version = weights_version(unwrap(model).vision)  # a key per video, frames and tower + projector weights
-        keys = [[cache_key(i, {"frames": f.tolist()}, version)] for i, f in zip(sample["sample_id"], sample["frame_indices"])]
-        output = vlm_forward(model, groups, input_ids=batch["input_ids"], videos=batch["videos"],
-                             labels=batch["labels"], cache=cache, cache_keys=keys)
+        batch = pack_vlm_batch(sample, pad_id=tokenizer.pad_id, multiple=sequence_multiple(groups))  # one row
+        version = weights_version(unwrap(model).vision)  # a key per video: file, frames, tower + projector weights
+        keys = [[cache_key(path, {"frames": f.tolist()}, version) for path, f in zip(*sample_videos)]
+                for sample_videos in zip(sample["video_paths"], sample["frame_indices"])]
+        output = packed_vlm_forward(model, groups, batch, cache=cache, cache_keys=keys)
         loss_mask = cp_shard(batch["loss_mask"], groups).to(device)  # this CP rank's tokens
 
         def loss_func(losses):  # megatron's per-token convention: (sum, token count, report)

@@ -15,7 +15,8 @@ from a full-state file (``save_full_state_file``)::
     python tools/convert_checkpoint.py to-hf --full-state policy.pt --out hf_model --tokenizer tok_dir
 
 The HF folder holds ``config.json``, safetensors shards, the tokenizer, ``generation_config.json``, a chat
-template and (for the VLM) LLaVA-OneVision's processor configs. From a running job, call
+template and (for a VLM or a Qwen2-Audio) the family's processor configs. Families: Qwen2, LLaVA-OneVision,
+Qwen2.5-VL and Qwen2-Audio (``--llm-only``: LLaVA-OneVision and Qwen2-Audio). From a running job, call
 :func:`~megatron_longvideo.checkpoint.hf_convert.export_model` (any layout) instead.
 """
 
@@ -35,7 +36,8 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convert_checkpoint", description="Megatron <-> Hugging Face checkpoints")
     sub = parser.add_subparsers(dest="command", required=True)
-    to_hf = sub.add_parser("to-hf", help="Megatron checkpoint -> HF folder (LLaVA-OneVision or Qwen2)")
+    to_hf = sub.add_parser("to-hf",
+                           help="Megatron checkpoint -> HF folder (Qwen2, LLaVA-OneVision, Qwen2.5-VL, Qwen2-Audio)")
     source = to_hf.add_mutually_exclusive_group(required=True)
     source.add_argument("--dist-checkpoint", help="a dist checkpoint folder or save root (its latest complete checkpoint)")
     source.add_argument("--full-state", help="file written by save_full_state_file")

@@ -251,7 +251,8 @@ def _model_config(model) -> Optional[dict]:
 
 
 def model_config_of(path: str):
-    """The model config (``VLMConfig``) recorded in the checkpoint at ``path`` (a folder or a save root)."""
+    """The model config (an ``LLMConfig``, ``VLMConfig``, ``Qwen25VLConfig`` or ``Qwen2AudioConfig``) recorded in
+    the checkpoint at ``path`` (a folder or a save root)."""
     from megatron.core import dist_checkpointing
 
     from megatron_longvideo.checkpoint.hf_convert import _config_from_dict

@@ -7,7 +7,8 @@ TP / PP / CP on load. Each converting rank builds only its shard of the model, o
 then as uninitialised host memory (no random init of billions of weights), and streams the HF tensors
 into it one at a time: memory is one model shard plus one tensor. Under ``torchrun`` with TP / PP the
 shards are split over the ranks (a Qwen2.5-VL tower too: it is built sharded over TP, each rank slicing
-its part of q/k/v, gate/up and the merger out of the full tensors); one process converts the whole model.
+its part of q/k/v, gate/up and the merger out of the full tensors; a Qwen2-Audio tower is replicated, every
+rank loading all of it); one process converts the whole model.
 The checkpoint keeps under ``hf/`` what the weights do not carry: the source ``config.json``, the
 tokenizer files and chat template, the generation and processor configs, ``unused.safetensors`` (every
 source tensor the library does not use: SigLIP's pooling head and post-layernorm) and ``tensor_names.json`` (the source's tensor names, which
@@ -56,7 +57,7 @@ def ensure_process_group() -> None:
 
 
 def build_empty_model(cfg, groups, *, params_dtype=torch.float32):
-    """This rank's shard of the model for ``cfg`` (an ``LLMConfig`` or a ``VLMConfig``) in host memory,
+    """This rank's shard of the model for ``cfg`` (an ``LLMConfig`` or a family's config) in host memory,
     left uninitialised: every parameter is about to be overwritten by a checkpoint."""
     from megatron_longvideo.models import build_model
     from megatron_longvideo.models.llm import LLMConfig, build_llm
@@ -147,23 +148,16 @@ def import_hf_checkpoint(hf_dir: str, out: str, *, groups, dtype: Optional[torch
     ``tokenizer`` names a tokenizer folder when ``hf_dir`` has none. Returns the ``iter_0000000`` folder."""
     from megatron_longvideo.checkpoint.dist_ckpt import save_checkpoint
     from megatron_longvideo.checkpoint.full_state import load_full_state_items
-    from megatron_longvideo.checkpoint.hf_convert import read_hf_config
+    from megatron_longvideo.checkpoint.hf_convert import _hf_to_megatron, read_hf_config
     from megatron_longvideo.checkpoint.hf_io import read_checkpoint
-    from megatron_longvideo.checkpoint.hf_map import WeightMap
-
-    from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig
 
     cfg = read_hf_config(hf_dir)
     dtype = dtype or hf_checkpoint_dtype(hf_dir)
     model = build_empty_model(cfg, _tower_sharding_groups(groups), params_dtype=dtype)
     unmapped: dict = {}
     rank0 = dist.get_rank() == 0
-    if isinstance(cfg, Qwen25VLConfig):  # two passes over the files: language model, then tower
-        from megatron_longvideo.models.qwen2_5_vl.hf import megatron_items
-
-        items = megatron_items(lambda: read_checkpoint(hf_dir, progress=progress and rank0), cfg)
-    else:
-        items = WeightMap(cfg).to_megatron(read_checkpoint(hf_dir, progress=progress and rank0), unmapped=unmapped)
+    # Qwen2.5-VL and Qwen2-Audio read the files twice: language model, then tower
+    items = _hf_to_megatron(cfg, "all", lambda: read_checkpoint(hf_dir, progress=progress and rank0), unmapped)
     load_full_state_items(model, items, groups)
     assets = _assets_of(hf_dir, unmapped, tokenizer) if rank0 else None
     source = {"path": os.path.abspath(hf_dir), "dtype": str(dtype).replace("torch.", "")}

@@ -1,8 +1,9 @@
 """Hugging Face config objects for our models, and back.
 
 Our ``LLMConfig`` is a ``Qwen2Config``. The families' own configs are converted in their folders
-(:mod:`megatron_longvideo.models.llava_onevision.hf`, :mod:`megatron_longvideo.models.qwen2_5_vl.hf`);
-:func:`hf_config` and :func:`config_from_hf` dispatch to them.
+(:mod:`megatron_longvideo.models.llava_onevision.hf`, :mod:`megatron_longvideo.models.qwen2_5_vl.hf`,
+:mod:`megatron_longvideo.models.qwen2_audio.hf`); :func:`hf_config` and :func:`config_from_hf` dispatch to
+them.
 
 Supported transformers versions: :data:`SUPPORTED_TRANSFORMERS` (4.57 up to, not including, 6).
 """
@@ -70,15 +71,21 @@ def qwen2_config(llm: LLMConfig, **extra):
 
 
 def hf_config(cfg, **kwargs):
-    """The HF config of ``cfg``: Qwen2 for an LLM, LLaVA-OneVision for a LLaVA-OneVision VLM."""
+    """The HF config of ``cfg``: Qwen2 for an LLM, LLaVA-OneVision for a LLaVA-OneVision VLM, Qwen2-Audio
+    for a Qwen2-Audio (``kwargs`` go to the text config)."""
     from megatron_longvideo.models.llava_onevision.hf import llava_onevision_config
     from megatron_longvideo.models.llava_onevision.model import VLMConfig
+    from megatron_longvideo.models.qwen2_audio.model import Qwen2AudioConfig
 
     if isinstance(cfg, VLMConfig):
         return llava_onevision_config(cfg, **kwargs)
+    if isinstance(cfg, Qwen2AudioConfig):
+        from megatron_longvideo.models.qwen2_audio.hf import hf_config as qwen2_audio_config
+
+        return qwen2_audio_config(cfg, **kwargs)
     if isinstance(cfg, LLMConfig):
         return qwen2_config(cfg, **kwargs)
-    raise TypeError(f"expected an LLMConfig or a VLMConfig, got {type(cfg).__name__}")
+    raise TypeError(f"expected an LLMConfig, a VLMConfig or a Qwen2AudioConfig, got {type(cfg).__name__}")
 
 
 def _get(config, name, default=None):
@@ -125,7 +132,8 @@ def llm_config_from_hf(config, **overrides) -> LLMConfig:
 
 
 def config_from_hf(config):
-    """Our config of a Qwen2 or LLaVA-OneVision HF config (object or ``config.json`` dict)."""
+    """Our config of a Qwen2, LLaVA-OneVision, Qwen2.5-VL or Qwen2-Audio HF config (object or ``config.json``
+    dict)."""
     model_type = _get(config, "model_type")
     if model_type == "llava_onevision":
         from megatron_longvideo.models.llava_onevision.hf import vlm_config_from_hf
@@ -137,6 +145,10 @@ def config_from_hf(config):
         from megatron_longvideo.models.qwen2_5_vl.model import qwen25vl_config_from_hf
 
         return qwen25vl_config_from_hf(config)
+    if model_type == "qwen2_audio":
+        from megatron_longvideo.models.qwen2_audio.model import qwen2_audio_config_from_hf
+
+        return qwen2_audio_config_from_hf(config)
     raise ValueError(f"model_type {model_type!r} is not supported: expected 'qwen2' (Qwen2ForCausalLM), "
-                     f"'llava_onevision' (LlavaOnevisionForConditionalGeneration) or 'qwen2_5_vl' "
-                     f"(Qwen2_5_VLForConditionalGeneration)")
+                     f"'llava_onevision' (LlavaOnevisionForConditionalGeneration), 'qwen2_5_vl' "
+                     f"(Qwen2_5_VLForConditionalGeneration) or 'qwen2_audio' (Qwen2AudioForConditionalGeneration)")

@@ -2,9 +2,11 @@
 
 Export: a full-shape Megatron state (from :func:`gather_full_state` of a model in any TP/PP layout,
 or from a dist checkpoint) -> a folder that transformers opens with its own classes and no custom
-code: ``config.json`` (``Qwen2ForCausalLM`` or ``LlavaOnevisionForConditionalGeneration``),
+code: ``config.json`` (``Qwen2ForCausalLM``, ``LlavaOnevisionForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration`` or ``Qwen2AudioForConditionalGeneration``),
 safetensors shards with an index, and optionally the tokenizer files. Tensors stream through the
-weight map into the shard writer, which holds one shard at a time.
+weight map into the shard writer, which holds one shard at a time. Qwen2.5-VL and Qwen2-Audio map
+through their families' own ``hf`` modules, in two passes over the tensors (language model, then tower).
 
 Import: such a folder (ours, or a public checkpoint) -> a Megatron full state, which
 :func:`load_full_state` slices into any layout, or streamed straight into a model's shards
@@ -65,11 +67,12 @@ def save_hf(
     progress: bool = True,
 ) -> list[str]:
     """Write ``full_state`` (a dict, an iterator of Megatron ``(name, tensor)``, or a function returning
-    one: a Qwen2.5-VL is written in two passes over it) as a HF folder.
+    one: a Qwen2.5-VL or a Qwen2-Audio is written in two passes over it) as a HF folder.
 
-    ``part="language_model"`` writes a VLM's LLM alone as ``Qwen2ForCausalLM``. ``dtype`` casts floating
-    tensors (default: keep); ``tokenizer`` is a tokenizer folder, a sentencepiece ``.model`` file or an
-    object with ``save_pretrained``; ``config_kwargs`` go to the text config (e.g. ``eos_token_id``).
+    ``part="language_model"`` writes a VLM's (or a Qwen2-Audio's) LLM alone as ``Qwen2ForCausalLM``.
+    ``dtype`` casts floating tensors (default: keep); ``tokenizer`` is a tokenizer folder, a sentencepiece
+    ``.model`` file or an object with ``save_pretrained``; ``config_kwargs`` go to the text config (e.g.
+    ``eos_token_id``).
     ``passthrough``: HF tensors the library does not use, written unchanged (see :class:`WeightMap`).
     ``source_config``: the ``config.json`` dict of the checkpoint the weights came from; when it
     describes the same shapes it is written instead of a generated one, so settings we do not model
@@ -83,22 +86,22 @@ def save_hf(
     from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig
 
     check_transformers_version()
-    qwen = isinstance(cfg, Qwen25VLConfig)
-    if qwen and part != "all":
+    if isinstance(cfg, Qwen25VLConfig) and part != "all":
         raise ValueError(f"part={part!r}: a Qwen2.5-VL exports whole (its language model needs multimodal RoPE, "
                          "which Qwen2ForCausalLM does not have)")
-    weight_map = None if qwen else _weight_map(cfg, part)  # refuses configs with no HF equivalent before writing
+    family = _two_pass_family(cfg) if part == "all" else None  # Qwen2.5-VL or Qwen2-Audio, whole
+    weight_map = None if family else _weight_map(cfg, part)  # refuses configs with no HF equivalent before writing
     config = _export_config(cfg, part, source_config, config_kwargs)
-    config.architectures = ["Qwen2_5_VLForConditionalGeneration" if qwen else weight_map.architecture]
+    config.architectures = [family[1] if family else weight_map.architecture]
     if dtype is not None:
         config.dtype = dtype  # transformers 4.57 reads it as torch_dtype
     os.makedirs(out_dir, exist_ok=True)
     config.save_pretrained(out_dir)
     files = ["config.json"]
-    if qwen:  # two passes over the state (language model, tower): a mapping or an iterator factory
-        from megatron_longvideo.models.qwen2_5_vl.hf import canonical_hf_name, hf_items
-
-        tensors, canonical, total, passthrough = hf_items(full_state, cfg), canonical_hf_name, None, dict(passthrough or {})
+    if family:  # two passes over the state (language model, tower): a mapping or an iterator factory
+        hf = family[0]
+        tensors, canonical, total = hf.hf_items(full_state, cfg), hf.canonical_hf_name, None
+        passthrough = dict(passthrough or {})
         tensors = itertools.chain(tensors, passthrough.items())
     else:
         if callable(full_state):
@@ -116,13 +119,40 @@ def save_hf(
     if usage_files:
         from megatron_longvideo.models import family_of, special_tokens
 
-        vlm = qwen or weight_map.architecture == "LlavaOnevisionForConditionalGeneration"
+        vlm = family is not None or weight_map.architecture == "LlavaOnevisionForConditionalGeneration"
         special = special_tokens(family_of(cfg)) if vlm else None
-        written = [hf_usage.write_generation_config(out_dir), hf_usage.write_chat_template(out_dir, special)]
+        media = "audio" if vlm and family_of(cfg) == "qwen2_audio" else "video"
+        written = [hf_usage.write_generation_config(out_dir), hf_usage.write_chat_template(out_dir, special, media)]
         if vlm:
             written += hf_usage.write_processor_configs(out_dir, cfg)
         files += [os.path.basename(f) for f in written if f]
     return sorted(set(files), key=files.index)
+
+
+def _two_pass_family(cfg):
+    """``(hf module, architecture)`` of a family whose weights map through its own ``hf`` module, in two
+    passes over the tensors (Qwen2.5-VL, Qwen2-Audio); None for those of the shared :class:`WeightMap`."""
+    from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig
+    from megatron_longvideo.models.qwen2_audio.model import Qwen2AudioConfig
+
+    if isinstance(cfg, Qwen25VLConfig):
+        from megatron_longvideo.models.qwen2_5_vl import hf
+
+        return hf, "Qwen2_5_VLForConditionalGeneration"
+    if isinstance(cfg, Qwen2AudioConfig):
+        from megatron_longvideo.models.qwen2_audio import hf
+
+        return hf, "Qwen2AudioForConditionalGeneration"
+    return None
+
+
+def _hf_to_megatron(cfg: ModelConfig, part: str, read, unmapped: dict):
+    """Full-state ``(name, tensor)`` of the HF tensors ``read()`` yields (an iterator factory: the two-pass
+    families read the files twice); tensors with no Megatron home go to ``unmapped``."""
+    family = _two_pass_family(cfg) if part == "all" else None
+    if family:
+        return family[0].megatron_items(read, cfg)
+    return _weight_map(cfg, part).to_megatron(read(), unmapped=unmapped)
 
 
 def _belongs(hf_name: str, weight_map: WeightMap) -> bool:
@@ -140,6 +170,9 @@ def _same_shapes(a: ModelConfig, b: ModelConfig) -> bool:
             return dataclasses.replace(c, vision=vision)
         if hasattr(c, "vision"):  # Qwen2.5-VL
             return dataclasses.replace(c, vision=dataclasses.replace(c.vision, freeze=False, max_frames=1))
+        if hasattr(c, "audio"):  # Qwen2-Audio
+            return dataclasses.replace(c, audio=dataclasses.replace(c.audio, freeze=False, freeze_projector=False,
+                                                                    max_windows=1))
         return c
 
     return type(a) is type(b) and norm(a) == norm(b)
@@ -150,10 +183,10 @@ def _export_config(cfg: ModelConfig, part: str, source_config: Optional[dict], c
     from transformers import AutoConfig
 
     llm_only = part == "language_model"
-    target = cfg.llm if llm_only and isinstance(cfg, VLMConfig) else cfg
+    target = cfg.llm if llm_only and not isinstance(cfg, LLMConfig) else cfg
     if source_config is not None:
         source = dict(source_config)
-        if llm_only and source.get("model_type") == "llava_onevision":
+        if llm_only and source.get("model_type") in ("llava_onevision", "qwen2_audio"):
             source = dict(source["text_config"])
         try:
             matches = _same_shapes(config_from_hf(source), target)
@@ -201,7 +234,8 @@ def export_model(model, groups, cfg: ModelConfig, out_dir: str, *, writer_rank: 
 
 
 def read_hf_config(hf_dir: str) -> ModelConfig:
-    """Our config of the HF folder ``hf_dir`` (Qwen2 or LLaVA-OneVision ``config.json``)."""
+    """Our config of the HF folder ``hf_dir`` (a Qwen2, LLaVA-OneVision, Qwen2.5-VL or Qwen2-Audio
+    ``config.json``)."""
     from transformers import AutoConfig
 
     path = os.path.join(hf_dir, "config.json")
@@ -222,7 +256,7 @@ _PARTS = ("all", "language_model", "vision_tower")
 def _weight_map(cfg: ModelConfig, part: str) -> WeightMap:
     if part not in _PARTS:
         raise ValueError(f"part: must be one of {_PARTS}, got {part!r}")
-    if part == "language_model":
+    if part == "language_model":  # any family (Qwen2-Audio too): its Qwen2 under ``llm.``
         return WeightMap.language_model(cfg)
     if part == "vision_tower":
         if not isinstance(cfg, VLMConfig):
@@ -244,7 +278,7 @@ def load_hf(hf_dir: str, cfg: Optional[ModelConfig] = None, *, part: str = "all"
             raise ValueError(f"part={part!r} needs cfg, the config of the model to initialise")
         cfg = read_hf_config(hf_dir)
     unmapped: dict[str, torch.Tensor] = {}
-    state = dict(_weight_map(cfg, part).to_megatron(read_checkpoint(hf_dir, progress=progress), unmapped=unmapped))
+    state = dict(_hf_to_megatron(cfg, part, lambda: read_checkpoint(hf_dir, progress=progress), unmapped))
     return HFCheckpoint(config=cfg, state=state, unmapped=unmapped)
 
 
@@ -260,7 +294,7 @@ def load_hf_into_model(model, groups, hf_dir: str, cfg: Optional[ModelConfig] = 
     if cfg is None:
         cfg = getattr(unwrap(model), "cfg", None) or read_hf_config(hf_dir)
     unmapped: dict[str, torch.Tensor] = {}
-    items = _weight_map(cfg, part).to_megatron(read_checkpoint(hf_dir), unmapped=unmapped)
+    items = _hf_to_megatron(cfg, part, lambda: read_checkpoint(hf_dir), unmapped)
     load_full_state_items(model, items, groups, strict=part == "all")
     return HFCheckpoint(config=cfg, state={}, unmapped=unmapped)
 
@@ -270,8 +304,10 @@ _FORMAT = "megatron_longvideo.full_state/1"
 
 def _config_to_dict(cfg: ModelConfig) -> dict:
     from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig
+    from megatron_longvideo.models.qwen2_audio.model import Qwen2AudioConfig
 
-    kind = "qwen2_5_vl" if isinstance(cfg, Qwen25VLConfig) else "vlm" if isinstance(cfg, VLMConfig) else "llm"
+    kind = ("qwen2_5_vl" if isinstance(cfg, Qwen25VLConfig) else "qwen2_audio" if isinstance(cfg, Qwen2AudioConfig)
+            else "vlm" if isinstance(cfg, VLMConfig) else "llm")
     return {"kind": kind, **dataclasses.asdict(cfg)}
 
 
@@ -291,7 +327,13 @@ def _config_from_dict(d: dict) -> ModelConfig:
         return Qwen25VLConfig(llm=LLMConfig(**d["llm"]), vision=QwenVisionConfig(**d["vision"]),
                               video_token_id=d["video_token_id"], image_token_id=d.get("image_token_id"),
                               text_after=d.get("text_after", "max"))
-    raise ValueError(f"unknown model kind {kind!r} (expected 'llm', 'vlm' or 'qwen2_5_vl')")
+    if kind == "qwen2_audio":
+        from megatron_longvideo.models.qwen2_audio.audio import AudioConfig
+        from megatron_longvideo.models.qwen2_audio.model import Qwen2AudioConfig
+
+        return Qwen2AudioConfig(llm=LLMConfig(**d["llm"]), audio=AudioConfig(**d["audio"]),
+                                audio_token_id=d["audio_token_id"])
+    raise ValueError(f"unknown model kind {kind!r} (expected 'llm', 'vlm', 'qwen2_5_vl' or 'qwen2_audio')")
 
 
 def save_full_state_file(path: str, cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> None:

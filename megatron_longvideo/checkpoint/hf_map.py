@@ -147,8 +147,9 @@ class WeightMap:
 
     @classmethod
     def language_model(cls, cfg: Union[LLMConfig, VLMConfig]) -> "WeightMap":
-        """The LLM alone as ``Qwen2ForCausalLM``; a VLM's ``llm.`` names, its ``vision.`` ones ignored."""
-        if isinstance(cfg, VLMConfig):
+        """The LLM alone as ``Qwen2ForCausalLM``; a VLM's ``llm.`` names, its ``vision.`` ones ignored (any
+        family whose config has an ``llm``: its tower sits under ``vision.``)."""
+        if not isinstance(cfg, LLMConfig) and isinstance(getattr(cfg, "llm", None), LLMConfig):
             return cls(cfg.llm, megatron_prefix="llm.", ignore_prefixes=("vision.",))
         return cls(cfg)
 

@@ -7,11 +7,14 @@ chat template.
   ``processor_config.json``), from which transformers' processor expands one video placeholder into the
   count our model takes: :mod:`megatron_longvideo.models.llava_onevision.inputs` (``<video>`` into
   ``frames x ceil(grid / 2)^2 + 1``), :mod:`megatron_longvideo.models.qwen2_5_vl.inputs` (``<|video_pad|>``
-  into ``t * h * w / 4``). Needs a Hugging Face tokenizer (``AutoProcessor`` loads one); a sentencepiece
-  model gets no processor.
+  into ``t * h * w / 4``); for Qwen2-Audio ``preprocessor_config.json`` (``WhisperFeatureExtractor`` with
+  the tower's mel bins) and ``processor_config.json``, from which ``Qwen2AudioProcessor`` expands
+  ``<|AUDIO|>`` into the tower's token count of an audio of up to 30 s. Needs a Hugging Face tokenizer
+  (``AutoProcessor`` loads one); a sentencepiece model gets no processor.
 * ``chat_template.jinja``: the ChatML turns our prompt builder writes, a video item rendered as the
   family renders it (``<video>`` and a newline; ``<|vision_start|><|video_pad|><|vision_end|>``) before
-  the text, unless the tokenizer brought a template of its own.
+  the text, unless the tokenizer brought a template of its own. A Qwen2-Audio's items are of type
+  ``audio`` (what ``Qwen2AudioProcessor``'s messages hold), rendered ``<|audio_bos|><|AUDIO|><|audio_eos|>``.
 
 Files already present (carried from the Hugging Face checkpoint a run started from) are kept as they are.
 """
@@ -31,9 +34,10 @@ PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json",
 _TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
-def chat_template(special=None) -> str:
+def chat_template(special=None, media: str = "video") -> str:
     """A Jinja chat template that renders messages exactly as :func:`~megatron_longvideo.data.prompts.render_prompt`
-    does with the tokens ``special`` (a family's :class:`~megatron_longvideo.data.tokenizer.SpecialTokens`)."""
+    does with the tokens ``special`` (a family's :class:`~megatron_longvideo.data.tokenizer.SpecialTokens`);
+    ``media``: the content type of the family's media items ('video', or 'audio' for Qwen2-Audio)."""
     from megatron_longvideo.data.tokenizer import SpecialTokens
 
     s = special or SpecialTokens()
@@ -41,7 +45,7 @@ def chat_template(special=None) -> str:
         "{% for message in messages %}" + s.im_start + "{{ message['role'] }}\n"
         "{% if message['content'] is string %}{{ message['content'] }}"
         "{% else %}{% for item in message['content'] %}"
-        "{% if item['type'] == 'video' %}" + s.video_item() +
+        "{% if item['type'] == '" + media + "' %}" + s.video_item() +
         "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
         "{% endfor %}{% endif %}" + s.im_end + "\n{% endfor %}"
         "{% if add_generation_prompt %}" + s.im_start + "assistant\n{% endif %}"
@@ -102,9 +106,9 @@ def write_generation_config(out_dir: str) -> Optional[str]:
     return path
 
 
-def write_chat_template(out_dir: str, special=None) -> Optional[str]:
-    """``chat_template.jinja`` for the tokens ``special`` unless the tokenizer brought one (as a file or
-    inside its config); None when ``out_dir`` holds no tokenizer."""
+def write_chat_template(out_dir: str, special=None, media: str = "video") -> Optional[str]:
+    """``chat_template.jinja`` for the tokens ``special`` and media items of type ``media`` unless the
+    tokenizer brought one (as a file or inside its config); None when ``out_dir`` holds no tokenizer."""
     if not (is_hf_tokenizer_folder(out_dir) or os.path.isfile(os.path.join(out_dir, "tokenizer.model"))):
         return None
     if any(os.path.exists(os.path.join(out_dir, n)) for n in _TEMPLATE_FILES):
@@ -116,7 +120,7 @@ def write_chat_template(out_dir: str, special=None) -> Optional[str]:
                 return None
     path = os.path.join(out_dir, "chat_template.jinja")
     with open(path, "w") as f:
-        f.write(chat_template(special))
+        f.write(chat_template(special, media))
     return path
 
 
@@ -126,6 +130,20 @@ def _write_json(path: str, obj: dict) -> None:
         f.write("\n")
 
 
+def _qwen2_audio_processor_configs(cfg) -> dict[str, dict]:
+    """``{file name: JSON object}`` of a Qwen2-Audio's processor: Whisper's log-mel features (25 ms windows,
+    10 ms hop, 30 s padded windows) with the tower's mel bins, as Qwen2-Audio-7B's files spell them."""
+    from megatron_longvideo.models.qwen2_audio.inputs import HOP_LENGTH, SAMPLING_RATE
+
+    seconds = 30
+    features = {"feature_extractor_type": "WhisperFeatureExtractor", "feature_size": cfg.audio.num_mel_bins,
+                "sampling_rate": SAMPLING_RATE, "hop_length": HOP_LENGTH, "n_fft": 400, "chunk_length": seconds,
+                "n_samples": seconds * SAMPLING_RATE, "nb_max_frames": seconds * SAMPLING_RATE // HOP_LENGTH,
+                "padding_side": "right", "padding_value": 0.0, "return_attention_mask": True,
+                "processor_class": "Qwen2AudioProcessor"}
+    return {"preprocessor_config.json": features, "processor_config.json": {"processor_class": "Qwen2AudioProcessor"}}
+
+
 def write_processor_configs(out_dir: str, cfg) -> list[str]:
     """The processor configs of ``cfg``'s family (see the module docstring); files already present are
     kept. Returns the files written; [] when ``out_dir`` holds no Hugging Face tokenizer."""
@@ -133,7 +151,9 @@ def write_processor_configs(out_dir: str, cfg) -> list[str]:
 
     if not is_hf_tokenizer_folder(out_dir):
         return []
-    if family_of(cfg) == "qwen2_5_vl":
+    if family_of(cfg) == "qwen2_audio":
+        processor_configs = _qwen2_audio_processor_configs
+    elif family_of(cfg) == "qwen2_5_vl":
         from megatron_longvideo.models.qwen2_5_vl.inputs import processor_configs
     else:
         from megatron_longvideo.models.llava_onevision.inputs import processor_configs

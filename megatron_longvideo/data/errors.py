@@ -81,6 +81,12 @@ _VIDEO_REASONS = (  # (start of VideoDecodeError.reason, short reason); first ma
     ("video stream has no", "stream without frames"),
 )
 _DECODE_MARK = ": cannot decode video: "
+_AUDIO_REASONS = (  # an audio track's own reasons (``data.audio.AudioDecodeError``), before the shared ones
+    ("not a readable media container", "not a readable container"),
+    ("no audio stream", "no audio stream"),
+    ("audio stream has no samples", "empty audio"),
+)
+_AUDIO_MARK = ": cannot decode audio: "
 
 
 def record_skip_reason(error: RecordError) -> str:
@@ -104,7 +110,14 @@ def record_skip_reason(error: RecordError) -> str:
 
 
 def video_skip_reason(message: str) -> str:
-    """The short reason a bad video is counted under, from its ``VideoDecodeError`` message or reason."""
+    """The short reason a bad video is counted under, from its ``VideoDecodeError`` message or reason;
+    a bad audio track's message (``<path>: cannot decode audio: ...``) gives ``audio: <short reason>``."""
+    if _AUDIO_MARK in message:
+        reason = message.split(_AUDIO_MARK, 1)[1]
+        for start, short in _AUDIO_REASONS + _VIDEO_REASONS:
+            if reason.startswith(start):
+                return f"audio: {short}"
+        return "audio: cannot decode"
     reason = message.split(_DECODE_MARK, 1)[1] if _DECODE_MARK in message else message
     for start, short in _VIDEO_REASONS:
         if reason.startswith(start):

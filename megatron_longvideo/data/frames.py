@@ -7,7 +7,8 @@ keeping the resized uint8 frame for the next ask. Parallel encoding
 slice of every video only (:func:`frame_shard`), so a group of E ranks decodes each frame once, on the
 rank that encodes it, instead of every rank decoding the whole video; a video whose embedding the cache
 serves is never decoded at all. A prefetching consumer decodes this rank's slice ahead of time in a
-worker (:meth:`LazyFrames.decode_shard`), and the encoder then finds it done.
+worker (:meth:`LazyFrames.decode_shard`), and the encoder then finds it done. The probe and the stream's
+packet table can be made once for the whole group too (:mod:`~megatron_longvideo.data.probe_cache`).
 
 The frames equal ``decode_video``'s bit for bit (the same backend call on a subset of the same indices,
 the same resize and normalisation); views (``frames[positions]``, as ``--rollout-max-frames`` takes)
@@ -66,11 +67,15 @@ class _Store:
     tensor per decode request (``[n, 3, h, w]``, a contiguous block), so a sample sent from a worker
     process shares a few blocks, not one file descriptor per frame, and a rank holds only what it decoded."""
 
-    def __init__(self):
+    def __init__(self, table=None, probed: bool = True):
         self.blocks: list[torch.Tensor] = []  # [n, 3, h, w] uint8 each
         self.where: dict[int, tuple[int, int]] = {}  # frame index -> (block, row)
-        self.table = None  # the stream's packet table (pyav), built by the first decode that seeks
+        self.table = table  # the stream's packet table (pyav): given, or built by the first decode that seeks
         self.decoded = 0  # frames decoded so far (a frame decoded twice counts twice; it never is)
+        # Work on the file itself that this process did for this video, so a test can tell a shared probe
+        # (data/probe_cache.py) from a rank's own: 0 or 1 each.
+        self.num_probes = int(probed)
+        self.num_tables_built = 0
 
     def __contains__(self, index: int) -> bool:
         return index in self.where
@@ -97,7 +102,11 @@ class LazyFrames:
     dtype = torch.float32
 
     def __init__(self, info, indices, size: tuple[int, int], config: FrameSamplingConfig, backend: str, *,
-                 context: str | None = None, _store: _Store | None = None):
+                 context: str | None = None, table=None, probed: bool = True, _store: _Store | None = None):
+        """``info``, ``indices`` and ``size`` come from a probe (:func:`~megatron_longvideo.data.video.probe_lazy`).
+        ``table``: the stream's packet table if known already (a ``FrameTable``, or False: it cannot be
+        made), and ``probed=False`` where this process did not probe the file itself: both are how a
+        probe shared by the encode group (:mod:`~megatron_longvideo.data.probe_cache`) arrives."""
         self.info = info
         self.indices = tuple(int(i) for i in indices)
         if any(b <= a for a, b in zip(self.indices, self.indices[1:])):
@@ -106,7 +115,7 @@ class LazyFrames:
         self.config = config
         self.backend = backend
         self.context = context
-        self._store = _store if _store is not None else _Store()
+        self._store = _store if _store is not None else _Store(table, probed)
 
     # -- what a sample's consumers read without decoding
     @property
@@ -138,6 +147,23 @@ class LazyFrames:
     def num_decoded(self) -> int:
         """Frames of this video decoded so far (by this object and its views, in this process)."""
         return self._store.decoded
+
+    @property
+    def packet_table(self):
+        """The stream's packet table if known (a ``FrameTable``, or False: it cannot be made); None if not
+        built yet (see :meth:`frame_table`)."""
+        return self._store.table
+
+    @property
+    def num_probes(self) -> int:
+        """Probes of the file made in this process for this video: 1, or 0 where the probe was shared."""
+        return self._store.num_probes
+
+    @property
+    def num_tables_built(self) -> int:
+        """Demuxing passes over the whole file (the packet table) made in this process for this video: 0
+        where the table came with a shared probe or no request sought."""
+        return self._store.num_tables_built
 
     def decoded_positions(self) -> list[int]:
         """Positions whose frames are decoded and kept."""
@@ -193,6 +219,18 @@ class LazyFrames:
         """All frames, ``[T, 3, h, w]`` float32 normalised."""
         return self.frames()
 
+    def frame_table(self):
+        """The stream's packet table (pyav, one demuxing pass over the whole file), built now if not yet:
+        a ``FrameTable``, or False where the packets cannot name every frame (decoding then runs
+        sequentially). Whoever probes for the encode group builds it once for every rank."""
+        from megatron_longvideo.data import backends
+
+        store = self._store
+        if store.table is None:
+            store.table = backends.frame_table(self.path, self.info.num_frames) or False
+            store.num_tables_built += 1
+        return store.table
+
     def _decode(self, wanted: list[int]) -> None:
         from megatron_longvideo.data import backends
         from megatron_longvideo.data.backends import StreamEndedEarly
@@ -202,7 +240,7 @@ class LazyFrames:
         mode = "bicubic" if self.config.style == "qwen_vl" else "bilinear"
         if self.backend == "pyav":
             if store.table is None and backends.largest_skip(wanted) > backends.SEEK_MIN_GAP:
-                store.table = backends.frame_table(self.path, self.info.num_frames) or False
+                self.frame_table()
             chunks = backends.iter_frames_pyav(self.info, wanted, table=store.table)
         elif self.backend == "decord":
             chunks = backends.iter_frames_decord(self.info, wanted)

@@ -27,9 +27,10 @@ from megatron_longvideo.data.sampler import DistributedVideoSampler
 
 
 class VideoBatchCollator:
-    """Pads token sequences on the right; keeps frames as a list (videos differ in frame count).
+    """Pads token sequences on the right; keeps the visual inputs as lists (they differ in frame count).
 
-    Batch: ``frames`` list of [T_i, 3, S, S]; ``input_ids`` [B, S_max] (pad id); ``attention_mask``
+    Batch: ``videos`` per sample a list of [T_ij, 3, S, S] (images: one frame; empty for a text-only
+    sample), ``video_paths``, ``frame_indices`` and ``timestamps`` likewise; ``input_ids`` [B, S_max] (pad id); ``attention_mask``
     [B, S_max] bool; ``labels`` [B, S_max] (``IGNORE_INDEX`` on padding) or None; ``video_start``,
     ``num_video_tokens``, ``num_prompt_tokens`` [B]; per-sample lists for the rest.
     """
@@ -50,9 +51,11 @@ class VideoBatchCollator:
             if has_labels:
                 labels[b, :n] = s["labels"]
         return {
-            "frames": [s["frames"] for s in samples],
+            "videos": [list(s["videos"]) for s in samples],
+            "video_paths": [list(s["video_paths"]) for s in samples],
             "frame_indices": [s["frame_indices"] for s in samples],
             "timestamps": [s["timestamps"] for s in samples],
+            "visual_spans": [tuple(s.get("visual_spans", ())) for s in samples],
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,

@@ -9,9 +9,20 @@ A dataset file is JSONL (one object per line) or one JSON list of objects. A que
 Only ``videos``, ``problem`` and ``answer`` are required, so the public LongVideo-Reason files
 (``problem``, ``reasoning``, ``videos``, ``answer``) load as released:
 
-- ``videos`` is a path relative to the video root (an absolute path is kept as is), or a list of one.
-- ``problem_id`` (string or integer), if absent, is derived from the video and the problem text:
-  ``<video file stem>-<first 10 hex digits of sha1(videos + "\\n" + problem)>``, so it stays the same
+- ``videos`` is a path relative to the video root (an absolute path is kept as is), or a list of them:
+  several videos in one prompt. ``images`` (or ``image``) likewise: image files, each a one-frame
+  visual input (PyAV reads PNG, JPEG and the other image formats FFmpeg knows). The prompt shows the
+  images first, then the videos, each with its own placeholder, before the question.
+- ``audios`` (or ``audio``): audio files, or videos whose audio track is meant, for a model with an
+  audio encoder (the Qwen2-Audio family); shown after the videos, each with its own placeholder.
+- ``data_type`` is ``video`` (default when ``videos`` is given), ``image`` (default when only
+  ``images`` is), ``audio`` (default when only ``audios`` is) or ``text``: a text-only question (math,
+  reasoning) with none of these fields, trained in the same dataset and steps as the others. A record
+  with no media field and no ``data_type: text`` is an error (``videos: missing``), so a lost field is
+  never read as a text-only question.
+- ``problem_id`` (string or integer), if absent, is derived from the visual inputs and the problem text:
+  ``<first file's stem>-<first 10 hex digits of sha1(files + "\\n" + problem)>`` (``files``: the one video's
+  path, or the paths joined by newlines; ``text`` for a text-only record), so it stays the same
   when the file is reordered, split or re-read; a repeated (video, problem) pair gets ``-2``, ``-3``...
 - ``problem_type`` is ``multiple choice``, ``numerical`` or ``free-form``. If absent (or ``general``,
   as some generators write) it is inferred: options present -> multiple choice; an answer that parses
@@ -50,13 +61,16 @@ _INLINE_OPTION = re.compile(r"(?:^|\s|\()([A-J])[.):]\s+")
 _LABELLED = re.compile(r"^\(?([A-J])[.):]\s*(.*)$", re.S)
 
 
+DATA_TYPES = ("video", "image", "audio", "text")
+
+
 @dataclasses.dataclass(frozen=True)
 class VideoQARecord:
-    """A validated question about one video."""
+    """A validated question about its visual inputs (none for a text-only question)."""
 
     problem_id: str
-    video: str
-    """Path relative to the video root."""
+    videos: tuple[str, ...]
+    """Video paths relative to the video root, in prompt order (empty: no video)."""
     problem: str
     """The question as given (with inline options if it had them)."""
     problem_type: str
@@ -69,6 +83,21 @@ class VideoQARecord:
     """Normalised: the option letter for multiple choice, the number's text for numerical."""
     source: str
     """``file:line`` the record came from, for messages."""
+    images: tuple[str, ...] = ()
+    """Image paths relative to the video root (each a one-frame visual input), shown before the videos."""
+    audios: tuple[str, ...] = ()
+    """Audio paths relative to the video root (an audio file, or a video's audio track), after the videos."""
+
+    @property
+    def visuals(self) -> tuple[tuple[str, str], ...]:
+        """``(kind, path)`` of every media input in prompt order: the images, the videos, then the audios."""
+        return (tuple(("image", p) for p in self.images) + tuple(("video", p) for p in self.videos)
+                + tuple(("audio", p) for p in self.audios))
+
+    @property
+    def video(self) -> str | None:
+        """The first video (None for a record without one)."""
+        return self.videos[0] if self.videos else None
 
     @property
     def question_text(self) -> str:
@@ -86,6 +115,22 @@ class CaptionRecord:
     video: str
     caption: str
     source: str
+
+    @property
+    def videos(self) -> tuple[str, ...]:
+        return (self.video,)
+
+    @property
+    def images(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def audios(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def visuals(self) -> tuple[tuple[str, str], ...]:
+        return (("video", self.video),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,20 +183,54 @@ def _string(obj: dict, key: str, err, *, required: bool = True) -> str | None:
     return value
 
 
+def _paths(obj: dict, keys: tuple[str, str], err, video_root: str | None) -> tuple[str, ...] | None:
+    """The paths of field ``keys[0]`` (or its singular ``keys[1]``): a string or a list of strings; None
+    when the record has neither."""
+    field = keys[0] if obj.get(keys[0]) is not None else keys[1]
+    value = obj.get(field)
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise err(field, "expected a path string or a non-empty list of them, got []")
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise err(field, f"expected a path string, got {item!r}")
+        if video_root is not None and not os.path.isfile(os.path.join(video_root, item)):
+            kind = keys[1]
+            raise err(field, f"{kind} file not found: {os.path.join(video_root, item)}")
+    return tuple(items)
+
+
 def _video(obj: dict, err, video_root: str | None) -> str:
-    videos = obj.get("videos", obj.get("video"))
+    """The one video of a caption record."""
+    videos = _paths(obj, ("videos", "video"), err, video_root)
     if videos is None:
         raise err("videos", "missing")
-    if isinstance(videos, list):
-        if len(videos) != 1:
-            raise err("videos", f"expected one video path, got a list of {len(videos)} "
-                                "(multi-video records are not supported)")
-        videos = videos[0]
-    if not isinstance(videos, str) or not videos.strip():
-        raise err("videos", f"expected a path string, got {videos!r}")
-    if video_root is not None and not os.path.isfile(os.path.join(video_root, videos)):
-        raise err("videos", f"video file not found: {os.path.join(video_root, videos)}")
-    return videos
+    if len(videos) != 1:
+        raise err("videos", f"a caption describes one video, got a list of {len(videos)}")
+    return videos[0]
+
+
+def _visuals(obj: dict, err, video_root: str | None) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """``(videos, images, audios)`` of a question record, checked against its ``data_type``."""
+    videos = _paths(obj, ("videos", "video"), err, video_root)
+    images = _paths(obj, ("images", "image"), err, video_root)
+    audios = _paths(obj, ("audios", "audio"), err, video_root)
+    data_type = obj.get("data_type")
+    if data_type is None:
+        data_type = ("image" if images is not None else "audio" if audios is not None else "video") if videos is None else "video"
+    if data_type not in DATA_TYPES:
+        raise err("data_type", f"expected one of {', '.join(DATA_TYPES)}, got {data_type!r}")
+    if data_type == "text" and (videos or images or audios):
+        raise err("data_type", "'text' records have no videos, images or audios; drop them or set data_type")
+    if data_type == "video" and videos is None:
+        raise err("videos", "missing (a question without visual input needs data_type 'text')")
+    if data_type == "image" and images is None:
+        raise err("images", "missing (data_type 'image')")
+    if data_type == "audio" and audios is None:
+        raise err("audios", "missing (data_type 'audio')")
+    return videos or (), images or (), audios or ()
 
 
 def parse_inline_options(problem: str) -> tuple[tuple[str, str], ...]:
@@ -179,11 +258,14 @@ def _options_field(value, err) -> tuple[tuple[str, str], ...]:
     return tuple(zip(letters, (v.strip() for v in value)))
 
 
-def derive_problem_id(video: str, problem: str) -> str:
-    """The id of a record without ``problem_id``: ``<video stem>-<sha1(video + newline + problem)[:10]>``."""
-    stem = os.path.splitext(os.path.basename(video))[0] or "video"
-    digest = hashlib.sha1((video + "\n" + problem).encode("utf-8")).hexdigest()
-    return f"{stem}-{digest[:10]}"
+def derive_problem_id(files, problem: str) -> str:
+    """The id of a record without ``problem_id``: ``<first file's stem>-<sha1(files + newline + problem)[:10]>``;
+    ``files`` one path, or a sequence of them (joined by newlines; none: ``text``)."""
+    files = [files] if isinstance(files, str) else list(files)
+    joined = "\n".join(files) if files else "text"
+    stem = os.path.splitext(os.path.basename(files[0]))[0] if files else "text"
+    digest = hashlib.sha1((joined + "\n" + problem).encode("utf-8")).hexdigest()
+    return f"{stem or 'video'}-{digest[:10]}"
 
 
 def infer_problem_type(problem: str, answer: str, *, has_options_field: bool = False) -> str:
@@ -221,12 +303,9 @@ def parse_qa_record(obj, *, path: str, line: int, video_root: str | None = None,
 
     if not isinstance(obj, dict):
         raise err(None, f"expected a JSON object, got {type(obj).__name__}")
-    data_type = obj.get("data_type", "video")
-    if data_type != "video":
-        raise err("data_type", f"expected 'video', got {data_type!r}")
-    video = _video(obj, err, video_root)
+    videos, images, audios = _visuals(obj, err, video_root)
     problem = _string(obj, "problem", err)
-    problem_id = _string(obj, "problem_id", err, required=False) or derive_problem_id(video, problem)
+    problem_id = _string(obj, "problem_id", err, required=False) or derive_problem_id(images + videos + audios, problem)
     reasoning = _string(obj, "reasoning", err, required=require_reasoning)
     answer_key = "solution" if obj.get("answer") is None and obj.get("solution") is not None else "answer"
     answer = _string(obj, answer_key, err)
@@ -268,9 +347,9 @@ def parse_qa_record(obj, *, path: str, line: int, video_root: str | None = None,
         if not math.isfinite(value):
             raise err("answer", f"numerical answer must be finite, got {answer!r}")
         answer = answer.strip()
-    return VideoQARecord(problem_id=problem_id, video=video, problem=problem, problem_type=problem_type,
-                         options=options, options_inline=inline, reasoning=reasoning, answer=answer,
-                         source=f"{path}:{line}")
+    return VideoQARecord(problem_id=problem_id, videos=videos, images=images, audios=audios, problem=problem,
+                         problem_type=problem_type, options=options, options_inline=inline, reasoning=reasoning,
+                         answer=answer, source=f"{path}:{line}")
 
 
 def parse_caption_record(obj, *, path: str, line: int, video_root: str | None = None) -> CaptionRecord:

@@ -4,8 +4,9 @@ Each video is a plain grey background on which one coloured shape (square, disc 
 shown during one or more stretches of frames. The main question asks for the shape's colour
 (multiple choice over red / green / blue / yellow), a task a tiny model can learn from the frames
 with RL. Optional extra tasks: the shape (multiple choice, options as a list field) and how many
-times it appears (numerical). Each question record carries a ``reasoning`` string for CoT-SFT, and a
-caption record set serves projector pretraining.
+times it appears (numerical); a still image, two videos, a text-only sum, and a tone beside each video
+(high or low? for the audio family; a 16 kHz WAV). Each question record carries a ``reasoning`` string
+for CoT-SFT, and a caption record set serves projector pretraining.
 
 The videos are real encoded files (H.264 in .mp4 by default; VP9 in .webm or MJPEG in .mkv for
 DALI's CPU decoder) written with PyAV, so every test and demo exercises real decoding. Everything is
@@ -24,6 +25,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from megatron_longvideo.data.synthetic_audio import make_tone_audio
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 200, 40),
@@ -38,7 +41,9 @@ CODECS: dict[str, tuple[str, str, str]] = {
     "vp9": ("libvpx-vp9", "webm", "yuv420p"),
     "mjpeg": ("mjpeg", "mkv", "yuvj420p"),
 }
-TASKS = ("colour", "shape", "count")
+TASKS = ("colour", "shape", "count", "image", "two_videos", "text", "audio")
+PITCHES: dict[str, float] = {"low": 220.0, "high": 1760.0}
+"""The tone of the ``audio`` task: its pitch name and frequency in Hz (three octaves apart)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,7 +70,11 @@ class SyntheticDatasetConfig:
 
     tasks: tuple[str, ...] = ("colour",)
     """Question kinds to write: ``colour`` (multiple choice, options inline), ``shape`` (multiple
-    choice, options as a list field), ``count`` (numerical: how many times the shape appears)."""
+    choice, options as a list field), ``count`` (numerical: how many times the shape appears), ``image``
+    (the colour of the shape in a still image of the video, a PNG), ``two_videos`` (the colour of the shape
+    in the second of two videos: this one and the next), ``text`` (a text-only sum, numerical), ``audio``
+    (whether a tone, a WAV of 1.5 to 2.5 s beside each video, is high or low: multiple choice, for the
+    audio family)."""
 
     seed: int = 0
     """Everything (lengths, colours, shapes, positions, appearance times) is a function of this."""
@@ -183,6 +192,28 @@ def write_video(path: str, frames, *, fps: int, codec: str = "h264") -> None:
             container.mux(packet)
 
 
+def write_image(path: str, rgb) -> None:
+    """Write one RGB uint8 ``[H, W, 3]`` image with PyAV: PNG for ``.png`` (lossless), JPEG for ``.jpg``."""
+    import av
+
+    codec, pix_fmt = ("mjpeg", "yuvj444p") if path.lower().endswith((".jpg", ".jpeg")) else ("png", "rgb24")
+    with av.open(path, mode="w", format="image2") as container:
+        stream = container.add_stream(codec, rate=1)
+        stream.height, stream.width = rgb.shape[:2]
+        stream.pix_fmt = pix_fmt
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        for packet in list(stream.encode(frame)) + list(stream.encode()):
+            container.mux(packet)
+
+
+def write_synthetic_image(path: str, *, size: int = 32, seed: int = 0) -> dict:
+    """Write one synthetic image (a frame in which the shape shows); returns its plan as a dict."""
+    cfg = SyntheticDatasetConfig(num_videos=1, min_frames=8, max_frames=8, size=size, seed=seed)
+    plan = _plan_video(random.Random(seed), cfg)
+    write_image(path, render_frame(plan, plan.spans[0][0], size))
+    return dataclasses.asdict(plan)
+
+
 def write_synthetic_video(path: str, *, num_frames: int, fps: int = 8, size: int = 32,
                           codec: str = "h264", seed: int = 0) -> dict:
     """Write one synthetic video of exactly ``num_frames`` frames; returns its plan as a dict.
@@ -247,22 +278,75 @@ def _records_for(vid: str, rel_path: str, plan: _VideoPlan, cfg: SyntheticDatase
     return records
 
 
+def _mixed_records(vid: str, index: int, plans: list, paths: list, image: str | None, cfg: SyntheticDatasetConfig,
+                   rng: random.Random, audio: tuple[str, str] | None = None) -> list[dict]:
+    """The ``image``, ``two_videos``, ``text`` and ``audio`` records of video ``index`` (see ``tasks``);
+    ``audio``: the video's tone file and its pitch (a key of ``PITCHES``)."""
+    names, letters, records = sorted(COLOURS), "ABCD", []
+    plan = plans[index]
+    if "image" in cfg.tasks:
+        letter = letters[names.index(plan.colour)]
+        records.append({
+            "problem_id": f"{vid}-image", "data_type": "image", "images": image,
+            "problem": "What colour is the shape in the image?\n" + _options_text(zip(letters, names)),
+            "reasoning": f"A {plan.colour} {plan.shape} is on the grey background: option {letter}.", "answer": letter,
+        })
+    if "two_videos" in cfg.tasks and len(plans) > 1:
+        other = (index + 1) % len(plans)
+        second = plans[other]
+        letter = letters[names.index(second.colour)]
+        records.append({
+            "problem_id": f"{vid}-two-videos", "data_type": "video", "videos": [paths[index], paths[other]],
+            "problem": "What colour is the shape in the second video?\n" + _options_text(zip(letters, names)),
+            "reasoning": f"The first video shows a {plan.colour} {plan.shape}, the second a {second.colour} "
+                         f"{second.shape}: option {letter}.", "answer": letter,
+        })
+    if "text" in cfg.tasks:
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        records.append({
+            "problem_id": f"{vid}-text", "data_type": "text", "problem": f"What is {a} + {b}?",
+            "problem_type": "numerical", "reasoning": f"{a} plus {b} is {a + b}.", "answer": str(a + b),
+        })
+    if "audio" in cfg.tasks and audio is not None:
+        path, pitch = audio
+        letter = {"low": "A", "high": "B"}[pitch]
+        records.append({
+            "problem_id": f"{vid}-audio", "data_type": "audio", "audios": path,
+            "problem": "Is the tone high or low?\nA. low\nB. high", "problem_type": "multiple choice",
+            "reasoning": f"A steady {PITCHES[pitch]:.0f} Hz tone plays: a {pitch} pitch, option {letter}.",
+            "answer": letter,
+        })
+    return records
+
+
 def make_synthetic_dataset(out_dir: str, config: SyntheticDatasetConfig | None = None) -> SyntheticDataset:
     """Write ``config.num_videos`` videos under ``out_dir/videos`` plus ``qa.jsonl`` and ``captions.jsonl``."""
     cfg = config or SyntheticDatasetConfig()
     video_dir = os.path.join(out_dir, "videos")
     os.makedirs(video_dir, exist_ok=True)
     ext = CODECS[cfg.codec][1]
-    qa, captions, paths = [], [], []
+    qa, captions, paths, plans, rel_paths, images, tones = [], [], [], [], [], [], []
     for i in range(cfg.num_videos):
         rng = random.Random(cfg.seed * 1_000_003 + i)
         plan = _plan_video(rng, cfg)
+        plans.append(plan)
         vid = f"synth{i:05d}"
         rel_path = f"{vid}.{ext}"
+        rel_paths.append(rel_path)
         path = os.path.join(video_dir, rel_path)
         frames = (render_frame(plan, k, cfg.size) for k in range(plan.num_frames))
         write_video(path, frames, fps=cfg.fps, codec=cfg.codec)
         paths.append(path)
+        images.append(None)
+        tones.append(None)
+        if "image" in cfg.tasks:  # a still of the video while the shape shows
+            images[-1] = f"{vid}.png"
+            write_image(os.path.join(video_dir, images[-1]), render_frame(plan, plan.spans[0][0], cfg.size))
+        if "audio" in cfg.tasks:  # its own generator: the videos' plans stay those of a dataset without audio
+            tone_rng = random.Random(cfg.seed * 1_000_003 + i + 13)
+            pitch, seconds = tone_rng.choice(sorted(PITCHES)), tone_rng.choice((1.5, 2.0, 2.5))
+            tones[-1] = (f"{vid}.wav", pitch)
+            make_tone_audio(os.path.join(video_dir, tones[-1][0]), frequency_hz=PITCHES[pitch], seconds=seconds)
         qa.extend(_records_for(vid, rel_path, plan, cfg))
         times = ", ".join(f"{a / cfg.fps:.1f}s to {b / cfg.fps:.1f}s" for a, b in plan.spans)
         captions.append({
@@ -271,6 +355,9 @@ def make_synthetic_dataset(out_dir: str, config: SyntheticDatasetConfig | None =
             "videos": rel_path,
             "caption": f"A {plan.colour} {plan.shape} on a grey background, shown from {times}.",
         })
+    for i in range(cfg.num_videos):
+        qa.extend(_mixed_records(f"synth{i:05d}", i, plans, rel_paths, images[i], cfg,
+                                 random.Random(cfg.seed * 1_000_003 + i + 7), audio=tones[i]))
     qa_path = os.path.join(out_dir, "qa.jsonl")
     caption_path = os.path.join(out_dir, "captions.jsonl")
     for p, rows in ((qa_path, qa), (caption_path, captions)):

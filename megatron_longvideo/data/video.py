@@ -250,3 +250,17 @@ def _fill(backend: str, info: VideoInfo, indices: list[int], config: FrameSampli
     if out is None:
         out = torch.empty(len(indices), 3, h, w, dtype=dtype, device="cpu")
     return out, pos
+
+
+def decode_image(path: str, config: FrameSamplingConfig) -> DecodedVideo:
+    """An image file as a one-frame video ``[1, 3, S, S]`` (resized and normalised as frames are), read by
+    PyAV (PNG, JPEG, WebP, BMP, ... whatever FFmpeg's image demuxers read); every probe check of
+    :func:`probe_video` applies. A video file given as an image gives its first frame."""
+    info = probe_video(path, max_frame_side=config.max_frame_side, strict_frame_count=False)
+    try:
+        frames, got = _fill("pyav", info, [0], config, torch.float32, seek=False)
+    except StreamEndedEarly:
+        got = 0
+    if got != 1:
+        raise VideoDecodeError(info.path, "image: no frame could be decoded (truncated or corrupt)")
+    return DecodedVideo(frames=normalize_frames(frames, config), indices=[0], timestamps=[0.0], info=info)

@@ -13,7 +13,10 @@ The unit that is split is a frame for the SigLIP tower. A tower whose attention 
 says so with two methods: ``video_units(video) -> [units, ...]`` (Qwen2.5-VL: one temporal patch of two
 frames, its patches in merge-block order) and ``encode_units(units) -> [units, tokens, hidden]``; its
 ``per_frame_parameters()`` are what the gather's gradients reach. Splitting by units is exact exactly
-when no attention crosses a unit.
+when no attention crosses a unit. A tower whose input is already its units (the Qwen2-Audio tower: one
+30 s window of log-mel features per unit) takes them one per "frame" (``cfg`` without
+``temporal_patch_size``), and one whose last unit may be partly padding says how many of its tokens are
+real with ``num_real_tokens(video) -> int`` (the rest are dropped, before the cache).
 
 Gradients. Backward of the gather sums, for each rank's slice, the gradient every rank computed for
 it: ranks of the group in different CP positions hold different parts of the loss, and the sum is the
@@ -160,7 +163,7 @@ def frames_per_unit(encoder) -> int:
     """Frames in one unit that parallel encoding splits (a Qwen2.5-VL temporal patch: 2; SigLIP: 1)."""
     if getattr(encoder, "video_units", None) is None:
         return 1
-    return int(encoder.cfg.temporal_patch_size)
+    return int(getattr(encoder.cfg, "temporal_patch_size", 1))
 
 
 def encode_shard(groups: ParallelGroups, vision_config) -> FrameShard:
@@ -179,6 +182,22 @@ def _local_units(encoder, video, start: int, stop: int) -> torch.Tensor:
 
 
 def _encode_parallel(encoder, videos: Sequence[torch.Tensor], groups: ParallelGroups) -> list[torch.Tensor]:
+    """:func:`_encode_same_size` once per frame size, in order of first appearance: units of videos of
+    different sizes (Qwen2.5-VL resizes each video on its own; an image beside videos) cannot share one
+    tensor. The sizes are the videos' own shapes, the same on every rank, so the ranks make the same calls."""
+    by_size: dict = {}
+    for i, video in enumerate(videos):
+        by_size.setdefault(tuple(video.shape[1:]), []).append(i)
+    if len(by_size) == 1:
+        return _encode_same_size(encoder, videos, groups)
+    out: list = [None] * len(videos)
+    for members in by_size.values():
+        for i, tokens in zip(members, _encode_same_size(encoder, [videos[i] for i in members], groups)):
+            out[i] = tokens
+    return out
+
+
+def _encode_same_size(encoder, videos: Sequence[torch.Tensor], groups: ParallelGroups) -> list[torch.Tensor]:
     """Each video's units split over the encode group on their own (:func:`frame_shard`), so the frames a
     rank encodes of a video do not depend on which other videos share the call: what a prefetcher
     decoded for this rank ahead of time (``LazyFrames.decode_shard``) is what the encoder asks for."""
@@ -220,9 +239,11 @@ def _encode_parallel(encoder, videos: Sequence[torch.Tensor], groups: ParallelGr
     gathered = collectives.all_gather(local, 0, groups.encode, grad_scale=1.0 / replicas)  # [E * L, t, h]
     gathered = gathered.reshape(size, -1, *gathered.shape[1:])  # [E, L, t, h]: rank-major
     out, offset = [], 0
+    real_tokens = getattr(encoder, "num_real_tokens", None)
     for video, (per_rank, units) in zip(videos, plan):
         tokens = gathered[:, offset : offset + per_rank].reshape(size * per_rank, *gathered.shape[2:])[:units]  # [units, t, h]
-        out.append(tokens.reshape(units * tokens.shape[1], tokens.shape[2]))
+        tokens = tokens.reshape(units * tokens.shape[1], tokens.shape[2])  # [units * t, h]
+        out.append(tokens if real_tokens is None else tokens[: real_tokens(video)])
         offset += per_rank
     return out
 

@@ -89,10 +89,17 @@ def vlm_forward(model, groups: ParallelGroups, **kwargs):
     goes to :func:`~megatron_longvideo.models.llava_onevision.model.llava_vlm_forward` (its arguments:
     ``input_ids``, ``videos`` or ``video_embeds``, ``labels``, ``cache``, ``cache_keys``, ``return_merged``),
     a Qwen2.5-VL model to :func:`~megatron_longvideo.models.qwen2_5_vl.model.qwen_vlm_forward` (the same,
-    without ``video_embeds``)."""
+    without ``video_embeds``), a Qwen2-Audio model to
+    :func:`~megatron_longvideo.models.qwen2_audio.model.qwen2_audio_forward` (``videos`` are its audios)."""
     from megatron_longvideo.models.llava_onevision.model import llava_vlm_forward
     from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLModel, qwen_vlm_forward
+    from megatron_longvideo.models.qwen2_audio.model import Qwen2AudioModel, qwen2_audio_forward
 
+    if isinstance(unwrap(model), Qwen2AudioModel):  # its media inputs are audios (packed log-mel windows)
+        kwargs["audios"] = kwargs.pop("videos", None)
+        kwargs["audio_embeds"] = kwargs.pop("video_embeds", None)
+        kwargs.pop("seconds_per_frame", None)
+        return qwen2_audio_forward(model, groups, **kwargs)
     if isinstance(unwrap(model), Qwen25VLModel):
         if kwargs.pop("video_embeds", None) is not None:
             raise ValueError("video_embeds: not supported for Qwen2.5-VL yet; pass videos")

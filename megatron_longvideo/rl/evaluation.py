@@ -163,10 +163,13 @@ class EvalSet:
 
 def build_eval_set(path: str, *, tokenizer, num_video_tokens, video_root: str, sampling,
                    category_field: str = DEFAULT_CATEGORY_FIELD, on_error: str = "raise",
-                   skip_report: Optional[SkipReport] = None, decode: str = "full", shard=None) -> EvalSet:
+                   skip_report: Optional[SkipReport] = None, decode: str = "full", shard=None,
+                   num_audio_tokens=None, audio=None, probe_dir: Optional[str] = None) -> EvalSet:
     """The :class:`EvalSet` of ``path`` (``sampling``: the frame sampling, as for training). ``decode``:
     ``full`` or ``sharded`` (each rank of the encode group decodes its slice, ``shard``:
-    :func:`~megatron_longvideo.models.encode.encode_shard`)."""
+    :func:`~megatron_longvideo.models.encode.encode_shard`). ``num_audio_tokens``, ``audio`` (an
+    ``AudioSamplingConfig``) and ``probe_dir``: as the dataset takes them
+    (:func:`~megatron_longvideo.training.args.dataset_media`)."""
     from megatron_longvideo.data.dataset import LongVideoDataset, VideoDatasetConfig
 
     records, categories = load_eval_records(path, video_root=video_root, category_field=category_field,
@@ -174,9 +177,10 @@ def build_eval_set(path: str, *, tokenizer, num_video_tokens, video_root: str, s
     if decode not in ("full", "sharded"):
         raise ValueError(f"decode must be 'full' or 'sharded', got {decode!r}")
     config = VideoDatasetConfig(mode="rl", video_root=video_root, sampling=sampling, on_error=on_error,
-                                decode="lazy" if decode == "sharded" else "full")
+                                decode="lazy" if decode == "sharded" else "full", probe_dir=probe_dir,
+                                **({} if audio is None else {"audio": audio}))
     dataset = LongVideoDataset(records, tokenizer=tokenizer, num_video_tokens=num_video_tokens, config=config,
-                               skip_report=skip_report)
+                               skip_report=skip_report, num_audio_tokens=num_audio_tokens)
     dataset.set_shard(shard if decode == "sharded" else None)
     return EvalSet(dataset=dataset, categories=categories, path=path)
 
@@ -236,9 +240,10 @@ def _replica_rows(policy, groups, tokenizer, eval_set: EvalSet, indices: Sequenc
                 row.update(skipped=reason, prediction=None, extracted=None, correct=False, formatted=False)
                 rows.append(row)
                 continue
-            prompts.append(RLPrompt(frames=sample["frames"], prompt_ids=sample["input_ids"],
+            prompts.append(RLPrompt(videos=tuple(sample["videos"]), prompt_ids=sample["input_ids"],
                                     ground_truth=GroundTruth.from_record(sample["ground_truth"]),
-                                    content_id=str(record.problem_id), sample_id=str(record.problem_id)))
+                                    content_ids=tuple(f"{record.problem_id}#{k}" for k in range(len(sample["videos"]))),
+                                    sample_id=str(record.problem_id)))
             batch.append(row)
         if not prompts:
             continue

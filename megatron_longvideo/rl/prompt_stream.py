@@ -29,18 +29,21 @@ __all__ = ["PromptStream", "to_rl_prompt"]
 
 
 def to_rl_prompt(sample: dict, content_ids: dict) -> RLPrompt:
-    """An ``rl``-mode dataset sample -> :class:`RLPrompt` (video content hashed once per file, unless the
-    sample carries its ``content_id`` already)."""
-    path = sample["video_path"]
-    if "content_id" in sample:
-        content_ids.setdefault(path, sample["content_id"])
-    if path not in content_ids:
-        content_ids[path] = content_id_of_file(path)
+    """An ``rl``-mode dataset sample -> :class:`RLPrompt` (each file's content hashed once, unless the sample
+    carries its ``content_ids`` already); a text-only sample gives a prompt without videos."""
+    carried = sample.get("content_ids")
+    ids = []
+    for k, (path, indices) in enumerate(zip(sample["video_paths"], sample["frame_indices"])):
+        if carried is not None:
+            content_ids.setdefault(path, carried[k])
+        if path not in content_ids:
+            content_ids[path] = content_id_of_file(path)
+        ids.append(f"{content_ids[path]}:{tuple(indices.tolist())}")
     return RLPrompt(
-        frames=sample["frames"],
+        videos=tuple(sample["videos"]),
         prompt_ids=sample["input_ids"],
         ground_truth=GroundTruth.from_record(sample["ground_truth"]),
-        content_id=f"{content_ids[path]}:{tuple(sample['frame_indices'].tolist())}",
+        content_ids=tuple(ids),
         sample_id=str(sample["sample_id"]),
     )
 
@@ -54,10 +57,10 @@ class _PromptItems(CarryErrors):
 
     def sample(self, index):
         sample = self.dataset[index]
-        path = sample["video_path"]
-        if path not in self._content_ids:
-            self._content_ids[path] = content_id_of_file(path)
-        sample["content_id"] = self._content_ids[path]
+        for path in sample["video_paths"]:
+            if path not in self._content_ids:
+                self._content_ids[path] = content_id_of_file(path)
+        sample["content_ids"] = [self._content_ids[path] for path in sample["video_paths"]]
         return sample
 
 

@@ -37,26 +37,50 @@ from megatron_longvideo.platform.device import device_of
 from megatron_longvideo.rl.engines.base import VideoPrompt
 from megatron_longvideo.rl.engines.decode import group_seeds
 
-__all__ = ["RLPrompt", "rollout_view", "video_token_count", "RolloutSplit", "agree_rollout_split", "prompt_videos", "prompt_embeddings", "video_prompts",
+__all__ = ["RLPrompt", "rollout_view", "video_token_count", "placeholder_runs", "RolloutSplit", "agree_rollout_split", "prompt_videos", "prompt_embeddings", "video_prompts",
            "is_replica_leader", "generate_groups", "response_shares", "ROLLOUT_SECONDS_PER_FRAME"]
 
 
 @dataclasses.dataclass
 class RLPrompt:
-    """One RL prompt: its video, the tokenized prompt (video placeholders expanded) and its truth."""
+    """One RL prompt: its visual inputs, the tokenized prompt (placeholders expanded) and its truth."""
 
-    frames: torch.Tensor
-    """``[T, 3, H, W]`` normalised frames."""
+    videos: tuple
+    """Each visual input's ``[T_i, 3, H, W]`` normalised frames, in prompt order (an image: one frame;
+    empty: a text-only prompt)."""
     prompt_ids: torch.Tensor
-    """``[P]`` prompt token ids, video placeholders included."""
+    """``[P]`` prompt token ids, one placeholder run per visual input included."""
     ground_truth: object
     """What the rewards score against (``rl.rewards.GroundTruth``)."""
-    content_id: str
-    """Identity of the video's content for the embedding cache (file hash or frames hash)."""
+    content_ids: tuple = ()
+    """Identity of each visual input's content for the embedding cache (file hash or frames hash)."""
     sample_id: str = ""
     """Record id, for logs."""
-    seconds_per_frame: Optional[float] = None
-    """Spacing of the frames in seconds, for multimodal RoPE's time axis (None: the default 0.5 s)."""
+    seconds_per_frame: Optional[tuple] = None
+    """Each video's frame spacing in seconds, for multimodal RoPE's time axis (None, or a None entry: the
+    default 0.5 s)."""
+
+    def __post_init__(self):
+        self.videos = tuple(self.videos)
+        self.content_ids = tuple(self.content_ids)
+        if len(self.content_ids) != len(self.videos):
+            raise ValueError(f"prompt {self.sample_id!r}: {len(self.content_ids)} content_ids for "
+                             f"{len(self.videos)} visual inputs")
+        if self.seconds_per_frame is not None:
+            self.seconds_per_frame = tuple(self.seconds_per_frame)
+            if len(self.seconds_per_frame) != len(self.videos):
+                raise ValueError(f"prompt {self.sample_id!r}: {len(self.seconds_per_frame)} seconds_per_frame "
+                                 f"for {len(self.videos)} visual inputs")
+
+    def spacing(self, k: int) -> float:
+        """Video ``k``'s frame spacing in seconds (the default 0.5 s when not given)."""
+        given = None if self.seconds_per_frame is None else self.seconds_per_frame[k]
+        return ROLLOUT_SECONDS_PER_FRAME if given is None else float(given)
+
+    @property
+    def num_frames(self) -> int:
+        """Frames of all visual inputs together."""
+        return sum(int(v.shape[0]) for v in self.videos)
 
 
 def video_token_count(cfg, frames: torch.Tensor) -> int:
@@ -68,31 +92,53 @@ def video_token_count(cfg, frames: torch.Tensor) -> int:
     return cfg.vision.num_video_tokens(frames.shape[0])
 
 
+def placeholder_runs(ids: torch.Tensor, token_id: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of each contiguous run of ``token_id`` in ``ids`` ``[P]``, in order."""
+    hits = (ids == token_id).nonzero()[:, 0].tolist()
+    runs: list[list[int]] = []
+    for i in hits:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [tuple(r) for r in runs]
+
+
 def rollout_view(prompt: RLPrompt, cfg, max_frames: int) -> RLPrompt:
-    """``prompt`` as the rollouts see it with at most ``max_frames`` frames (``--rollout-max-frames``): frames
-    taken uniformly (a multiple of the tower's temporal patch, Qwen2.5-VL), the video's placeholder run
-    shrunk to match, the frame spacing stretched so the view spans the same time, and its own cache
-    identity. A prompt within the bound is returned as it is. Training passes keep the full prompt; the
-    trainer-old / engine ratio (TIS) corrects for the difference."""
+    """``prompt`` as the rollouts see it with at most ``max_frames`` frames per video (``--rollout-max-frames``):
+    frames taken uniformly (a multiple of the tower's temporal patch, Qwen2.5-VL), each video's placeholder run
+    shrunk to match, its frame spacing stretched so the view spans the same time, and its own cache
+    identity. A prompt whose videos are all within the bound is returned as it is. Training passes keep the
+    full prompt; the trainer-old / engine ratio (TIS) corrects for the difference."""
     from megatron_longvideo.data.sampling import uniform_frame_indices
 
-    num = prompt.frames.shape[0]
     step = getattr(cfg.vision, "temporal_patch_size", 1)
     keep = max(step, max_frames // step * step)
-    if num <= keep:
+    if all(v.shape[0] <= keep for v in prompt.videos):
         return prompt
     ids = prompt.prompt_ids
-    video = (ids == cfg.video_token_id).nonzero()[:, 0]
-    expected = video_token_count(cfg, prompt.frames)
-    if video.numel() != expected or (video.numel() and int(video[-1] - video[0]) + 1 != video.numel()):
-        raise ValueError(f"prompt {prompt.sample_id!r}: expected one run of {expected} video tokens for its "
-                         f"{num} frames, found {video.numel()} video tokens")
-    frames = prompt.frames[uniform_frame_indices(num, keep)]
-    start, end = int(video[0]), int(video[-1]) + 1
-    run = torch.full((video_token_count(cfg, frames),), cfg.video_token_id, dtype=ids.dtype)
-    spacing = (prompt.seconds_per_frame or ROLLOUT_SECONDS_PER_FRAME) * num / keep
-    return dataclasses.replace(prompt, frames=frames, prompt_ids=torch.cat([ids[:start], run, ids[end:]]),
-                               content_id=f"{prompt.content_id}@rollout{keep}of{num}", seconds_per_frame=spacing)
+    runs = placeholder_runs(ids, cfg.video_token_id)
+    expected = [video_token_count(cfg, v) for v in prompt.videos]
+    if [end - start for start, end in runs] != expected:
+        raise ValueError(f"prompt {prompt.sample_id!r}: expected one run of video tokens per visual input, of "
+                         f"{expected} tokens, found runs of {[end - start for start, end in runs]}")
+    pieces, videos, content, spacing, last = [], [], [], [], 0
+    for k, (video, (start, end)) in enumerate(zip(prompt.videos, runs)):
+        num = video.shape[0]
+        if num > keep:
+            video_k = video[uniform_frame_indices(num, keep)]
+            content.append(f"{prompt.content_ids[k]}@rollout{keep}of{num}")
+            spacing.append(prompt.spacing(k) * num / keep)
+        else:
+            video_k = video
+            content.append(prompt.content_ids[k])
+            spacing.append(None if prompt.seconds_per_frame is None else prompt.seconds_per_frame[k])
+        pieces += [ids[last:start], torch.full((video_token_count(cfg, video_k),), cfg.video_token_id, dtype=ids.dtype)]
+        videos.append(video_k)
+        last = end
+    pieces.append(ids[last:])
+    return dataclasses.replace(prompt, videos=tuple(videos), prompt_ids=torch.cat(pieces), content_ids=tuple(content),
+                               seconds_per_frame=tuple(spacing))
 
 
 def is_replica_leader(groups: ParallelGroups) -> bool:
@@ -169,34 +215,42 @@ def response_shares(num_prompts: int, group_size: int, shares: int) -> list[list
 
 
 def prompt_videos(model, groups: ParallelGroups, prompts: Sequence[RLPrompt], *, cache=None, cache_keys=None):
-    """``[N_i, h]`` video embeddings of each prompt (encoded over the encode group, or from the cache), on
-    every rank of the replica."""
-    return encode_videos(unwrap(model).vision, [p.frames for p in prompts], groups, cache=cache, keys=cache_keys)
+    """Per prompt, the ``[N_ij, h]`` embeddings of each of its visual inputs (encoded over the encode group in
+    one call, or from the cache), on every rank of the replica. ``cache_keys``: per prompt, one key per input."""
+    flat = [v for p in prompts for v in p.videos]
+    keys = None if cache_keys is None else [k for ks in cache_keys for k in ks]
+    encoded = encode_videos(unwrap(model).vision, flat, groups, cache=cache, keys=keys) if flat else []
+    out, offset = [], 0
+    for p in prompts:
+        out.append(list(encoded[offset : offset + len(p.videos)]))
+        offset += len(p.videos)
+    return out
 
 
 def prompt_embeddings(model, groups: ParallelGroups, prompts: Sequence[RLPrompt], *, cache=None, cache_keys=None):
     """``[P_i, h]`` merged video+text embeddings of each prompt, on every rank of the replica."""
     inner = unwrap(model)
     videos = prompt_videos(model, groups, prompts, cache=cache, cache_keys=cache_keys)
-    device = videos[0].device if videos else device_of(inner)
+    device = device_of(inner)
     out = []
-    for p, video in zip(prompts, videos):
+    for p, embeds in zip(prompts, videos):
         ids = p.prompt_ids[None].to(device)  # [1, P]
-        merged = merge_video_tokens(text_embeddings(model, ids), ids, [[video]], inner.cfg.video_token_id)
+        merged = merge_video_tokens(text_embeddings(model, ids), ids, [embeds], inner.cfg.video_token_id)
         out.append(merged.embeds[0])
     return out
 
 
-def video_prompts(cfg, prompts: Sequence[RLPrompt], videos: Sequence[torch.Tensor],
-                  keys: Optional[Sequence[str]] = None) -> list[VideoPrompt]:
+def video_prompts(cfg, prompts: Sequence[RLPrompt], videos: Sequence[Sequence[torch.Tensor]],
+                  keys: Optional[Sequence[Sequence[str]]] = None) -> list[VideoPrompt]:
     """The prompts of a Qwen2.5-VL policy (config ``cfg``) as token ids with their videos' embeddings
-    ``videos[i]`` ``[N_i, h]`` (:func:`prompt_videos`), grids and time steps; ``keys``: the videos' cache keys."""
+    ``videos[i]`` (per visual input ``[N_ij, h]``, :func:`prompt_videos`), grids and time steps; ``keys``: the
+    videos' cache keys."""
     from megatron_longvideo.models.qwen2_5_vl.model import video_grid
 
     patch = cfg.vision.temporal_patch_size  # seconds per temporal patch: the frames' spacing x frames per patch
-    return [VideoPrompt(prompt_ids=p.prompt_ids, videos=(v,), grids=(tuple(video_grid(cfg, p.frames)),),
-                        seconds_per_grid=((p.seconds_per_frame or ROLLOUT_SECONDS_PER_FRAME) * patch,),
-                        keys=() if keys is None else (keys[i],))
+    return [VideoPrompt(prompt_ids=p.prompt_ids, videos=tuple(v), grids=tuple(tuple(video_grid(cfg, f)) for f in p.videos),
+                        seconds_per_grid=tuple(p.spacing(k) * patch for k in range(len(p.videos))),
+                        keys=() if keys is None else tuple(keys[i]))
             for i, (p, v) in enumerate(zip(prompts, videos))]
 
 

@@ -228,12 +228,14 @@ class GRPOTrainer:
         for _ in items:  # what the engine left, and the ranks without one: the gather is a collective
             pass
 
-    def _keys(self, prompts: Sequence[RLPrompt], model) -> list[str]:
-        """Cache keys of the prompts' videos for ``model``'s vision weights (fingerprinted once a step)."""
+    def _keys(self, prompts: Sequence[RLPrompt], model) -> list[list[str]]:
+        """Per prompt, the cache keys of its visual inputs for ``model``'s vision weights (fingerprinted once a
+        step)."""
         if id(model) not in self._versions:
             self._versions[id(model)] = weights_version(unwrap(model).vision)
         version = self._versions[id(model)]
-        return [cache_key(p.content_id, {"frames": tuple(p.frames.shape)}, version) for p in prompts]
+        return [[cache_key(c, {"frames": tuple(v.shape)}, version) for c, v in zip(p.content_ids, p.videos)]
+                for p in prompts]
 
     def rollout(self, prompts: Sequence[RLPrompt]) -> Rollouts:
         """Generate G responses per prompt with the current policy and score them."""
@@ -350,7 +352,7 @@ class GRPOTrainer:
             batch = build_prefill_batch([p.prompt_ids for p in prompts],
                                         [[torch.tensor(r, device="cpu") for r in ro.responses[i][a:b]] for i, a, b in piece],
                                         pack=self.cfg.pack, pad_id=self.pad_id)
-            out.append((batch, [[p.frames] for p in prompts], [[key] for key in self._keys(prompts, model)], piece))
+            out.append((batch, [list(p.videos) for p in prompts], self._keys(prompts, model), piece))
         return out
 
     def _logprobs(self, model, ro: Rollouts, idx: Sequence[int]) -> list[torch.Tensor]:
@@ -570,7 +572,7 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------ #
     def _metrics(self, ro: Rollouts, updates: list[dict], sample_stats: dict, times: dict, hits_before: int) -> dict:
-        frames = sum(p.frames.shape[0] for p in ro.prompts)
+        frames = sum(p.num_frames for p in ro.prompts)
         lengths = torch.tensor([len(r) for g in ro.responses for r in g], dtype=torch.float64, device="cpu")
         rewards, parts = ro.generated_rewards.double(), ro.generated_parts
         local = torch.tensor([rewards.sum().item(), (rewards ** 2).sum().item(), rewards.numel(), lengths.sum().item(),

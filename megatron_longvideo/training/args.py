@@ -17,7 +17,8 @@ from megatron_longvideo.parallel.groups import ParallelConfig
 from megatron_longvideo.training.engine import OptimConfig
 
 __all__ = ["build_parser", "parse", "parallel_config", "optim_config", "train_config", "run_config", "model_config",
-           "frame_sampling", "model_options", "params_dtype", "resolve_tokenizer"]
+           "frame_sampling", "model_options", "params_dtype", "resolve_tokenizer", "dataset_media", "audio_sampling",
+           "check_family_flags"]
 
 
 def _kernels() -> tuple:
@@ -66,9 +67,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--encode-group", default="tp_cp", choices=("tp_cp", "cp"),
                    help="ranks that split one video's frames (parallel encoding)")
     g = p.add_argument_group("model (defaults: the tiny CPU demo model)")
-    g.add_argument("--model-family", default="llava_onevision", choices=("llava_onevision", "qwen2_5_vl"),
-                   help="SigLIP + MLP projector + Qwen2 (LLaVA-OneVision), or Qwen2.5-VL (window-attention tower, "
-                        "multimodal RoPE; its tiny defaults: --patch-size 14, --image-size 56)")
+    g.add_argument("--model-family", default="llava_onevision", choices=("llava_onevision", "qwen2_5_vl", "qwen2_audio"),
+                   help="SigLIP + MLP projector + Qwen2 (LLaVA-OneVision), Qwen2.5-VL (window-attention tower, "
+                        "multimodal RoPE; its tiny defaults: --patch-size 14, --image-size 56), or Qwen2-Audio "
+                        "(Whisper-style audio encoder + Qwen2: audio and text records only)")
     g.add_argument("--vision-window-size", type=int, default=112, help="qwen2_5_vl: window side in pixels")
     g.add_argument("--vision-fullatt-layers", type=int, nargs="*", default=None,
                    help="qwen2_5_vl: tower layers (0-based) with full attention (default: the last)")
@@ -90,17 +92,26 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g.set_defaults(tie_embeddings=False)
     g.add_argument("--image-size", type=int, default=32, help="frame side in pixels the vision tower takes")
     g.add_argument("--patch-size", type=int, default=8, help="vision tower patch side in pixels")
-    g.add_argument("--vision-hidden-size", type=int, default=32, help="vision tower hidden size")
-    g.add_argument("--vision-num-layers", type=int, default=2, help="vision tower layers")
-    g.add_argument("--vision-num-attention-heads", type=int, default=2, help="vision tower attention heads")
-    g.add_argument("--vision-ffn-hidden-size", type=int, default=None, help="ViT MLP width (default: 4 x its hidden size)")
+    g.add_argument("--vision-hidden-size", type=int, default=32,
+                   help="media tower hidden size (SigLIP, Qwen2.5-VL's ViT or the audio encoder)")
+    g.add_argument("--vision-num-layers", type=int, default=2, help="media tower layers (SigLIP, ViT or audio encoder)")
+    g.add_argument("--vision-num-attention-heads", type=int, default=2,
+                   help="media tower attention heads (SigLIP, ViT or audio encoder)")
+    g.add_argument("--vision-ffn-hidden-size", type=int, default=None,
+                   help="media tower MLP width (SigLIP, ViT or audio encoder; default: 4 x its hidden size)")
+    g.add_argument("--audio-num-mel-bins", type=int, default=128,
+                   help="qwen2_audio: log-mel bins per frame the audio encoder takes (Qwen2-Audio / Whisper large-v3: 128)")
+    g.add_argument("--audio-window-seconds", type=int, default=30,
+                   help="qwen2_audio: seconds of audio per encoder window (Whisper's 30; 100 mel frames a second); "
+                        "--max-frames caps the windows per audio")
     g.add_argument("--hf-config", default=None, metavar="DIR",
                    help="take every model shape from a Hugging Face folder's config.json (LLaVA-OneVision); "
                         "the shape flags above must then be left at their defaults or agree with it")
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="take the model shape from the checkpoint --load names (e.g. one written by "
                         "convert_checkpoint.py from-hf), as Megatron-LM's flag does")
-    g.add_argument("--train-vision-tower", action="store_true", help="also train the ViT (frozen by default)")
+    g.add_argument("--train-vision-tower", action="store_true",
+                   help="also train the media tower: the ViT, or the audio encoder (frozen by default)")
     g.add_argument("--recompute-activations", action="store_true",
                    help="recompute each transformer layer in backward: activation memory stops growing with depth")
     g.add_argument("--core-attention", default="engine", choices=("engine", "te", "megatron"),
@@ -124,8 +135,12 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--synthetic-data", help="write (once) and use the synthetic dataset and tokenizer in this folder")
     g.add_argument("--num-frames", type=int, default=8, help="frames sampled uniformly per video")
     g.add_argument("--fps", type=float, default=None, help="sample at this rate instead (capped by --max-frames)")
-    g.add_argument("--max-frames", type=int, default=512, help="most frames sampled per video (caps --fps sampling; the encoder refuses longer videos)")
+    g.add_argument("--max-frames", type=int, default=512, help="most frames sampled per video (caps --fps sampling; the encoder refuses longer videos; qwen2_audio: most encoder windows per audio)")
     g.add_argument("--seq-length", type=int, default=None, help="pad every micro-batch to this (needed for PP > 1)")
+    g.add_argument("--pack-sequences", action="store_true",
+                   help="pretrain / SFT: pack each micro-batch's samples into one row (first-fit rows of --seq-length "
+                        "when set) instead of padding them, each sample attending to itself only with its positions "
+                        "restarting: the loss and gradients of padded rows, without the padding (not with PP > 1)")
     g.add_argument("--num-workers", type=int, default=0,
                    help="worker processes per rank that decode the next samples while a step trains (the SFT / "
                         "pretraining loader and the GRPO prompt stream); at most --prefetch-factor samples each wait")
@@ -133,6 +148,11 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g.add_argument("--decode", default="sharded", choices=("sharded", "full"),
                    help="sharded: each rank of the encode group decodes only the frames it encodes, a video whose "
                         "embedding is cached is not decoded; full: every rank decodes every sampled frame")
+    g.add_argument("--probe-cache-dir", default=None,
+                   help="with --decode sharded: a folder the ranks of each encode group share (node-local temp is "
+                        "enough when TP x CP sits on one node) where the group's rank 0 publishes each video's probe "
+                        "and packet table for the others to read, and later epochs find it (VideoDatasetConfig.probe_dir); "
+                        "default: <--save>/probe_cache when --save is given, else every rank probes")
     g.add_argument("--on-bad-input", default="skip", choices=["raise", "skip"],
                    help="skip: a bad record or video is dropped, counted by reason and reported; raise: stop at the first")
     g = p.add_argument_group("training")
@@ -215,13 +235,35 @@ def _given_shapes(args) -> dict:
 
 _QWEN_VISION_FLAGS = {"vision_hidden_size": "hidden_size", "vision_num_layers": "depth", "patch_size": "patch_size",
                       "vision_num_attention_heads": "num_heads", "vision_ffn_hidden_size": "intermediate_size"}
+_AUDIO_TOWER_FLAGS = {"vision_hidden_size": "hidden_size", "vision_num_layers": "num_layers",
+                      "vision_num_attention_heads": "num_attention_heads", "vision_ffn_hidden_size": "ffn_hidden_size"}
+_VIDEO_ONLY_FLAGS = ("num_frames", "fps", "image_size", "patch_size", "vision_window_size", "vision_fullatt_layers",
+                     "mrope_section", "rollout_max_frames")
+"""Flags that shape frames or their tokens: meaningless for the audio family."""
+_AUDIO_ONLY_FLAGS = ("audio_num_mel_bins", "audio_window_seconds")
+
+
+def check_family_flags(args, family: str) -> None:
+    """One ``ValueError`` naming every flag given (not at its default) that ``family`` has no use for."""
+    defaults = build_parser()
+    unused = _VIDEO_ONLY_FLAGS if family == "qwen2_audio" else _AUDIO_ONLY_FLAGS
+    given = [d for d in unused if hasattr(args, d) and getattr(args, d) != defaults.get_default(d)]
+    if not given:
+        return
+    flags = ", ".join(_flag(d) for d in given)
+    if family == "qwen2_audio":
+        raise ValueError(f"{flags}: the qwen2_audio family takes audio (log-mel windows) and text, not frames; "
+                         "leave these flags out (--audio-window-seconds and --max-frames shape its windows)")
+    raise ValueError(f"{flags}: the {family} family has no audio encoder; these flags need --model-family qwen2_audio")
 
 
 def _config_from_source(args):
     """``(config, where it came from)`` of ``--hf-config`` or ``--use-checkpoint-args``; (None, None) without."""
     import dataclasses
 
+    from megatron_longvideo.models import family_of, replace_tower
     from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig
+    from megatron_longvideo.models.qwen2_audio.model import Qwen2AudioConfig
     from megatron_longvideo.models.llava_onevision.model import VLMConfig
 
     if args.hf_config and getattr(args, "use_checkpoint_args", False):
@@ -239,23 +281,40 @@ def _config_from_source(args):
         cfg, source = model_config_of(path), f"the checkpoint {path}"
     else:
         return None, None
-    if not isinstance(cfg, (VLMConfig, Qwen25VLConfig)):
+    if not isinstance(cfg, (VLMConfig, Qwen25VLConfig, Qwen2AudioConfig)):
         raise ValueError(f"{source}: describes a language model alone (Qwen2); the entry scripts train a "
                          "video-language model (LLaVA-OneVision): build one with load_hf(part='language_model')")
-    qwen = isinstance(cfg, Qwen25VLConfig)
-    family = "qwen2_5_vl" if qwen else "llava_onevision"
+    family = family_of(cfg)
     if getattr(args, "model_family", family) != family and args.model_family != build_parser().get_default("model_family"):
         raise ValueError(f"--model-family {args.model_family} disagrees with {source} ({family})")
     args.model_family = family
-    for dest, value in _given_shapes(args).items():
-        part, field = _SHAPE_FLAGS[dest]
-        if qwen and part == "vision":
+    given = _given_shapes(args)
+    if family == "qwen2_audio":
+        defaults = build_parser()
+        given.update({d: getattr(args, d) for d in _AUDIO_ONLY_FLAGS
+                      if hasattr(args, d) and getattr(args, d) != defaults.get_default(d)})
+    for dest, value in given.items():
+        part, field = _SHAPE_FLAGS.get(dest, ("audio", None))
+        if family == "qwen2_5_vl" and part == "vision":
             if dest not in _QWEN_VISION_FLAGS:
                 continue  # the frame size is the data's choice for this family
             field = _QWEN_VISION_FLAGS[dest]
+        if family == "qwen2_audio" and part in ("vision", "audio"):
+            if dest in _VIDEO_ONLY_FLAGS:
+                continue  # refused by check_family_flags
+            part = "audio"
+            if dest == "audio_window_seconds":
+                held = audio_sampling(cfg.audio).window_seconds
+                if held != value:
+                    raise ValueError(f"--audio-window-seconds={value} disagrees with {source} ({held} s windows: "
+                                     f"audio.max_source_positions={cfg.audio.max_source_positions}): leave it out")
+                continue
+            field = "num_mel_bins" if dest == "audio_num_mel_bins" else _AUDIO_TOWER_FLAGS[dest]
         if getattr(getattr(cfg, part), field) != value:
             raise ValueError(f"{_flag(dest)}={value} disagrees with {source} ({part}.{field}="
                              f"{getattr(getattr(cfg, part), field)}): leave the shape flags out")
+    if family == "qwen2_audio":
+        return replace_tower(cfg, max_windows=args.max_frames), source
     return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, max_frames=args.max_frames)), source
 
 
@@ -298,6 +357,48 @@ def _qwen_config(args, tokenizer):
     return Qwen25VLConfig(llm=llm, vision=vision, video_token_id=tokenizer.video_id)
 
 
+def audio_sampling(audio_config):
+    """The audio decoding and features (:class:`~megatron_longvideo.data.audio.AudioSamplingConfig`) an audio
+    tower's config takes: its mel bins, and its window (``2 x max_source_positions`` mel frames of 10 ms)
+    in seconds."""
+    from megatron_longvideo.data.audio import AudioSamplingConfig
+    from megatron_longvideo.models.qwen2_audio.inputs import HOP_LENGTH, SAMPLING_RATE
+
+    seconds, rest = divmod(audio_config.window_frames * HOP_LENGTH, SAMPLING_RATE)
+    if rest or not seconds:
+        raise ValueError(f"audio.max_source_positions={audio_config.max_source_positions}: a window of "
+                         f"{audio_config.window_frames} mel frames is not a whole number of seconds")
+    return AudioSamplingConfig(n_mels=audio_config.num_mel_bins, window_seconds=seconds,
+                               sampling_rate=SAMPLING_RATE, hop_length=HOP_LENGTH)
+
+
+def _audio_config(args, tokenizer):
+    """The Qwen2-Audio config of the flags: the ``--vision-*`` flags shape its encoder, ``--audio-*`` its
+    input, ``--max-frames`` caps the windows of one audio."""
+    from megatron_longvideo.data.audio import AudioSamplingConfig
+    from megatron_longvideo.models.llm import LLMConfig
+    from megatron_longvideo.models.qwen2_audio.audio import AudioConfig
+    from megatron_longvideo.models.qwen2_audio.model import Qwen2AudioConfig
+
+    try:
+        window = AudioSamplingConfig(n_mels=args.audio_num_mel_bins, window_seconds=args.audio_window_seconds)
+        audio = AudioConfig(num_mel_bins=args.audio_num_mel_bins, hidden_size=args.vision_hidden_size,
+                            num_layers=args.vision_num_layers, num_attention_heads=args.vision_num_attention_heads,
+                            ffn_hidden_size=args.vision_ffn_hidden_size or 4 * args.vision_hidden_size,
+                            max_source_positions=window.window_frames // 2, max_windows=args.max_frames)
+    except ValueError as e:
+        raise ValueError(f"--model-family qwen2_audio: the audio flags (--audio-*, --vision-*, --max-frames) do not "
+                         f"make an audio encoder: {e}") from None
+    tp = args.tensor_model_parallel_size
+    llm = LLMConfig(vocab_size=-(-tokenizer.vocab_size // tp) * tp, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                    num_attention_heads=args.num_attention_heads,
+                    num_query_groups=args.num_query_groups or args.num_attention_heads,
+                    ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size, rotary_base=args.rotary_base,
+                    norm_eps=args.norm_epsilon, max_position_embeddings=args.max_position_embeddings,
+                    tie_word_embeddings=args.tie_embeddings)
+    return Qwen2AudioConfig(llm=llm, audio=audio, audio_token_id=tokenizer.video_id)
+
+
 def model_config(args, tokenizer):
     """The VLMConfig the model flags describe, for ``tokenizer`` (its vocabulary rounded up to a multiple
     of TP, its video placeholder id). Every stage builds its model here, so a stage's checkpoint fits
@@ -308,6 +409,7 @@ def model_config(args, tokenizer):
     from megatron_longvideo.training.stage import vlm_config_for
 
     cfg, source = _config_from_source(args)
+    check_family_flags(args, getattr(args, "model_family", "llava_onevision"))
     _family_defaults(args)
     tp = args.tensor_model_parallel_size
     if cfg is not None:
@@ -323,6 +425,8 @@ def model_config(args, tokenizer):
         return cfg
     if getattr(args, "model_family", "llava_onevision") == "qwen2_5_vl":
         return _qwen_config(args, tokenizer)
+    if args.model_family == "qwen2_audio":
+        return _audio_config(args, tokenizer)
     vision = VisionConfig(image_size=args.image_size, patch_size=args.patch_size, hidden_size=args.vision_hidden_size,
                           num_layers=args.vision_num_layers, num_attention_heads=args.vision_num_attention_heads,
                           ffn_hidden_size=args.vision_ffn_hidden_size or 4 * args.vision_hidden_size,
@@ -333,6 +437,39 @@ def model_config(args, tokenizer):
                     norm_eps=args.norm_epsilon, max_position_embeddings=args.max_position_embeddings,
                     tie_word_embeddings=args.tie_embeddings)
     return vlm_config_for(tokenizer, llm=llm, vision=vision, tensor_parallel_size=tp)
+
+
+def _no_video_tokens(family: str, num_frames: int) -> int:
+    raise ValueError(f"the {family} family takes audio and text only, not a video or an image ({num_frames} "
+                     "frames): drop such records, or use --model-family llava_onevision / qwen2_5_vl")
+
+
+def _no_audio_tokens(family: str, num_mel_frames: int) -> int:
+    raise ValueError(f"the {family} family has no audio encoder: an audio record needs --model-family qwen2_audio")
+
+
+def dataset_media(args, cfg) -> dict:
+    """What every dataset a script builds takes from the model ``cfg``: ``num_video_tokens`` and
+    ``num_audio_tokens`` (placeholders per input; for a family without such a tower, a counter that raises
+    naming the family), ``audio`` (the :class:`~megatron_longvideo.data.audio.AudioSamplingConfig` the audio
+    tower takes) and ``probe_dir`` (``--probe-cache-dir``). The keys are keyword arguments of
+    :func:`~megatron_longvideo.training.stage.build_data_loader` and
+    :func:`~megatron_longvideo.rl.evaluation.build_eval_set`."""
+    import functools
+
+    from megatron_longvideo.data.audio import AudioSamplingConfig
+    from megatron_longvideo.models import audio_token_counter, family_of, video_token_counter
+
+    family = family_of(cfg)
+    probe_dir = getattr(args, "probe_cache_dir", None)
+    if probe_dir is None and getattr(args, "save", None) and getattr(args, "decode", "full") == "sharded":
+        probe_dir = os.path.join(args.save, "probe_cache")  # a checkpoint folder is shared by every rank
+    media = {"probe_dir": probe_dir}
+    if family == "qwen2_audio":  # picklable counters: the loader's workers take the dataset
+        return {**media, "num_video_tokens": functools.partial(_no_video_tokens, family),
+                "num_audio_tokens": audio_token_counter(cfg), "audio": audio_sampling(cfg.audio)}
+    return {**media, "num_video_tokens": video_token_counter(cfg, args.image_size),
+            "num_audio_tokens": functools.partial(_no_audio_tokens, family), "audio": AudioSamplingConfig()}
 
 
 def resolve_tokenizer(args) -> None:

@@ -4,7 +4,8 @@ The entry scripts (``examples/pretrain.py``, ``examples/sft.py``) parse flags
 (:mod:`megatron_longvideo.training.args`) and call :func:`run_stage`; tests call the builders directly.
 A stage is: tokenizer -> model config (vocabulary rounded up to a multiple of TP, the tokenizer's video
 placeholder as ``video_token_id``) -> dataset and resumable DP-aware loader -> model with the stage's
-frozen parts -> :func:`megatron_longvideo.training.loop.train` with :func:`vlm_loss_step`.
+frozen parts -> :func:`megatron_longvideo.training.loop.train` with :func:`vlm_loss_step`. The audio family
+(Qwen2-Audio) runs SFT the same way, its encoder in the tower's place; it has no caption stage.
 """
 
 from __future__ import annotations
@@ -46,11 +47,16 @@ def vlm_config_for(tokenizer, *, llm: LLMConfig, vision: VisionConfig, tensor_pa
 def build_data_loader(*, mode: str, data_path: str, video_root: str, tokenizer, sampling: FrameSamplingConfig,
                       vision: VisionConfig, groups: ParallelGroups, micro_batch_size: int, seed: int = 0,
                       num_workers: int = 0, num_video_tokens=None, on_error: str = "raise", decode: str = "full",
-                      prefetch_factor: int = 2) -> ResumableDataLoader:
+                      prefetch_factor: int = 2, num_audio_tokens=None, audio=None,
+                      probe_dir: str | None = None) -> ResumableDataLoader:
     """The DP-aware resumable loader over ``data_path`` (caption records for pretrain, QA for SFT);
+    ``vision``: the media tower's config (:func:`~megatron_longvideo.models.tower_config`);
     ``num_video_tokens`` (frames -> placeholders) defaults to ``vision``'s. ``on_error``: ``raise`` or
     ``skip`` (counted in ``loader.skip_report``). ``decode``: ``full`` or ``sharded`` (each rank of the
-    encode group decodes the frames it encodes, in the loader's workers)."""
+    encode group decodes the frames it encodes, in the loader's workers). ``num_audio_tokens``, ``audio``
+    (an ``AudioSamplingConfig``) and ``probe_dir``: as :class:`LongVideoDataset` and
+    :class:`VideoDatasetConfig` take them (:func:`~megatron_longvideo.training.args.dataset_media` gives
+    all four from a model config)."""
     import torch.distributed as dist
 
     from megatron_longvideo.data.errors import SkipReport
@@ -59,11 +65,13 @@ def build_data_loader(*, mode: str, data_path: str, video_root: str, tokenizer, 
     if decode not in ("full", "sharded"):
         raise ValueError(f"decode must be 'full' or 'sharded', got {decode!r}")
     config = VideoDatasetConfig(mode=mode, video_root=video_root, sampling=sampling, on_error=on_error,
-                                decode="lazy" if decode == "sharded" else "full")
+                                decode="lazy" if decode == "sharded" else "full", probe_dir=probe_dir,
+                                **({} if audio is None else {"audio": audio}))
     # every rank reads the whole file: rank 0 alone logs the skipped records (the counts are the same everywhere)
     skips = SkipReport() if not dist.is_initialized() or dist.get_rank() == 0 else SkipReport(log=None)
     dataset = LongVideoDataset.from_file(data_path, tokenizer=tokenizer, skip_report=skips,
-                                         num_video_tokens=num_video_tokens or vision.num_video_tokens, config=config)
+                                         num_video_tokens=num_video_tokens or vision.num_video_tokens, config=config,
+                                         num_audio_tokens=num_audio_tokens)
     sampler = DistributedVideoSampler(len(dataset), dp_rank=groups.dp_rank, dp_size=groups.dp_size, seed=seed)
     return ResumableDataLoader(dataset, sampler, micro_batch_size=micro_batch_size, num_workers=num_workers,
                                prefetch_factor=prefetch_factor, group=groups.tp_cp,
@@ -76,21 +84,19 @@ def build_stage_model(cfg: VLMConfig, groups: ParallelGroups, *, trained: tuple[
 
     ``options``: ``core_attention``, ``attention_kernel``, ``transformer_impl``, ``params_dtype``
     (see :func:`megatron_longvideo.models.llm.build_llm`)."""
-    import dataclasses
-
-    from megatron_longvideo.models import build_model, family_of
+    from megatron_longvideo.models import build_model, family_of, replace_tower
 
     unknown = set(trained) - {"llm", "vision", "projector"}
     if unknown:
-        raise ValueError(f"trained: unknown parts {sorted(unknown)}; known: llm, vision, projector")
+        raise ValueError(f"trained: unknown parts {sorted(unknown)}; known: llm, vision, projector (vision: the "
+                         "media tower, the audio encoder for qwen2_audio)")
     qwen = family_of(cfg) == "qwen2_5_vl"
     if qwen:  # the merger (its projector) is part of the tower
-        vision = dataclasses.replace(cfg.vision, freeze=not ({"vision", "projector"} & set(trained)))
+        cfg = replace_tower(cfg, freeze=not ({"vision", "projector"} & set(trained)))
     else:
-        vision = dataclasses.replace(cfg.vision, freeze="vision" not in trained, freeze_projector="projector" not in trained)
+        cfg = replace_tower(cfg, freeze="vision" not in trained, freeze_projector="projector" not in trained)
     torch.manual_seed(seed)
-    model = build_model(dataclasses.replace(cfg, vision=vision), groups, seed=seed, recompute_activations=recompute_activations,
-                        **options)
+    model = build_model(cfg, groups, seed=seed, recompute_activations=recompute_activations, **options)
     if qwen and "projector" in trained and "vision" not in trained and model.vision is not None:
         for name, p in model.vision.named_parameters():
             p.requires_grad_(name.startswith(("merger.", "merger_norm.")))
@@ -109,6 +115,7 @@ def run_stage(stage: str, args):
         load_tokenizer_for,
         resolve_family,
         model_config,
+        dataset_media,
         optim_config,
         parallel_config,
         resolve_tokenizer,
@@ -122,6 +129,10 @@ def run_stage(stage: str, args):
     mode, trained = STAGES[stage]
     if getattr(args, "train_vision_tower", False):
         trained = trained + ("vision",)
+    if mode == "pretrain" and resolve_family(args) == "qwen2_audio":
+        raise ValueError("pretrain: its caption records describe videos, and the qwen2_audio family takes audio: "
+                         "train it with examples/sft.py (audio and text records), from scratch or from a converted "
+                         "Qwen2-Audio checkpoint (--load CKPT --finetune)")
     enable_cpu_mode()
     parallel = parallel_config(args)
     groups = initialize_parallel(parallel, seed=args.seed)
@@ -138,14 +149,14 @@ def run_stage(stage: str, args):
         validate_inputs(args)
         tokenizer = load_tokenizer_for(args)
         cfg = model_config(args, tokenizer)
-        from megatron_longvideo.models import video_token_counter
+        from megatron_longvideo.models import tower_config
 
         loader = build_data_loader(mode=mode, data_path=args.data_path, video_root=args.video_root, tokenizer=tokenizer,
-                                   sampling=frame_sampling(args), vision=cfg.vision, groups=groups,
+                                   sampling=frame_sampling(args), vision=tower_config(cfg), groups=groups,
                                    micro_batch_size=args.micro_batch_size, seed=args.seed, num_workers=args.num_workers,
-                                   num_video_tokens=video_token_counter(cfg, args.image_size), on_error=args.on_bad_input,
-                                   decode=args.decode, prefetch_factor=args.prefetch_factor)
-        step = vlm_loss_step(groups, pad_id=tokenizer.pad_id, seq_length=args.seq_length)
+                                   on_error=args.on_bad_input, decode=args.decode, prefetch_factor=args.prefetch_factor,
+                                   **dataset_media(args, cfg))
+        step = vlm_loss_step(groups, pad_id=tokenizer.pad_id, seq_length=args.seq_length, pack=args.pack_sequences)
         return train(train_config(args), optim_config(args),
                      model_provider=lambda: build_stage_model(cfg, groups, trained=trained, seed=args.seed,
                                                                   recompute_activations=args.recompute_activations,
@@ -157,13 +168,18 @@ def run_stage(stage: str, args):
 
 def ensure_synthetic_data(root: str, *, num_videos: int = 64, seed: int = 0, family: str = "llava_onevision") -> dict[str, str]:
     """Write the synthetic dataset under ``root`` once, and a tokenizer with ``family``'s chat tokens once
-    per family (rank 0; others wait).
+    per family (rank 0; others wait). The audio family (``qwen2_audio``) gets its own dataset under
+    ``root/audio`` (tasks ``audio`` and ``text``: tone questions and text-only sums).
 
     Returns ``{"qa", "captions", "video_root", "tokenizer"}`` paths.
     """
     import torch.distributed as dist
 
     from megatron_longvideo.models import special_tokens
+
+    tasks = ("colour",)
+    if family == "qwen2_audio":
+        root, tasks = os.path.join(root, "audio"), ("audio", "text")
 
     name = "tokenizer.model" if family == "llava_onevision" else f"tokenizer_{family}.model"  # as make_synthetic_dataset.py
     paths = {"qa": os.path.join(root, "qa.jsonl"), "captions": os.path.join(root, "captions.jsonl"),
@@ -174,10 +190,22 @@ def ensure_synthetic_data(root: str, *, num_videos: int = 64, seed: int = 0, fam
         from megatron_longvideo.data import train_tokenizer_for_records
 
         if not os.path.isfile(paths["qa"]):
-            make_synthetic_dataset(root, SyntheticDatasetConfig(num_videos=num_videos, min_frames=16, max_frames=48, seed=seed))
+            make_synthetic_dataset(root, SyntheticDatasetConfig(num_videos=num_videos, min_frames=16, max_frames=48, seed=seed,
+                                                                tasks=tasks))
         records = load_records(paths["qa"]).records + load_records(paths["captions"], kind="caption").records
-        train_tokenizer_for_records(records, paths["tokenizer"][: -len(".model")], vocab_size=512,
-                                    special=special_tokens(family))
+        prefix = paths["tokenizer"][: -len(".model")]
+        temp = f"{prefix}.tmp{os.getpid()}"
+        train_tokenizer_for_records(records, temp, vocab_size=512, special=special_tokens(family))
+        os.replace(temp + ".vocab", prefix + ".vocab")
+        os.replace(temp + ".model", paths["tokenizer"])  # last, and whole: the others wait for it
     if dist.is_initialized():
         dist.barrier()
+    elif rank != 0:  # ranks before torch.distributed starts (train_grpo.py parses first): wait for rank 0
+        import time
+
+        deadline = time.monotonic() + 600.0
+        while not os.path.isfile(paths["tokenizer"]):
+            if time.monotonic() > deadline:
+                raise ValueError(f"--synthetic-data {root}: rank 0 wrote no {paths['tokenizer']} within 600 s")
+            time.sleep(0.2)
     return paths

@@ -2,10 +2,13 @@
 
 The data pipeline's batch (:class:`megatron_longvideo.data.VideoBatchCollator`) holds ``input_ids`` and
 ``labels`` aligned (``labels[t] = input_ids[t]`` on the target, ``IGNORE_INDEX`` on the prompt, the video
-placeholders and padding) and the frames. :func:`prepare_vlm_batch` shifts the labels to next-token
-targets and pads the sequence to a length the CP sharding accepts; :func:`vlm_loss_step` is the
+placeholders and padding) and each sample's visual inputs (``videos``: a list per sample, empty for a
+text-only one). :func:`prepare_vlm_batch` shifts the labels to next-token targets and pads the sequence
+to a length the CP sharding accepts; :func:`vlm_loss_step` is the
 ``forward_step`` for :func:`megatron_longvideo.training.engine.forward_backward`: parallel encoding,
-merge, CP sharding and the LLM all happen in :func:`megatron_longvideo.models.vlm.vlm_forward`.
+merge, CP sharding and the LLM all happen in :func:`megatron_longvideo.models.vlm.vlm_forward`. With
+``pack=True`` (``--pack-sequences``) the samples are packed into fewer rows instead of padded
+(:mod:`megatron_longvideo.training.packing`): the same loss and gradients, without the padding.
 """
 
 from __future__ import annotations
@@ -50,22 +53,32 @@ def prepare_vlm_batch(batch: dict, *, pad_id: int, multiple: int = 1, seq_length
     ids[:, :s] = input_ids
     mask = target != IGNORE_INDEX
     return {"input_ids": ids, "labels": target.masked_fill(~mask, 0), "loss_mask": mask.float(),
-            "videos": [[frames] for frames in batch["frames"]]}
+            "videos": [list(videos) for videos in batch["videos"]]}
 
 
-def vlm_loss_step(groups: ParallelGroups, *, pad_id: int, seq_length: Optional[int] = None):
+def vlm_loss_step(groups: ParallelGroups, *, pad_id: int, seq_length: Optional[int] = None, pack: bool = False):
     """``forward_step(batch, model) -> (per-token loss, loss_func)`` on collated batches.
 
     ``loss_func`` returns the masked loss sum, the token count and ``{LOSS_KEY: [sum, count]}``.
+    ``pack``: pack each micro-batch (:func:`~megatron_longvideo.training.packing.pack_vlm_batch`; one row,
+    or first-fit rows of ``seq_length``) rather than pad it to ``[b, S]``.
     """
     from megatron_longvideo.models.vlm import vlm_forward
     from megatron_longvideo.training.lm_step import cp_shard
+    from megatron_longvideo.training.packing import pack_vlm_batch, packed_vlm_forward
 
+    if pack and groups.size(groups.pp) > 1:
+        raise ValueError("--pack-sequences: not supported with pipeline parallelism (a packed micro-batch has a "
+                         "varying number of rows; the pipeline needs one tensor shape)")
     multiple = sequence_multiple(groups)
 
     def step(batch: dict, model):
-        mb = prepare_vlm_batch(batch, pad_id=pad_id, multiple=multiple, seq_length=seq_length)
-        output = vlm_forward(model, groups, input_ids=mb["input_ids"], videos=mb["videos"], labels=mb["labels"])
+        if pack:
+            mb = pack_vlm_batch(batch, pad_id=pad_id, multiple=multiple, seq_length=seq_length)
+            output = packed_vlm_forward(model, groups, mb)
+        else:
+            mb = prepare_vlm_batch(batch, pad_id=pad_id, multiple=multiple, seq_length=seq_length)
+            output = vlm_forward(model, groups, input_ids=mb["input_ids"], videos=mb["videos"], labels=mb["labels"])
         mask = cp_shard(mb["loss_mask"], groups)  # [b, s_local]
 
         def loss_func(losses: torch.Tensor):

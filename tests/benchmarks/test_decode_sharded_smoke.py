@@ -1,6 +1,7 @@
-"""The sharded-decoding and prefetch benchmark at smoke size: it runs, prints two well-formed tables, every
-group size's shards equal ``decode_video`` and every prefetch configuration draws the same prompts and
-frames as no prefetching (no timing is asserted)."""
+"""The sharded-decoding and prefetch benchmark at smoke size: it runs, prints three well-formed tables, every
+group size's shards equal ``decode_video`` (with the probe shared too, the ranks that read it probing and
+demuxing nothing) and every prefetch configuration draws the same prompts and frames as no prefetching
+(no timing is asserted)."""
 
 import math
 import os
@@ -49,6 +50,12 @@ def test_decode_sharded_smoke(tmp_path):
     frames = [int(row["frames per rank (max)"]) for row in shards]
     assert frames == sorted(frames, reverse=True) and frames[0] >= 4 * frames[-1], report
     assert shards[0]["slowest vs E=1"] == "1.00", report  # E=1 against itself
+
+    shared = _table(report, "group size")  # the probe shared by the group: read, never made again
+    assert [row["group size"] for row in shared] == ["1", "2", "4", "8"], report
+    assert all(row["shards equal decode_video"] == "yes" and row["probes + tables by readers"] == "0"
+               for row in shared), report
+    _finite(shared, skip=("shards equal decode_video",))
 
     prefetch = _table(report, "prefetch workers")
     assert [row["prefetch workers"] for row in prefetch] == ["0", "1", "2"], report

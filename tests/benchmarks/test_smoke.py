@@ -28,26 +28,84 @@ def test_benchmark_smoke(script, headers, tmp_path):
     assert all("nan" not in row for row in rows), report
 
 
-def test_grpo_step_smoke(tmp_path):
-    """The GRPO step benchmark at smoke size: every mode (the four, and stage 1+2 + packing with every rank
-    generating) runs every frame count, the report, results and plot are written and well formed, and the
-    split rollouts drew the tokens the first rank alone drew (no timing asserted)."""
+def _grpo_step(tmp_path, *extra):
     import json
 
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "grpo_step.py"), "--quick", "--out-dir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "grpo_step.py"), "--quick", "--out-dir", str(tmp_path), *extra],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = (tmp_path / "report.md").read_text()
-    for header in ("| frames | baseline (s) |", "| mode | frames | encode | rollout | old log-probs |", "Memory model check",
-                   "| frames | first rank draws all (s) | every rank draws its share (s) |"):
-        assert header in report, report
-    results = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert set(results) == {"baseline", "stage1", "stage12", "stage12_packed", "stage12_packed_all"}
-    for f in ("4", "8"):
-        assert results["stage12_packed"][f]["tokens"] == results["stage12_packed_all"][f]["tokens"]
-    for mode, per_frames in results.items():
+    return (tmp_path / "report.md").read_text(), json.loads((tmp_path / "results.json").read_text())
+
+
+def _check_rows(results, modes):
+    for mode in modes:
+        per_frames = results[mode]
         assert set(per_frames) == {"4", "8"}, (mode, per_frames)
         for row in per_frames.values():
             assert row["measured"] and row["step"] > 0 and row["peak_mb"] >= 0, (mode, row)
             assert row["rollout"] > 0 and row["update"] > 0 and row["old"] > 0 and row["ref"] > 0, (mode, row)
+            assert row["prefill"] > 0 and row["decode"] >= 0 and row["encode"] > 0, (mode, row)
+
+
+def test_grpo_step_smoke(tmp_path):
+    """The GRPO step benchmark at smoke size: every mode (naive, without MR-SP, the three MR-SP layouts, and stage
+    1+2 + packing with every rank generating) runs every frame count, the report, results and plot are written
+    and well formed, the split rollouts drew the tokens the first rank alone drew, and without MR-SP encodes once
+    per pass (rollout, old, reference, update: 4 encodes a rank), fewer than the naive mode's once per use and
+    more than stage 1's once a step (counted from the phases' encode times being non-zero; no timing asserted)."""
+    report, saved = _grpo_step(tmp_path)
+    for header in ("| frames | naive (re-encode per use, n=1) (s) | without MR-SP (published) (s) |",
+                   "| frames | naive (re-encode per use, n=1) | MR-SP stage 1 |",  # speed-up over mrsp_off
+                   "| mode | frames | encode | rollout prefill | rollout decode | old log-probs |", "Memory model check",
+                   "| frames | first rank draws all (s) | every rank draws its share (s) |",
+                   "## Cost ratios", "| LLaVA-OneVision-7B | 196 |", "Command: `python benchmarks/grpo_step.py --quick"):
+        assert header in report, report
+    results = saved["results"]
+    assert set(results) == {"naive", "mrsp_off", "stage1", "stage12", "stage12_packed", "stage12_packed_all"}
+    for f in ("4", "8"):
+        assert results["stage12_packed"][f]["tokens"] == results["stage12_packed_all"][f]["tokens"]
+        passes = results["mrsp_off"][f]["phase_encode"]
+        assert all(passes[p] > 0 for p in ("rollout", "old", "ref", "update")), passes  # each pass encodes
+        cached = results["stage1"][f]["phase_encode"]
+        assert cached["rollout"] > 0 and all(cached[p] == 0 for p in ("old", "ref", "update")), cached  # once a step
+    _check_rows(results, results)
     assert (tmp_path / "step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grpo_step_cost_matched_qwen_smoke(tmp_path):
+    """``--cost-match qwen`` with ``--memory-cap-scaled``: the Qwen2.5-VL family's matched model (128 tokens per
+    frame) runs the fair baseline and the packed layout; the report states both models' cost ratios and the
+    scaled cap; the old results' "baseline" key reads back as the naive mode."""
+    import json
+
+    report, saved = _grpo_step(tmp_path, "--cost-match", "qwen", "--memory-cap-scaled", "80", "--modes", "mrsp_off", "stage12_packed")
+    assert "(128 tokens per frame)" in report and "| Qwen2.5-VL-7B (448 px) | 128 |" in report, report
+    assert "scaled to the model" in report and saved["options"]["memory_cap_mb"] > 0
+    _check_rows(saved["results"], ("mrsp_off", "stage12_packed"))
+    old = dict(saved, results={("baseline" if m == "mrsp_off" else m): v for m, v in saved["results"].items()})
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "grpo_step.py"), "--from-json", str(tmp_path / "old.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "naive (re-encode per use, n=1) (s)" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_peer_trl_smoke(tmp_path):
+    """TRL's way against ours at smoke size: both sides run every pass at every frame count, the log-probs of
+    the G separate transformers rows equal our packed, CP=2 ones (the script fails above 1e-4), and the report
+    holds every row (no timing asserted)."""
+    import json
+
+    out = tmp_path / "peer.md"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "peer_trl.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out.read_text()
+    saved = json.loads((tmp_path / "peer.json").read_text())
+    assert set(saved["max_logp_diff"]) == {"2", "4"} and max(saved["max_logp_diff"].values()) <= 1e-4, saved
+    for frames in ("2", "4"):
+        for side in ("ours", "trl"):
+            assert all(saved[side][frames]["time"][p] > 0 for p in ("old", "ref", "update")), saved
+        assert saved["trl"][frames]["encode"]["update"] > 0 and saved["ours"][frames]["encode"]["update"] == 0, saved
+        for label in ("old-policy log-probs", "reference log-probs", "update (fwd + bwd + step)", "all three"):
+            assert f"| {frames} | {label} |" in report, report
+    assert report.count("| yes (") == 2, report

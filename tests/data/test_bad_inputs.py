@@ -147,7 +147,7 @@ def test_skip_mode_keeps_going_and_counts(videos, tokenizer, tmp_path):
         sampler = DistributedVideoSampler(len(ds), dp_rank=dp_rank, dp_size=2, seed=0, shuffle=False, drop_last=False)
         loader = ResumableDataLoader(ds, sampler, micro_batch_size=1, num_workers=2, skip_report=ds.skip_report)
         for batch in loader:
-            assert batch["sample_id"][0].startswith("good") and batch["frames"][0].shape == (4, 3, 16, 16)
+            assert batch["sample_id"][0].startswith("good") and batch["videos"][0][0].shape == (4, 3, 16, 16)
             delivered.append(batch["sample_id"][0])
     assert len(delivered) == 10  # 9 records, padded to 10 for DP=2, all served by good samples
     report = ds.skip_report

@@ -77,7 +77,7 @@ def test_sampler_resume_and_change_of_dp_size():
 
 def test_modes(synth, tokenizer):
     sft = dataset(synth, tokenizer, "sft")[0]
-    assert sft["frames"].shape == (6, 3, 16, 16) and sft["frame_indices"].shape == (6,)
+    assert sft["videos"][0].shape == (6, 3, 16, 16) and sft["frame_indices"][0].shape == (6,)
     assert sft["num_video_tokens"] == 19 and (sft["input_ids"] == tokenizer.video_id).sum() == 19
     assert (sft["labels"] != IGNORE_INDEX).any() and sft["ground_truth"] is None
     rl = dataset(synth, tokenizer, "rl")[0]
@@ -119,7 +119,7 @@ def test_loader_in_workers_is_resumable(synth, tokenizer):
         assert (batch["input_ids"][b, n:] == tokenizer.pad_id).all()
         start, count = int(batch["video_start"][b]), int(batch["num_video_tokens"][b])
         assert (batch["input_ids"][b, start : start + count] == tokenizer.video_id).all()
-        assert count == 3 * batch["frames"][b].shape[0] + 1
+        assert count == 3 * batch["videos"][b][0].shape[0] + 1
 
 
 def test_predecode_cache_with_progress(synth, tokenizer, tmp_path):
@@ -133,8 +133,8 @@ def test_predecode_cache_with_progress(synth, tokenizer, tmp_path):
     assert len([f for f in os.listdir(cache_dir) if f.endswith(".pt")]) == len(synth.video_paths)
     fresh = dataset(synth, tokenizer, "rl")
     for i in (0, 5):
-        torch.testing.assert_close(ds[i]["frames"], fresh[i]["frames"], atol=0, rtol=0)
-        assert ds[i]["frame_indices"].tolist() == fresh[i]["frame_indices"].tolist()
+        torch.testing.assert_close(ds[i]["videos"][0], fresh[i]["videos"][0], atol=0, rtol=0)
+        assert ds[i]["frame_indices"][0].tolist() == fresh[i]["frame_indices"][0].tolist()
     # a different sampling config misses the cache
     other = FrameSamplingConfig(num_frames=3, image_size=16)
     assert cache.cache_key(synth.video_paths[0], other, "pyav") != cache.cache_key(synth.video_paths[0], SAMPLING, "pyav")

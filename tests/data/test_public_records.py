@@ -131,7 +131,7 @@ def test_public_file_through_the_dataset(tmp_path, tokenizer):
     samples = [ds[i] for i in range(len(ds))]
     assert [s["ground_truth"].answer for s in samples] == [r.answer for r in ds.records]
     assert [s["ground_truth"].problem_type for s in samples][:2] == ["multiple choice", "numerical"]
-    assert [s["frames"].shape[0] for s in samples] == [4] * 4  # 16 frames at 8 fps, sampled at 2 fps
+    assert [s["videos"][0].shape[0] for s in samples] == [4] * 4  # 16 frames at 8 fps, sampled at 2 fps
     assert ds.skip_report.total == 0
 
 

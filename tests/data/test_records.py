@@ -65,9 +65,13 @@ def test_formats_jsonl_and_json_list(tmp_path):
     ({"problem": "No options here"}, "problem", "multiple-choice question without options"),
     ({"options": ["only one"]}, "options", "at least 2"),
     ({"problem_type": "numerical", "answer": "three"}, "answer", "numerical answer expected"),
-    ({"videos": ["a.mp4", "b.mp4"]}, "videos", "multi-video records are not supported"),
-    ({"videos": None}, "videos", "missing"),
-    ({"data_type": "image"}, "data_type", "expected 'video'"),
+    ({"videos": []}, "videos", "non-empty list"),
+    ({"videos": ["a.mp4", 3]}, "videos", "expected a path string, got 3"),
+    ({"videos": None}, "videos", "missing \\(a question without visual input needs data_type 'text'\\)"),
+    ({"data_type": "image"}, "images", "missing"),
+    ({"data_type": "text"}, "data_type", "'text' records have no videos, images or audios"),
+    ({"data_type": "audio"}, "audios", "missing"),
+    ({"data_type": "speech"}, "data_type", "expected one of video, image, audio, text"),
     ({"problem_id": ""}, "problem_id", "non-empty string"),
 ])
 def test_bad_record_names_file_line_field(tmp_path, change, line_field, fragment):

@@ -126,12 +126,12 @@ def _dataset(videos, names, tokenizer, **config):
 def test_lazy_dataset_decodes_its_shard_in_getitem(videos, tokenizer):
     full = _dataset(videos, ["a.mp4", "b.webm"], tokenizer)
     lazy = _dataset(videos, ["a.mp4", "b.webm"], tokenizer, decode="lazy")
-    assert isinstance(lazy[0]["frames"], LazyFrames) and lazy[0]["frames"].num_decoded == 0
+    assert isinstance(lazy[0]["videos"][0], LazyFrames) and lazy[0]["videos"][0].num_decoded == 0
     lazy.shard = FrameShard(rank=1, size=2)
     for i in range(2):
         sample, reference = lazy[i], full[i]
-        assert sample["frames"].decoded_positions() == list(range(5, 10)) and sample["shard_error"] is None
-        assert torch.equal(sample["frames"].materialize(), reference["frames"])
+        assert sample["videos"][0].decoded_positions() == list(range(5, 10)) and sample["shard_error"] is None
+        assert torch.equal(sample["videos"][0].materialize(), reference["videos"][0])
         assert torch.equal(sample["input_ids"], reference["input_ids"])
     cut = _dataset(videos, ["cut.mp4"], tokenizer, decode="lazy")
     cut.shard = FrameShard(rank=1, size=2)
@@ -242,7 +242,7 @@ def _stream(videos, names, tokenizer, *, workers=0, shard=None, group=None, on_e
 
 
 def _drawn(stream, steps, k):
-    return [[(p.sample_id, p.content_id, as_tensor(p.frames)) for p in stream.draw(k)] for _ in range(steps)]
+    return [[(p.sample_id, p.content_ids, as_tensor(p.videos[0])) for p in stream.draw(k)] for _ in range(steps)]
 
 
 def _same(a, b):
@@ -264,7 +264,7 @@ def test_prefetching_workers_hand_out_what_drawing_in_place_does(videos, tokeniz
     resumed.close()
     # the slice came decoded from the worker: only this rank's frames
     first = _stream(videos, names, tokenizer, workers=1, shard=FrameShard(rank=0, size=2)).draw(1)[0]
-    assert first.frames.decoded_positions() == list(range(5))
+    assert first.videos[0].decoded_positions() == list(range(5))
 
 
 def test_a_workers_error_reaches_the_caller_naming_the_file(videos, tokenizer, tmp_path):
@@ -318,6 +318,6 @@ def test_the_loader_skips_a_batch_whose_slice_failed(videos, tokenizer, on_error
     batches = list(loader)
     assert [b["sample_id"] for b in batches] == [["p0-c.mp4"], ["p2-a.mp4"]]
     assert loader.skip_report.counts() == {"video: truncated or corrupt": 1}
-    assert batches[0]["frames"][0].decoded_positions() == list(range(5, 10))  # decoded in the worker
+    assert batches[0]["videos"][0][0].decoded_positions() == list(range(5, 10))  # decoded in the worker
     with pytest.raises(ValueError, match="decode='lazy'"):
         ResumableDataLoader(_dataset(videos, ["c.mp4"], tokenizer), sampler, shard=FrameShard(rank=0, size=2))

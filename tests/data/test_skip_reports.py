@@ -105,7 +105,7 @@ def test_dataset_counts_each_reason(video_root, tokenizer, tmp_path):
         "{not json",                                            # 6  record: invalid JSON
         _qa("no-file", "missing.mp4"),                          # 7  record: video file not found
         _qa("good1", "good0.mp4"),                              # 8  record: duplicate problem_id
-        _qa("two-videos", ["good0.mp4", "good1.mp4"]),          # 9  record: bad field videos
+        _qa("no-videos", []),                                   # 9  record: bad field videos
         _qa("empty", "empty.mp4"),                              # 10 video: empty file
         _qa("text-1", "text.mp4"),                              # 11 video: not a readable container
         _qa("text-2", "text.mp4"),                              # 12 the same bad file: counted once

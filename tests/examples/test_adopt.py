@@ -1,9 +1,11 @@
 """examples/adopt/: the plain Megatron-Core script and the same script adopted for the video-language model.
 
 * ``train_gpt.py`` (megatron's GPTModel, DDP, optimizer, schedule; the user's tokens) trains on 2 ranks.
-* ``train_video_lm.py`` at CP=2 on 2 ranks gives ``examples/sft.py``'s per-step losses on the same data,
-  seed, model shape and batch sizes: it builds the model, the data order and the loss normalisation
-  from the library's public pieces the way the entry script does.
+* ``train_video_lm.py`` (which packs each micro-batch into one row) at CP=2 on 2 ranks gives
+  ``examples/sft.py --pack-sequences``' per-step losses on the same data, seed, model shape and batch
+  sizes (two samples a micro-batch, so rows really hold several samples): it builds the model, the data
+  order and the loss normalisation from the library's public pieces the way the entry script does. Both
+  equal ``examples/sft.py``'s padded rows.
 * With the projector frozen, the embedding cache serves the second epoch's videos and the losses are
   those of the same run without the cache.
 * The diff between the two scripts stays short, and ``examples/adopt/README.md`` shows it as it is.
@@ -41,6 +43,25 @@ def run_adopt_script(rank, world_size, name: str, argv: list) -> dict:
     with contextlib.redirect_stdout(out):
         losses = module.main(argv)
     return {"losses": losses, "stdout": out.getvalue()}
+
+
+def with_pack_counts(rank, world_size, run, *args) -> dict:
+    """Spawned rank: ``run(rank, world_size, *args)``, with ``(samples, rows)`` of every micro-batch that
+    :func:`~megatron_longvideo.training.packing.pack_vlm_batch` packed (``"packs"``)."""
+    from megatron_longvideo.training import packing
+
+    packs, pack = [], packing.pack_vlm_batch
+
+    def counted(batch, **kwargs):
+        out = pack(batch, **kwargs)
+        packs.append((len(batch["videos"]), len(out["rows"])))
+        return out
+
+    packing.pack_vlm_batch = counted
+    try:
+        return dict(run(rank, world_size, *args), packs=packs)
+    finally:
+        packing.pack_vlm_batch = pack
 
 
 def printed_losses(stdout: str) -> dict:
@@ -87,14 +108,19 @@ def test_plain_megatron_script_refuses_context_parallelism():
 
 
 def test_adopted_script_gives_the_sft_entry_script_losses_at_cp2(data):
-    steps = ["--train-iters", "4"]
-    adopted = run_ranks(run_adopt_script, 2, "train_video_lm", video_flags(data) + steps)
+    steps = ["--train-iters", "4", "--micro-batch-size", "2", "--global-batch-size", "4"]  # 2 samples a row
+    adopted = run_ranks(with_pack_counts, 2, run_adopt_script, "train_video_lm", video_flags(data) + steps)
     # sft.py's tower MLP defaults to 4 x its width; train_video_lm.py builds VisionConfig()'s (64)
-    sft = run_ranks(run_example, 2, "sft", video_flags(data) + steps + ["--vision-ffn-hidden-size", "64"])
-    ours, theirs = ordered(adopted[0]["losses"]), ordered(sft[0]["losses"])
-    assert len(ours) == len(theirs) == 4 and not sft[0]["skipped"]
-    for step, (a, b) in enumerate(zip(ours, theirs), 1):
+    sft_flags = video_flags(data) + steps + ["--vision-ffn-hidden-size", "64"]
+    sft = run_ranks(with_pack_counts, 2, run_example, "sft", sft_flags + ["--pack-sequences"])
+    padded = run_ranks(with_pack_counts, 2, run_example, "sft", sft_flags)
+    # 4 steps x 2 micro-batches, each of 2 samples in 1 row; padded rows pack nothing
+    assert adopted[0]["packs"] == sft[0]["packs"] == [(2, 1)] * 8 and padded[0]["packs"] == []
+    ours, theirs, unpacked = ordered(adopted[0]["losses"]), ordered(sft[0]["losses"]), ordered(padded[0]["losses"])
+    assert len(ours) == len(theirs) == len(unpacked) == 4 and not sft[0]["skipped"]
+    for step, (a, b, c) in enumerate(zip(ours, theirs, unpacked), 1):
         assert math.isfinite(a) and abs(a - b) <= 1e-5 * abs(b), f"step {step}: adopted {ours} vs sft.py {theirs}"
+        assert abs(b - c) <= 1e-5 * abs(c), f"step {step}: sft.py --pack-sequences {theirs} vs padded {unpacked}"
     assert adopted[1]["losses"] == adopted[0]["losses"]
     assert sorted(printed_losses(adopted[0]["stdout"])) == [1, 2, 3, 4]
     # the projector trains: training forwards need its gradient, so they never ask the cache

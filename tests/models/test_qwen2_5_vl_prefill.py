@@ -3,7 +3,8 @@
 Two groups (prefixes with a 3-frame 56 x 84 video and a 2-frame one, text after it) of G=3 responses of
 unequal lengths. Packed responses must get the multimodal positions they have unpacked (each restarts
 where the prefix's text ends, not at the prefix's token count). Per-token log-probs, entropies and the
-gradients of a loss over both (LLM and, with the tower trained, tower) equal world=1 unpacked within 1e-5.
+gradients of a loss over both (LLM and, with the tower trained, tower) equal world=1 unpacked within 1e-5
+(gradients: 5e-5 in norm per tensor, see ``GRAD_TOL``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ import torch
 from tests.dist import init_cpu_dist, run_ranks
 
 VOCAB, VIDEO_ID, PAD, TOL = 96, 3, 0, 1e-5
+GRAD_TOL = 5e-5
+"""Gradients (norm-relative, per tensor): the tower's sum over every token of both videos, reordered by
+the CP split and the packing, moved 1.3e-5 (CP=2) and 2.1e-5 (CP=2, p2p, packed) on an AVX2 CPU (AMD
+EPYC, 2026-12-01) against under 1e-5 on the machine that first ran this; a real mistake (a lost 1/TP
+scale, a misplaced position) shows as 1e-2 or more."""
 
 
 def _cfg():
@@ -81,6 +87,14 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
+def _norm_rel(a, b):
+    """``|a - b| / |b|`` in the Frobenius norm: a gradient is a sum over every token, and fp32 rounding in a
+    reordered sum (another CP split, packing) is relative to the whole tensor, not to its largest entry
+    (measured: a vision norm's gradient, 500x below the largest, moved 1e-5 of its max between layouts
+    on an AVX2 CPU)."""
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
 def _worker(rank, world_size, layouts):
     init_cpu_dist()
     ref = _run({}, None, pack=False)
@@ -89,7 +103,7 @@ def _worker(rank, world_size, layouts):
         got = _run(layout, ref["weights"], pack)
         assert torch.equal(got["source_positions"], ref["source_positions"]), name
         out[name] = {"logp": _rel(got["logp"], ref["logp"]), "entropy": _rel(got["entropy"], ref["entropy"]),
-                     "grad": max(_rel(got["grads"][k], ref["grads"][k]) for k in ref["grads"])}
+                     "grad": max(_norm_rel(got["grads"][k], ref["grads"][k]) for k in ref["grads"])}
     zero = [k for k, g in ref["grads"].items() if g.abs().max() == 0]
     return {"results": out, "zero": zero, "delta": int(ref["source_positions"][0, 0]) - int(_problem()[1][0].numel() - 1)}
 
@@ -103,5 +117,6 @@ def test_qwen_prefill_packed_and_sharded_equal_world1():
     # the first response is predicted from a position below its prefix's last index (the video's 48 tokens
     # span fewer positions): a plain restart at the prefix length, as for 1-D RoPE, would be wrong
     assert result["delta"] < 0, result["delta"]
-    bad = {k: v for k, v in result["results"].items() if max(v.values()) > TOL}
-    assert not bad, f"differs from the unsharded unpacked run beyond {TOL}: {bad}"
+    bad = {k: v for k, v in result["results"].items()
+           if max(v["logp"], v["entropy"]) > TOL or v["grad"] > GRAD_TOL}
+    assert not bad, f"differs from the unsharded unpacked run beyond {TOL} (gradients {GRAD_TOL}): {bad}"

@@ -17,6 +17,10 @@ SEQ = 32
 BATCH = 2
 VOCAB = 256
 TOL = 1e-5
+STEP_TOL = 5e-5
+"""The optimizer step, relative to the largest update: Adam's first step is lr * g / (|g| + eps), whose
+derivative lr * eps / (|g| + eps)^2 multiplies a gradient's reduction-order noise (1e-6 here) by up to
+max|g| / eps for the gradients near zero; measured 1.2e-5 (DP=2 and micro-batches, AVX2 CPU, 2026-12-01)."""
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,9 +93,13 @@ def _compare(ref: dict, got: dict, *, grads: bool = True) -> dict:
     if grads:  # (the distributed optimizer leaves each rank only its reduce-scattered grad shard)
         out["grad"] = max(_rel_err(got["grads"][k], ref["grads"][k]) for k in ref["grads"])
     if ref.get("after") is not None:
-        # the update, relative to the reference update (weights themselves would hide a wrong step)
-        out["step"] = max(_rel_err(got["after"][k] - got["weights"][k], ref["after"][k] - ref["weights"][k])
-                          for k in ref["after"] if (ref["after"][k] - ref["weights"][k]).abs().max() > 0)
+        # the update, relative to the largest reference update (weights themselves would hide a wrong step).
+        # Not per tensor: an update read back as a difference of fp32 weights carries the weights' rounding
+        # (6e-8 of |w|), which on a tensor whose own update is far below lr came to 2e-5 of it (AVX2 CPU,
+        # 2026-12-01); a wrong step (a lost scale, a skipped tensor) is off by the update itself.
+        updates = {k: ref["after"][k] - ref["weights"][k] for k in ref["after"]}
+        scale = max(u.abs().max().item() for u in updates.values())
+        out["step"] = max(((got["after"][k] - got["weights"][k]) - u).abs().max().item() for k, u in updates.items()) / scale
         out["stepped"] = sum((ref["after"][k] - ref["weights"][k]).abs().max().item() > 0 for k in ref["after"])
     return out
 
@@ -144,9 +152,9 @@ def _check(results: dict):
         if "stepped" in r:
             assert r.pop("stepped") > 0, f"{name}: the optimizer step changed no weight"
         errs = {k: v for k, v in r.items() if k != "grad_nonzero"}
-        if any(v > TOL for v in errs.values()):
+        if any(v > (STEP_TOL if k == "step" else TOL) for k, v in errs.items()):
             bad[name] = errs
-    assert not bad, f"layouts differ from world=1 beyond {TOL} relative: {bad}"
+    assert not bad, f"layouts differ from world=1 beyond {TOL} relative (the step: {STEP_TOL}): {bad}"
 
 
 def test_two_rank_layouts_equal_world1():

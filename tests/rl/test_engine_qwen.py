@@ -36,7 +36,7 @@ def _worker(rank, world_size):
     frames = torch.randn(3, 3, 112, 168, generator=g)
     n = cfg.num_video_tokens(3, 112, 168)
     ids = torch.cat([torch.tensor([9, 7]), torch.full((n,), VIDEO), torch.tensor([8]), torch.randint(10, 96, (6,), generator=g)])
-    prompt = RLPrompt(frames=frames, prompt_ids=ids, ground_truth=None, content_id="clip")
+    prompt = RLPrompt(videos=(frames,), prompt_ids=ids, ground_truth=None, content_ids=("clip",))
     with torch.no_grad():
         embeds = prompt_embeddings(model, groups, [prompt])
     positions = model.rollout_positions([prompt])

@@ -235,9 +235,9 @@ def _qwen_prompt(num_frames=5, keys=("key-1",)):
     frames = torch.randn(num_frames, 3, 56, 56, generator=torch.Generator().manual_seed(1))
     n = QWEN_CFG.num_video_tokens(num_frames, 56, 56)
     ids = torch.tensor([9, 7, *[QWEN_CFG.video_token_id] * n, 8])
-    prompt = RLPrompt(frames=frames, prompt_ids=ids, ground_truth=None, content_id="clip")
+    prompt = RLPrompt(videos=(frames,), prompt_ids=ids, ground_truth=None, content_ids=("clip",))
     video = torch.randn(n, 64, generator=torch.Generator().manual_seed(2))  # [N, h]: the tower's output
-    return prompt, video_prompts(QWEN_CFG, [prompt], [video], None if keys is None else list(keys))[0], video
+    return prompt, video_prompts(QWEN_CFG, [prompt], [[video]], None if keys is None else [list(keys)])[0], video
 
 
 def test_qwen_engine_folder_and_arguments(fake_vllm, tmp_path):
@@ -384,7 +384,7 @@ def _video_trainer_worker(rank, world_size):
         [sent] = engine.prompts
         rows = merged[prompt.prompt_ids == QWEN_CFG.video_token_id]
         out.update(ids=torch.equal(sent.prompt_ids, prompt.prompt_ids), grids=sent.grids, keys=sent.keys,
-                   key=trainer._keys([prompt], model)[0], same_video=torch.equal(sent.videos[0].cpu(), rows.cpu()))
+                   key=trainer._keys([prompt], model)[0][0], same_video=torch.equal(sent.videos[0].cpu(), rows.cpu()))
     destroy_parallel()
     return out
 

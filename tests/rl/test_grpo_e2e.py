@@ -75,8 +75,8 @@ def _setup(tok_path, cp, pack, split=None, family="llava_onevision", tis=None, v
         n = video_tokens(frames.shape[0])
         ids = torch.cat([torch.tensor([tok.im_start_id]), torch.full((n,), tok.video_id),
                          torch.tensor(tok.encode("what colour is the shape")), torch.tensor([tok.im_end_id])])
-        prompts.append(RLPrompt(frames=frames, prompt_ids=ids, ground_truth=GroundTruth(answer="A", options=("red", "blue")),
-                                content_id=content_id_of_frames(frames), sample_id=f"p{i}"))
+        prompts.append(RLPrompt(videos=(frames,), prompt_ids=ids, ground_truth=GroundTruth(answer="A", options=("red", "blue")),
+                                content_ids=(content_id_of_frames(frames),), sample_id=f"p{i}"))
     grpo = GRPOConfig(
         group_size=4, prompts_per_step=2, pack=pack, responses_per_microbatch=split,
         sampling=SamplingConfig(max_new_tokens=6, temperature=1.0, seed=11),
@@ -137,7 +137,7 @@ def _worker(rank, world_size, tok_path, pack, split=None, family="llava_onevisio
     if view is not None:  # what the engine was given, and the prompts with one frame's video tokens (LLaVA-OneVision)
         count = unwrap(ddp).cfg.vision.num_video_tokens
         out.update(seen=trainer.engine.seen, full_lengths=[len(p.prompt_ids) for p in prompts],
-                   view_lengths=[len(p.prompt_ids) - count(p.frames.shape[0]) + count(view) for p in prompts])
+                   view_lengths=[len(p.prompt_ids) - count(p.videos[0].shape[0]) + count(view) for p in prompts])
     destroy_parallel()
     return out
 

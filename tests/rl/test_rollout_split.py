@@ -35,8 +35,8 @@ def _prompts(cfg):
         ids = torch.randint(4, VOCAB, (n + text,), generator=g)
         ids[1 : 1 + n] = VIDEO_ID
         video = torch.randn(frames, 3, 32, 32, generator=g)
-        out.append(RLPrompt(frames=video, prompt_ids=ids, ground_truth=GroundTruth(answer="A"),
-                            content_id=content_id_of_frames(video), sample_id=f"p{i}"))
+        out.append(RLPrompt(videos=(video,), prompt_ids=ids, ground_truth=GroundTruth(answer="A"),
+                            content_ids=(content_id_of_frames(video),), sample_id=f"p{i}"))
     return out
 
 
@@ -153,15 +153,30 @@ def test_rollout_view_takes_frames_uniformly_and_shrinks_the_video_run():
         frames = torch.arange(8.0)[:, None, None, None].expand(8, 3, size, size)  # frame k holds the value k
         n = video_token_count(cfg, frames)
         ids = torch.cat([torch.tensor([9]), torch.full((n,), VIDEO_ID), torch.tensor([10, 11])])
-        prompt = RLPrompt(frames=frames, prompt_ids=ids, ground_truth=None, content_id="c", sample_id="s")
+        prompt = RLPrompt(videos=(frames,), prompt_ids=ids, ground_truth=None, content_ids=("c",), sample_id="s")
         view = rollout_view(prompt, cfg, 3)
-        assert view.frames[:, 0, 0, 0].tolist() == ([1.0, 4.0, 6.0] if frames_kept == 3 else [2.0, 6.0])
-        m = video_token_count(cfg, view.frames)
+        assert view.videos[0][:, 0, 0, 0].tolist() == ([1.0, 4.0, 6.0] if frames_kept == 3 else [2.0, 6.0])
+        m = video_token_count(cfg, view.videos[0])
         assert m < n and torch.equal(view.prompt_ids, torch.cat([torch.tensor([9]), torch.full((m,), VIDEO_ID),
                                                                  torch.tensor([10, 11])]))
-        assert view.content_id == f"c@rollout{frames_kept}of8" and view.ground_truth is prompt.ground_truth
-        assert abs(view.seconds_per_frame - ROLLOUT_SECONDS_PER_FRAME * 8 / frames_kept) < 1e-12
+        assert view.content_ids == (f"c@rollout{frames_kept}of8",) and view.ground_truth is prompt.ground_truth
+        assert abs(view.seconds_per_frame[0] - ROLLOUT_SECONDS_PER_FRAME * 8 / frames_kept) < 1e-12
         assert rollout_view(prompt, cfg, 8) is prompt
-        with pytest.raises(ValueError, match=r"prompt 's': expected one run of \d+ video tokens for its 8 frames"):
-            rollout_view(RLPrompt(frames=frames, prompt_ids=ids[:-4], ground_truth=None, content_id="c", sample_id="s"),
+        # two videos (and an image) in one prompt: each long video's run shrinks on its own, the others stay
+        image = torch.full((1, 3, size, size), 9.0)
+        k = video_token_count(cfg, image)
+        two = torch.cat([torch.tensor([9]), torch.full((k,), VIDEO_ID), torch.tensor([12]), torch.full((n,), VIDEO_ID),
+                         torch.tensor([13]), torch.full((n,), VIDEO_ID), torch.tensor([10, 11])])
+        multi = RLPrompt(videos=(image, frames, frames + 10), prompt_ids=two, ground_truth=None,
+                         content_ids=("i", "c", "d"), sample_id="m")
+        mview = rollout_view(multi, cfg, 3)
+        assert [v.shape[0] for v in mview.videos] == [1, frames_kept, frames_kept] and mview.videos[0] is image
+        assert torch.equal(mview.videos[2], view.videos[0] + 10)
+        assert torch.equal(mview.prompt_ids, torch.cat([torch.tensor([9]), torch.full((k,), VIDEO_ID), torch.tensor([12]),
+                                                        torch.full((m,), VIDEO_ID), torch.tensor([13]),
+                                                        torch.full((m,), VIDEO_ID), torch.tensor([10, 11])]))
+        assert mview.content_ids == ("i", f"c@rollout{frames_kept}of8", f"d@rollout{frames_kept}of8")
+        assert mview.seconds_per_frame[0] is None and mview.seconds_per_frame[1] == view.seconds_per_frame[0]
+        with pytest.raises(ValueError, match=r"prompt 's': expected one run of video tokens per visual input"):
+            rollout_view(RLPrompt(videos=(frames,), prompt_ids=ids[:-4], ground_truth=None, content_ids=("c",), sample_id="s"),
                          cfg, 3)

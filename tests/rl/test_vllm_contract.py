@@ -328,7 +328,7 @@ def _video_prompt(cfg, num_frames=40, text_before=(9, 7), text_after=(8, 10, 11,
     frames = torch.zeros(num_frames, 3, 56, 84)
     n = cfg.num_video_tokens(num_frames, 56, 84)
     ids = torch.tensor([*text_before, *[cfg.video_token_id] * n, *text_after])
-    prompt = RLPrompt(frames=frames, prompt_ids=ids, ground_truth=None, content_id="clip")
+    prompt = RLPrompt(videos=(frames,), prompt_ids=ids, ground_truth=None, content_ids=("clip",))
     video = torch.randn(n, cfg.llm.hidden_size, generator=torch.Generator().manual_seed(0))  # [N/4, h]
     return prompt, video_prompts(cfg, [prompt], [video], ["key-of-clip"])[0]
 
@@ -481,10 +481,10 @@ def test_vllm_positions_equal_the_policy_positions(src, calls, qwen_tokenizer):
         "video_grid_thw": types.SimpleNamespace(data=video["video_grid_thw"][0]),
         "second_per_grid_ts": types.SimpleNamespace(data=video["second_per_grid_ts"][0])})
     theirs, delta = fns["get_mrope_input_positions"](model, prompt.prompt_ids.tolist(), [feature])
-    ours = QWEN_CFG.positions(prompt.prompt_ids[None], [prompt.frames])[0][:, 0]  # what rollout_positions gives
+    ours = QWEN_CFG.positions(prompt.prompt_ids[None], list(prompt.videos))[0][:, 0]  # what rollout_positions gives
     assert torch.equal(theirs.long(), ours), f"vLLM {src.version}'s positions differ from the policy's"
     assert delta == int(ours.max()) + 1 - len(prompt.prompt_ids)
-    spatial = dc.replace(QWEN_CFG, text_after="spatial").positions(prompt.prompt_ids[None], [prompt.frames])[0][:, 0]
+    spatial = dc.replace(QWEN_CFG, text_after="spatial").positions(prompt.prompt_ids[None], list(prompt.videos))[0][:, 0]
     assert not torch.equal(theirs.long(), spatial), "the prompt does not tell the two text-after rules apart"
 
 

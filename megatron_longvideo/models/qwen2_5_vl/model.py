@@ -98,14 +98,11 @@ class Qwen25VLModel(VisionLanguageModel):
         return expand_positions(batch.position_ids, batch.prefix_lens.tolist(), prefix_positions, deltas)
 
     def rollout_positions(self, prompts) -> list[torch.Tensor]:
-        """``[3, P_i]`` multimodal positions of RL prompts (``prompt_ids`` and ``frames``, ``seconds_per_frame``
-        apart, default 0.5 s), the hook the GRPO trainer hands the rollout engine."""
-        out = []
-        for p in prompts:
-            spacing = getattr(p, "seconds_per_frame", None)
-            extra = {} if spacing is None else {"seconds_per_frame": [spacing]}
-            out.append(self.cfg.positions(p.prompt_ids[None], [p.frames], **extra)[0][:, 0])
-        return out
+        """``[3, P_i]`` multimodal positions of RL prompts (``prompt_ids`` and ``videos``, each video's frames
+        ``spacing(k)`` apart, default 0.5 s), the hook the GRPO trainer hands the rollout engine."""
+        return [self.cfg.positions(p.prompt_ids[None], list(p.videos),
+                                   seconds_per_frame=[p.spacing(k) for k in range(len(p.videos))])[0][:, 0]
+                for p in prompts]
 
 
 def build_qwen25vl(cfg: Qwen25VLConfig, groups: ParallelGroups, *, seed: int = 0, **llm_kwargs) -> Qwen25VLModel:

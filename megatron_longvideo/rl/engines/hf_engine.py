@@ -32,7 +32,7 @@ class HFEngine(RolloutEngine):
         from megatron_longvideo.checkpoint.hf_config import check_transformers_version, qwen2_config
 
         check_transformers_version()
-        llm = cfg.llm if isinstance(cfg, VLMConfig) else cfg
+        llm = cfg if isinstance(cfg, LLMConfig) else cfg.llm  # a VLM, or the audio family
         self.hidden_size = llm.hidden_size
         self.weight_map = WeightMap.language_model(cfg)
         from megatron_longvideo.platform.device import compute_device

@@ -187,7 +187,7 @@ class VLLMEngine(RolloutEngine):
 
     # -- what the model family changes ------------------------------------------------------------------
     def _configure(self, cfg) -> None:
-        llm = cfg.llm if isinstance(cfg, VLMConfig) else cfg
+        llm = cfg if isinstance(cfg, LLMConfig) else cfg.llm  # a VLM, or the audio family
         self.hidden_size = llm.hidden_size
         self.weight_map = WeightMap.language_model(cfg)
         self._llm_cfg = llm
