@@ -629,7 +629,7 @@ def main(argv=None) -> str:
                         help="a mode whose step takes longer is not run at larger frame counts")
     parser.add_argument("--timeout-s", type=float, default=7200.0, help="wall-clock limit of one mode's whole run")
     parser.add_argument("--machine", default="CPU, 2 cores, torch " + torch.__version__.split("+")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke size: 4 and 8 frames, G=4, responses of 4")
+    parser.add_argument("--quick", action="store_true", help="smoke size: 2 and 4 frames (or --frames), G=4, responses of 4")
     parser.add_argument("--out-dir", help="write report.md, results.json and step.png here")
     parser.add_argument("--from-json", help="only redo the report and plot from this results.json")
     args = parser.parse_args(argv)
@@ -642,8 +642,10 @@ def main(argv=None) -> str:
         for m in MODES + (SPLIT_MODE,):
             results.setdefault(m, {f: {"oom": False, "measured": False} for f in opts["frames"]})
         return _write(results, opts, args.out_dir)
-    if args.quick:
-        args.frames, args.group_size, args.response_len, args.repeats = [4, 8], 4, 4, 1
+    if args.quick:  # smoke size (frames: 2 and 4, unless --frames is given)
+        frames_given = args.frames != parser.get_default("frames")
+        args.frames = args.frames if frames_given else [2, 4]
+        args.group_size, args.response_len, args.repeats = 4, 4, 1
     if args.group_size % args.ranks:
         parser.error(f"--group-size {args.group_size} must be divisible by --ranks {args.ranks}")
     # big allocations straight from mmap and back to the OS on free, so RSS follows what is alive

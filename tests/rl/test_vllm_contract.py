@@ -330,7 +330,7 @@ def _video_prompt(cfg, num_frames=40, text_before=(9, 7), text_after=(8, 10, 11,
     ids = torch.tensor([*text_before, *[cfg.video_token_id] * n, *text_after])
     prompt = RLPrompt(videos=(frames,), prompt_ids=ids, ground_truth=None, content_ids=("clip",))
     video = torch.randn(n, cfg.llm.hidden_size, generator=torch.Generator().manual_seed(0))  # [N/4, h]
-    return prompt, video_prompts(cfg, [prompt], [video], ["key-of-clip"])[0]
+    return prompt, video_prompts(cfg, [prompt], [[video]], [["key-of-clip"]])[0]
 
 
 # -- the tests ------------------------------------------------------------------------------------------
