@@ -273,9 +273,9 @@ def log_mel_features(waveform: torch.Tensor, config: AudioSamplingConfig) -> tup
     return features, lengths
 
 
-def audio_token_counts(lengths: torch.Tensor) -> torch.Tensor:
-    """Tokens Qwen2-Audio's encoder gives a window of ``lengths`` valid mel frames: its stride-2 conv,
-    then its stride-2 average pool (750 for a full 3000-frame window)."""
+def audio_token_counts(lengths):
+    """Tokens Qwen2-Audio's encoder gives a window of ``lengths`` valid mel frames (an int, or a tensor of
+    them): its stride-2 conv, then its stride-2 average pool (750 for a full 3000-frame window; 0 for 0)."""
     after_conv = (lengths - 1) // 2 + 1
     return (after_conv - 2) // 2 + 1
 

@@ -229,7 +229,9 @@ class LongVideoDataset(torch.utils.data.Dataset):
         if self.num_audio_tokens is None:
             raise ValueError("num_audio_tokens: the dataset holds audio records; pass the model's counter "
                              "(models.audio_token_counter(cfg)) to LongVideoDataset")
-        real = int(frames[:, -1].sum().round())  # the mask row of the packed windows: real mel frames
+        from megatron_longvideo.data.audio import unpack_windows
+
+        real = int(unpack_windows(frames)[1].sum())  # real mel frames of the packed windows
         return resolve_num_video_tokens(self.num_audio_tokens, real)
 
     def _sample(self, index: int) -> dict:

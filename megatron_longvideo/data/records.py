@@ -218,8 +218,8 @@ def _visuals(obj: dict, err, video_root: str | None) -> tuple[tuple[str, ...], t
     images = _paths(obj, ("images", "image"), err, video_root)
     audios = _paths(obj, ("audios", "audio"), err, video_root)
     data_type = obj.get("data_type")
-    if data_type is None:
-        data_type = ("image" if images is not None else "audio" if audios is not None else "video") if videos is None else "video"
+    if data_type is None:  # inferred from the fields given; none at all reads as a video record (videos: missing)
+        data_type = "image" if videos is None and images is not None else "audio" if videos is None and audios is not None else "video"
     if data_type not in DATA_TYPES:
         raise err("data_type", f"expected one of {', '.join(DATA_TYPES)}, got {data_type!r}")
     if data_type == "text" and (videos or images or audios):

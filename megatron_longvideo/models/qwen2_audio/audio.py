@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_longvideo.data.audio import pack_windows, unpack_windows  # the tower's input format, made by the data pipeline
+from megatron_longvideo.data.audio import audio_token_counts as window_tokens  # tokens of one window (one formula)
 
 __all__ = ["AudioConfig", "AudioTower", "build_audio_tower", "pack_windows", "unpack_windows", "window_tokens"]
 
@@ -110,12 +111,6 @@ class AudioConfig:
         base = dict(num_mel_bins=128, hidden_size=1280, num_layers=32, num_attention_heads=20, ffn_hidden_size=5120)
         base.update(overrides)
         return cls(**base)
-
-
-def window_tokens(num_mel_frames: int) -> int:
-    """Tokens of one window with ``num_mel_frames`` real frames (transformers' output length: the stride-2
-    convolution, then the pooling; 0 for 0)."""
-    return ((num_mel_frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
 def _layer_config(cfg: AudioConfig, params_dtype):
