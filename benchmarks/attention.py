@@ -208,7 +208,7 @@ def report(results: dict, opts: dict) -> str:
 
 
 def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq", type=int, nargs="+", default=[4096, 16384, 65536])
     p.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--heads", type=int, default=4)

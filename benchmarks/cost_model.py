@@ -10,6 +10,21 @@ in the same proportions. Two numbers set where a GRPO step on long videos spends
 :func:`cost_matched` picks a CPU model (LLM, tower, frame size) with the tokens per frame of a 7B reference
 exactly and its ratio within ``tolerance``, choosing the cheapest LLM for which a tower fits.
 
+That match is exact at short prompts but not at long ones: the LLM's attention per token grows with the
+context as ``S h`` against the matmuls' ``h^2``, so a 64-wide CPU LLM at a 7B's tokens per frame has 54x the
+7B's ratio of attention to matmul FLOPs at the same frame count (at 1,024 frames the 7B's LLM spends 3.1x its
+matmul FLOPs on attention, the 196-token CPU match 167x), and its vision share of the step is 40x too small. A step's split of its work between the tower, the LLM's matmuls and the LLM's attention is
+set by two per-frame numbers, which :func:`split_matched` ("``<name>-split``") matches instead:
+
+* **frame ratio** = vision FLOPs per frame / (tokens per frame x LLM matmul FLOPs per token): the tower
+  against the LLM matmuls per frame of video;
+* **attention per frame** = ``2 L t h`` / LLM matmul FLOPs per token (``t`` tokens per frame): the LLM's
+  causal attention over a prompt of ``F`` frames, averaged per token, is ``F`` times this the matmuls'.
+
+Both held within ``tolerance``, the CPU model spends its step as the 7B does at every frame count (up to the
+text and the responses, 1-2% of either prompt), with a few tokens per frame, so 4,096 frames are a
+16k-18k-token prompt that two CPU cores run in a minute.
+
 FLOP counts (one forward; a multiply-add is 2 FLOPs; norms, activations, biases, softmax and RoPE are left
 out, they are O(width) per token against O(width^2)):
 
@@ -53,8 +68,8 @@ import sys
 from typing import Optional
 
 __all__ = ["Reference", "MatchedModel", "llm_flops_per_token", "vision_flops_per_frame", "tokens_per_frame",
-           "ratio", "llava_onevision_7b", "qwen2_5_vl_7b_llm", "qwen2_5_vl_7b_vision", "qwen2_5_vl_7b", "REFERENCES",
-           "cost_matched", "TOLERANCE", "report"]
+           "ratio", "frame_ratio", "attention_per_frame", "vision_share", "llava_onevision_7b", "qwen2_5_vl_7b_llm", "qwen2_5_vl_7b_vision", "qwen2_5_vl_7b", "REFERENCES",
+           "cost_matched", "split_matched", "matched", "MATCH_NAMES", "TOLERANCE", "report"]
 
 TOLERANCE = 0.05
 """Relative tolerance on the ratio of a matched CPU model (the tokens per frame match exactly)."""
@@ -113,6 +128,27 @@ def tokens_per_frame(vision, *, image_size: Optional[int] = None) -> float:
 def ratio(llm, vision, *, image_size: Optional[int] = None, context: float = 0.0) -> float:
     """Vision FLOPs per frame / LLM FLOPs per token (``context``: with the attention over that many keys)."""
     return vision_flops_per_frame(vision, llm.hidden_size, image_size=image_size) / llm_flops_per_token(llm, context=context)
+
+
+def frame_ratio(llm, vision, *, image_size: Optional[int] = None) -> float:
+    """Vision FLOPs per frame / the LLM's matmul FLOPs over that frame's tokens (module docstring)."""
+    return ratio(llm, vision, image_size=image_size) / tokens_per_frame(vision, image_size=image_size)
+
+
+def attention_per_frame(llm, vision, *, image_size: Optional[int] = None) -> float:
+    """The LLM's causal attention over a prompt of one frame more, averaged per token, over its matmul FLOPs per
+    token: ``2 L t h / matmul`` (a prompt of ``F`` frames: ``F`` times this)."""
+    t = tokens_per_frame(vision, image_size=image_size)
+    return 2 * llm.num_layers * t * llm.hidden_size / llm_flops_per_token(llm)
+
+
+def vision_share(llm, vision, frames: int, *, image_size: Optional[int] = None, text_len: int = 64) -> float:
+    """The tower's share of a prompt's forward FLOPs at ``frames`` frames (the LLM with its causal attention)."""
+    t = tokens_per_frame(vision, image_size=image_size)
+    tokens = frames * t + text_len
+    llm_total = tokens * llm_flops_per_token(llm, context=tokens / 2)
+    vis = frames * vision_flops_per_frame(vision, llm.hidden_size, image_size=image_size)
+    return vis / (vis + llm_total)
 
 
 # -- the 7B references ---------------------------------------------------------------------------------- #
@@ -188,6 +224,9 @@ class MatchedModel:
     llm: object
     vision: object
     image_size: int
+    criterion: str = "tokens"
+    """'tokens': the reference's tokens per frame and ratio (:func:`cost_matched`); 'split': its frame ratio
+    and attention per frame (:func:`split_matched`)."""
 
     @property
     def tokens_per_frame(self) -> float:
@@ -201,6 +240,17 @@ class MatchedModel:
     def ratio_error(self) -> float:
         """(ours - reference) / reference."""
         return self.ratio / self.reference.ratio - 1.0
+
+    @property
+    def frame_ratio_error(self) -> float:
+        ref = self.reference
+        return frame_ratio(self.llm, self.vision, image_size=self.image_size) / frame_ratio(ref.llm, ref.vision, image_size=ref.image_size) - 1.0
+
+    @property
+    def attention_error(self) -> float:
+        ref = self.reference
+        mine = attention_per_frame(self.llm, self.vision, image_size=self.image_size)
+        return mine / attention_per_frame(ref.llm, ref.vision, image_size=ref.image_size) - 1.0
 
     def describe(self) -> str:
         v, l = self.vision, self.llm
@@ -229,15 +279,16 @@ def _cpu_llm(hidden: int, layers: int, vocab_size: int, mrope: bool):
                      num_query_groups=groups, ffn_hidden_size=ffn, mrope_section=section)
 
 
-def _towers(ref: Reference, llm_hidden: int, patch_size: int):
-    """Candidate CPU towers of ``ref``'s family with its tokens per frame: (vision config, image size)."""
+def _towers(ref: Reference, llm_hidden: int, patch_size: int, side: Optional[int] = None):
+    """Candidate CPU towers of ``ref``'s family with ``side`` patches per frame side (default the reference's, so
+    its tokens per frame): (vision config, image size)."""
     widths = (8, 16, 24, 32, 48, 64, 96, 128)
-    depths = (1, 2, 3, 4, 6, 8)
+    depths = (1, 2, 3, 4, 5, 6, 7, 8)
     if ref.family == "qwen2_5_vl":
         from megatron_longvideo.models.qwen2_5_vl.vision import QwenVisionConfig
 
         rv = ref.vision
-        side = ref.image_size // rv.patch_size  # the reference's patches per side, kept
+        side = side or ref.image_size // rv.patch_size  # the reference's patches per side, kept
         window = rv.window_size // rv.patch_size * patch_size  # and its window, in patches
         for w in widths:
             for d in depths:
@@ -252,9 +303,10 @@ def _towers(ref: Reference, llm_hidden: int, patch_size: int):
     from megatron_longvideo.models.llava_onevision.vision import VisionConfig
 
     rv = ref.vision
+    side = side or rv.grid
     for w in widths:
         for d in depths:
-            vision = VisionConfig(image_size=rv.grid * patch_size, patch_size=patch_size, hidden_size=w, num_layers=d,
+            vision = VisionConfig(image_size=side * patch_size, patch_size=patch_size, hidden_size=w, num_layers=d,
                                   num_attention_heads=max(1, w // 16), ffn_hidden_size=int(round(w * 4304 / 1152 / 4)) * 4,
                                   pooling=rv.pooling, newline=rv.newline, freeze=True, freeze_projector=True)
             yield vision, vision.image_size
@@ -288,23 +340,84 @@ def cost_matched(name: str, *, vocab_size: int = 304, patch_size: int = 2, toler
     return best[1]
 
 
-def report(names=("llava", "qwen"), frame_counts=(1024, 4096), text_len: int = 64) -> str:
-    """A markdown table: each reference and its matched CPU model, tokens per frame, the ratio (and with the
-    attention at the mid-prompt context of ``frame_counts`` frames), vision FLOPs per frame, LLM FLOPs per
-    token."""
-    lines = ["| model | tokens / frame | vision GFLOP / frame | LLM MFLOP / token | ratio | "
-             + " | ".join(f"ratio with attention, {f:,} frames" for f in frame_counts) + " |",
-             "|---|---:|---:|---:|---:|" + "---:|" * len(frame_counts)]
-    for name in names:
-        m = cost_matched(name)
-        for label, llm, vision, size in ((m.reference.name, m.reference.llm, m.reference.vision, m.reference.image_size),
-                                         (f"CPU match: {m.describe()}", m.llm, m.vision, m.image_size)):
-            tpf = tokens_per_frame(vision, image_size=size)
-            at = [ratio(llm, vision, image_size=size, context=(f * tpf + text_len) / 2) for f in frame_counts]
-            lines.append(f"| {label} | {tpf:g} | {vision_flops_per_frame(vision, llm.hidden_size, image_size=size) / 1e9:.4g} | "
-                         f"{llm_flops_per_token(llm) / 1e6:.4g} | {ratio(llm, vision, image_size=size):.1f} | "
-                         + " | ".join(f"{r:.2f}" for r in at) + " |")
+SPLIT_SIDES = {"llava": 3, "qwen": 6}
+"""Patches per frame side of the split matches: SigLIP-style 3 x 3, pooled to 2 x 2 = 4 tokens per frame (odd, as
+the 7B's 27 x 27); Qwen2.5-VL 6 x 6 per temporal patch, merged 2 x 2: 9 tokens per 2 frames."""
+
+MATCH_NAMES = ("llava", "qwen", "llava-split", "qwen-split")
+"""``--cost-match`` values: :func:`cost_matched` (the 7B's tokens per frame) and, with ``-split``, :func:`split_matched`."""
+
+
+def split_matched(name: str, *, vocab_size: int = 304, patch_size: int = 2, side: Optional[int] = None,
+                  tolerance: float = TOLERANCE, hiddens=tuple(range(32, 329, 8)), layers=(2, 3, 4)) -> MatchedModel:
+    """The cheapest CPU model (least LLM FLOPs per token, then the smallest of the two errors' larger) with ``side``
+    patches per frame side (default :data:`SPLIT_SIDES`) whose frame ratio and attention per frame (module
+    docstring) are both within ``tolerance`` of reference ``name``'s: the model that spends a step's work between
+    the tower, the LLM matmuls and the LLM attention as the 7B does, at every frame count. Raises ValueError when
+    nothing in the search space fits."""
+    if name not in REFERENCES:
+        raise ValueError(f"split match: one of {sorted(REFERENCES)}, got {name!r}")
+    ref = REFERENCES[name]()
+    side = side or SPLIT_SIDES[name]
+    best = None
+    for hidden in hiddens:
+        for num_layers in layers:
+            llm = _cpu_llm(hidden, num_layers, vocab_size, mrope=ref.family == "qwen2_5_vl")
+            if llm.hidden_size % (2 * llm.num_attention_heads):  # RoPE needs an even head dim
+                continue
+            for vision, image_size in _towers(ref, hidden, patch_size, side=side):
+                m = MatchedModel(ref, llm, vision, image_size, criterion="split")
+                err = max(abs(m.frame_ratio_error), abs(m.attention_error))
+                if err > tolerance:
+                    continue
+                key = (llm_flops_per_token(llm), err)
+                if best is None or key < best[0]:
+                    best = (key, m)
+    if best is None:
+        raise ValueError(f"split match {name!r}: no CPU model within {tolerance:.0%} of the frame ratio and the attention "
+                         "per frame in the search space")
+    return best[1]
+
+
+def matched(name: str, *, vocab_size: int = 304) -> MatchedModel:
+    """The CPU model a ``--cost-match`` value (:data:`MATCH_NAMES`) names."""
+    if name not in MATCH_NAMES:
+        raise ValueError(f"cost match: one of {list(MATCH_NAMES)}, got {name!r}")
+    if name.endswith("-split"):
+        return split_matched(name[: -len("-split")], vocab_size=vocab_size)
+    return cost_matched(name, vocab_size=vocab_size)
+
+
+def cost_table(rows, frame_counts=(1024, 4096), text_len: int = 64) -> str:
+    """A markdown table of ``rows`` = (label, llm, vision, image size): tokens per frame, vision FLOPs per frame, LLM
+    matmul FLOPs per token, the ratio, the frame ratio, and at each of ``frame_counts`` frames the LLM's attention
+    over its matmuls and the tower's share of a prompt's forward FLOPs (what stage 1 can save is bounded by it)."""
+    fc = list(frame_counts)
+    lines = ["| model | tokens / frame | vision GFLOP / frame | LLM MFLOP / token | ratio | frame ratio | "
+             + " | ".join(f"LLM attention / matmul, {f:,} frames" for f in fc) + " | "
+             + " | ".join(f"vision share, {f:,} frames" for f in fc) + " |",
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * (2 * len(fc))]
+    for label, llm, vision, size in rows:
+        tpf = tokens_per_frame(vision, image_size=size)
+        att = [attention_per_frame(llm, vision, image_size=size) * (f + text_len / tpf) for f in fc]
+        share = [vision_share(llm, vision, f, image_size=size, text_len=text_len) for f in fc]
+        lines.append(f"| {label} | {tpf:g} | {vision_flops_per_frame(vision, llm.hidden_size, image_size=size) / 1e9:.4g} | "
+                     f"{llm_flops_per_token(llm) / 1e6:.4g} | {ratio(llm, vision, image_size=size):.1f} | "
+                     f"{frame_ratio(llm, vision, image_size=size):.3f} | " + " | ".join(f"{a:.2f}" for a in att) + " | "
+                     + " | ".join(f"{x:.2%}" for x in share) + " |")
     return "\n".join(lines)
+
+
+def report(names=("llava", "qwen"), frame_counts=(1024, 4096), text_len: int = 64) -> str:
+    """A markdown table (:func:`cost_table`): each reference, its tokens-per-frame match (:func:`cost_matched`) and
+    its split match (:func:`split_matched`)."""
+    rows = []
+    for name in names:
+        ref = REFERENCES[name]()
+        rows.append((ref.name, ref.llm, ref.vision, ref.image_size))
+        for tag, m in ((f"`{name}`", cost_matched(name)), (f"`{name}-split`", split_matched(name))):
+            rows.append((f"CPU match {tag}: {m.describe()}", m.llm, m.vision, m.image_size))
+    return cost_table(rows, frame_counts, text_len)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def _worker(rank, world_size, frame_counts, repeats, cache_step, vision):
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="smoke size: 16 and 32 frames, 2 repeats")

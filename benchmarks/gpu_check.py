@@ -202,7 +202,7 @@ def check_grpo_step(quick: bool) -> tuple[list[str], bool]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU smoke size (the test suite runs it)")
     p.add_argument("--out", help="write the report here")
     args = p.parse_args(argv)

@@ -34,11 +34,15 @@ counts; one whose step takes longer than ``--time-cap-s`` is not run at larger f
 The model: by default the tiny one (LLM 2 x 64, ViT 2 x 32 on 32 px frames, 4 tokens per frame).
 ``--cost-match llava`` / ``qwen`` takes the CPU model of ``benchmarks/cost_model.py`` that has
 LLaVA-OneVision-7B's (196) / Qwen2.5-VL-7B's (128 at 448 px) tokens per frame and their ratio of vision
-FLOPs per frame to LLM FLOPs per token within 5%; the report prints both models' ratios.
+FLOPs per frame to LLM FLOPs per token within 5%; the report prints both models' ratios. That match holds at
+short prompts only (a 64-wide LLM at 196 tokens per frame spends 54x the 7B's share of its work in attention at
+1,024 frames). ``--cost-match llava-split`` / ``qwen-split`` takes the CPU model that spends a step as the 7B does
+at every frame count (the tower against the LLM matmuls per frame, and the LLM's attention per frame of context,
+each within 5%), with 4 / 4.5 tokens per frame, so 4,096 frames run on two CPU cores.
 ``--memory-cap-scaled 80`` sets the cap from an 80 GB GPU scaled to the model (see :func:`scaled_cap_mb`).
 
     python benchmarks/grpo_step.py --out-dir docs/results/grpo_step_cpu   # 8..1024 frames, CPU
-    python benchmarks/grpo_step.py --cost-match llava --frames 64 256 1024 4096 --memory-cap-scaled 80 --out-dir OUT
+    python benchmarks/grpo_step.py --cost-match llava-split --frames 64 256 1024 4096 --memory-cap-scaled 80 --run-over-cap --out-dir OUT
     python benchmarks/grpo_step.py --quick --out-dir /tmp/grpo_smoke       # smoke size (CI)
     python benchmarks/grpo_step.py --quick --cost-match qwen --out-dir /tmp/grpo_smoke_qwen
 """
@@ -61,6 +65,7 @@ from megatron_longvideo.parallel.spawn import init_cpu_dist, run_ranks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import PeakMemory, current_memory_mb  # noqa: E402
+from cost_model import MATCH_NAMES  # noqa: E402
 
 MODES = ("naive", "mrsp_off", "stage1", "stage12", "stage12_packed")
 SPLIT_MODE = "stage12_packed_all"
@@ -271,7 +276,7 @@ def _worker(rank, world_size, mode, frame_counts, opts):
         row["oom"] = opts["memory_cap_mb"] is not None and row["peak_mb"] > opts["memory_cap_mb"]
         row["measured"] = True
         row["tokens"] = hashlib.sha1(repr(trainer.drawn).encode()).hexdigest()[:12]
-        if row["oom"]:
+        if row["oom"] and not opts.get("run_over_cap"):
             stop = "oom"
         elif opts.get("time_cap_s") is not None and peak[1].item() > opts["time_cap_s"]:
             stop = "time"
@@ -297,9 +302,9 @@ def _model(opts):
     """(LLM config, tower config, frame size in pixels, family) of the benchmark's model: the tiny LLaVA-OneVision
     one (``--hidden`` x ``--layers``), or the ``--cost-match`` CPU model of ``cost_model``."""
     if opts.get("cost_match"):
-        from cost_model import cost_matched
+        from cost_model import matched
 
-        m = cost_matched(opts["cost_match"], vocab_size=304)
+        m = matched(opts["cost_match"], vocab_size=304)
         return m.llm, m.vision, m.image_size, m.reference.family
     from megatron_longvideo.models.llm import LLMConfig
     from megatron_longvideo.models.llava_onevision.vision import VisionConfig
@@ -328,7 +333,7 @@ def _reference(opts):
     """The 7B reference the model stands for (LLaVA-OneVision-7B unless ``--cost-match qwen``)."""
     from cost_model import REFERENCES
 
-    return REFERENCES[opts.get("cost_match") or "llava"]()
+    return REFERENCES[(opts.get("cost_match") or "llava").removesuffix("-split")]()
 
 
 def scaled_cap_mb(opts, gpu_gib: float, usable: float = 0.9) -> float:
@@ -369,21 +374,15 @@ def cost_report(opts) -> str:
 
     llm, vision, image_size, _ = _model(opts)
     ref = _reference(opts)
-    frames = [f for f in (1024, 4096) if f in opts["frames"]] or [1024, 4096]
-    lines = ["## Cost ratios: this model against the 7B it stands for (`benchmarks/cost_model.py`)", "",
-             "ratio = vision FLOPs per frame / LLM FLOPs per token (the layers' matmuls: 2 x their weights); the last "
-             "columns add the LLM's attention at the mid-prompt context of that many frames (how much of the LLM's work "
-             "is attention, which a narrow CPU model has far more of).", "",
-             "| model | tokens / frame | vision GFLOP / frame | LLM MFLOP / token | ratio | "
-             + " | ".join(f"with attention, {f:,} frames" for f in frames) + " |",
-             "|---|---:|---:|---:|---:|" + "---:|" * len(frames)]
-    for label, l, v, size in ((ref.name, ref.llm, ref.vision, ref.image_size), ("this run: " + _describe(opts), llm, vision, image_size)):
-        tpf = cm.tokens_per_frame(v, image_size=size)
-        at = [cm.ratio(l, v, image_size=size, context=(f * tpf + 64) / 2) for f in frames]
-        lines.append(f"| {label} | {tpf:g} | {cm.vision_flops_per_frame(v, l.hidden_size, image_size=size) / 1e9:.4g} | "
-                     f"{cm.llm_flops_per_token(l) / 1e6:.4g} | {cm.ratio(l, v, image_size=size):.1f} | "
-                     + " | ".join(f"{r:.2f}" for r in at) + " |")
-    return "\n".join(lines)
+    return "\n".join([
+        "## Cost ratios: this model against the 7B it stands for (`benchmarks/cost_model.py`)", "",
+        "ratio = vision FLOPs per frame / LLM matmul FLOPs per token; frame ratio = vision FLOPs per frame / the LLM's "
+        "matmul FLOPs over the frame's tokens; LLM attention / matmul: the LLM's causal attention over a prompt of that "
+        "many frames against its matmuls; vision share: the tower's share of the prompt's forward FLOPs. A `-split` "
+        "model matches the frame ratio and the attention per frame (so the step's split of its work at every frame "
+        "count); a plain match the tokens per frame and the ratio (exact at short prompts only).", "",
+        cm.cost_table([(ref.name, ref.llm, ref.vision, ref.image_size), ("this run: " + _describe(opts), llm, vision, image_size)],
+                      (1024, 4096))])
 
 
 # ------------------------------------------------------------------------------------------------ #
@@ -427,6 +426,14 @@ def report(results: dict, opts: dict) -> str:
         cells = [_fmt_cell(results[m][f]) for m in modes]
         lines.append(f"| {f} | " + " | ".join(c[0] for c in cells) + " | " + " | ".join(c[1] for c in cells) + " |")
 
+    over = bool(opts.get("run_over_cap"))
+
+    def runs(m, f):  # a measured cell the ratios may use (with --run-over-cap also one over the cap, starred)
+        return _runs(results, m, f) or (over and bool(results.get(m, {}).get(f, {}).get("measured")))
+
+    def star(*cells):
+        return "*" if any(c.get("oom") for c in cells) else ""
+
     if "mrsp_off" in modes:
         others = [m for m in modes if m != "mrsp_off"]
         lines += ["", f"Speed-up over {LABELS['mrsp_off']} (its step time / the mode's, same run; > 1: the mode is faster):", "",
@@ -434,25 +441,30 @@ def report(results: dict, opts: dict) -> str:
         for f in frames:
             cells = []
             for m in others:
-                if _runs(results, "mrsp_off", f) and _runs(results, m, f):
-                    cells.append(f"{results['mrsp_off'][f]['step'] / max(results[m][f]['step'], 1e-9):.2f}x")
+                if runs("mrsp_off", f) and runs(m, f):
+                    cells.append(f"{results['mrsp_off'][f]['step'] / max(results[m][f]['step'], 1e-9):.2f}x"
+                                 + star(results["mrsp_off"][f], results[m][f]))
                 else:
                     cells.append("-")
             lines.append(f"| {f} | " + " | ".join(cells) + " |")
+        if over:
+            lines += ["", "\\* one of the two modes is over the memory cap there (it would not fit the scaled device); "
+                      "measured anyway (`--run-over-cap`)."]
 
-    lines += ["", "Ratios (measured in this run, at the largest frame count both modes run):", ""]
+    lines += ["", "Ratios (measured in this run, at the largest frame count both modes run"
+              + ("; * over the memory cap" if over else "") + "):", ""]
     for slow, fast in (("mrsp_off", "stage1"), ("mrsp_off", "stage12"), ("mrsp_off", "stage12_packed"),
                        ("stage12", "stage12_packed"), ("naive", "mrsp_off"), ("naive", "stage12_packed")):
-        both = [f for f in frames if _runs(results, slow, f) and _runs(results, fast, f)]
+        both = [f for f in frames if runs(slow, f) and runs(fast, f)]
         if both:
             a, b = results[slow][both[-1]], results[fast][both[-1]]
-            lines.append(f"- {LABELS[fast]} vs {LABELS[slow]} at {both[-1]} frames: speed-up {a['step'] / b['step']:.2f}x, "
-                         f"{b['peak_mb'] / max(a['peak_mb'], 1e-9):.2f}x the memory")
+            lines.append(f"- {LABELS[fast]} vs {LABELS[slow]} at {both[-1]} frames{star(a, b)}: speed-up "
+                         f"{a['step'] / b['step']:.2f}x, {b['peak_mb'] / max(a['peak_mb'], 1e-9):.2f}x the memory")
     for m in modes:
         ran = [f for f in frames if _runs(results, m, f)]
         first_oom = next((f for f in frames if results[m][f].get("oom")), None)
         first_skip = next((f for f in frames if results[m][f].get("skipped") == "time"), None)
-        lines.append(f"- {LABELS[m]}: runs up to {ran[-1] if ran else 'none'}"
+        lines.append(f"- {LABELS[m]}: {'fits the cap' if over else 'runs'} up to {ran[-1] if ran else 'none'}"
                      + (f", out of memory from {first_oom} frames" if first_oom else " (no OOM in the range)")
                      + (f", not run from {first_skip} frames (time cap {opts.get('time_cap_s')} s)" if first_skip else ""))
 
@@ -463,10 +475,10 @@ def report(results: dict, opts: dict) -> str:
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in modes:
         for f in frames:
-            if not _runs(results, m, f):
+            if not runs(m, f):
                 continue
             r = results[m][f]
-            lines.append(f"| {LABELS[m]} | {f} | " + " | ".join(f"{r.get(p, 0.0):.3f}" for p in PHASES)
+            lines.append(f"| {LABELS[m]}{star(r)} | {f} | " + " | ".join(f"{r.get(p, 0.0):.3f}" for p in PHASES)
                          + f" | {r['sync']:.3f} | {r['step']:.2f} |")
 
     if results.get(SPLIT_MODE) and any(r.get("measured") for r in results[SPLIT_MODE].values()):
@@ -477,7 +489,7 @@ def report(results: dict, opts: dict) -> str:
                   "| same tokens |", "|---:|---:|---:|---:|---:|---|"]
         for f in frames:
             a, b = results["stage12_packed"].get(f, {}), results[SPLIT_MODE].get(f, {})
-            if a.get("measured") and b.get("measured") and not (a.get("oom") or b.get("oom")):
+            if runs("stage12_packed", f) and runs(SPLIT_MODE, f):
                 lines.append(f"| {f} | {a['rollout']:.3f} | {b['rollout']:.3f} | {a['rollout'] / max(b['rollout'], 1e-9):.2f}x "
                              f"| {a['step']:.2f} / {b['step']:.2f} | {'yes' if a.get('tokens') == b.get('tokens') else 'NO'} |")
 
@@ -579,19 +591,25 @@ def plot(results: dict, opts: dict, path: str) -> None:
         return
     top = max(measured) * 1.3 if measured else 1.0
     for k, m in enumerate(MODES):
-        xs = [f for f in frames if results[m][f].get("measured") and not results[m][f].get("oom")]
+        over_cap = bool(opts.get("run_over_cap"))  # steps over the cap were still measured: drawn on the time line
+        xs = [f for f in frames if results[m][f].get("measured") and (over_cap or not results[m][f].get("oom"))]
         line = ax_t.plot(xs, [results[m][f]["step"] for f in xs], marker="o", label=LABELS[m])[0]
         ax_m.plot(xs, [results[m][f]["peak_mb"] for f in xs], marker="o", label=LABELS[m], color=line.get_color())
         ooms = [f for f in frames if results[m][f].get("oom")]
-        if ooms:  # step time: an x at the top; memory: the measured peak over the cap, as an x
+        over = [f for f in ooms if results[m][f].get("measured")]
+        # step time: an x at the top where not run, an x on the line where measured over the cap; memory: the
+        # measured peak over the cap, as an x
+        unrun = [f for f in ooms if f not in over or not over_cap]
+        if unrun:
             y = top * (1.12 ** k)
-            ax_t.scatter(ooms, [y] * len(ooms), marker="x", s=70, color=line.get_color())
-            ax_t.annotate(f"OOM ({LABELS[m]})", (ooms[0], y), textcoords="offset points", xytext=(-90, -3), fontsize=7,
+            ax_t.scatter(unrun, [y] * len(unrun), marker="x", s=70, color=line.get_color())
+            ax_t.annotate(f"OOM ({LABELS[m]})", (unrun[0], y), textcoords="offset points", xytext=(-90, -3), fontsize=7,
                           color=line.get_color())
-            over = [f for f in ooms if results[m][f].get("measured")]
-            ax_m.scatter(over, [results[m][f]["peak_mb"] for f in over], marker="x", s=70, color=line.get_color())
+        if over_cap and over:
+            ax_t.scatter(over, [results[m][f]["step"] for f in over], marker="x", s=70, color=line.get_color())
+        ax_m.scatter(over, [results[m][f]["peak_mb"] for f in over], marker="x", s=70, color=line.get_color())
     if opts["memory_cap_mb"]:
-        ax_m.axhline(opts["memory_cap_mb"], color="red", linestyle="--", label=f"cap {opts['memory_cap_mb']} MB")
+        ax_m.axhline(opts["memory_cap_mb"], color="red", linestyle="--", label=f"cap {opts['memory_cap_mb']:.0f} MB")
     for ax, title, ylabel in ((ax_t, "GRPO step time", "seconds"), (ax_m, "peak working memory per rank", "MB")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -600,14 +618,15 @@ def plot(results: dict, opts: dict, path: str) -> None:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"One GRPO step, {len(MODES)} modes ({_describe(opts)}; {opts['machine']}; x: out of memory)", fontsize=9)
+    fig.suptitle(f"One GRPO step, {len(MODES)} modes ({_describe(opts)}; {opts['machine']}; x: out of memory"
+                 f"{', measured anyway' if opts.get('run_over_cap') else ''})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512, 1024])
     parser.add_argument("--modes", nargs="+", default=list(MODES) + [SPLIT_MODE], choices=list(MODES) + [SPLIT_MODE])
     parser.add_argument("--ranks", type=int, default=2, help="ranks sharing each prompt (N)")
@@ -617,14 +636,17 @@ def main(argv=None) -> str:
     parser.add_argument("--responses-per-microbatch", type=int, default=1, help="unpacked modes")
     parser.add_argument("--hidden", type=int, default=64, help="LLM width of the tiny model (not with --cost-match)")
     parser.add_argument("--layers", type=int, default=2, help="LLM layers of the tiny model (not with --cost-match)")
-    parser.add_argument("--cost-match", choices=["llava", "qwen"], default=None,
-                        help="the CPU model with LLaVA-OneVision-7B's / Qwen2.5-VL-7B's tokens per frame and vision/LLM "
-                             "FLOPs ratio (benchmarks/cost_model.py)")
+    parser.add_argument("--cost-match", choices=list(MATCH_NAMES), default=None,
+                        help="llava / qwen: the CPU model with LLaVA-OneVision-7B's / Qwen2.5-VL-7B's tokens per frame and "
+                             "vision/LLM FLOPs ratio; llava-split / qwen-split: the one that splits a step's work between "
+                             "tower, LLM matmuls and LLM attention as the 7B does (benchmarks/cost_model.py)")
     parser.add_argument("--recompute", action="store_true", help="activation recompute in the update pass")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--memory-cap-mb", type=float, default=None, help="per-rank working memory cap: above it, OOM")
     parser.add_argument("--memory-cap-scaled", type=float, default=None, metavar="GPU_GB",
                         help="the cap of a GPU of this many GB scaled to the model (scaled_cap_mb); overrides --memory-cap-mb")
+    parser.add_argument("--run-over-cap", action="store_true",
+                        help="a mode over the memory cap is marked OOM but still run at larger frame counts (ratios starred)")
     parser.add_argument("--time-cap-s", type=float, default=None,
                         help="a mode whose step takes longer is not run at larger frame counts")
     parser.add_argument("--timeout-s", type=float, default=7200.0, help="wall-clock limit of one mode's whole run")
@@ -658,7 +680,7 @@ def main(argv=None) -> str:
         opts = dict(tokenizer=tok_path, group_size=args.group_size, response_len=args.response_len, prompts=args.prompts,
                     responses_per_microbatch=args.responses_per_microbatch, hidden=args.hidden, layers=args.layers,
                     recompute=args.recompute, repeats=args.repeats, memory_cap_mb=args.memory_cap_mb,
-                    cost_match=args.cost_match, time_cap_s=args.time_cap_s, memory_cap_scaled=args.memory_cap_scaled,
+                    cost_match=args.cost_match, time_cap_s=args.time_cap_s, run_over_cap=args.run_over_cap, memory_cap_scaled=args.memory_cap_scaled,
                     ranks=args.ranks, frames=args.frames,
                     command="python benchmarks/grpo_step.py " + " ".join(argv if argv is not None else sys.argv[1:]))
         if args.memory_cap_scaled:

@@ -3,20 +3,48 @@ against ours, on the same model, frames and responses, in the same run.
 
 * **TRL's way** (TRL 0.25.0, ``GRPOTrainer``): a transformers model forward over the G separate
   ``[prompt | completion]`` rows of the group, completions right-padded and masked, each row carrying the
-  whole video, which the model's own vision path (``LlavaOnevisionForConditionalGeneration``: SigLIP,
-  projector, bilinear pooling, newline) encodes again for every row of every pass. The per-token log-probs
-  follow ``GRPOTrainer._get_per_token_logps_and_entropies``: rows in chunks of ``--peer-batch-size``,
+  whole video, which the model's own vision path encodes again for every row of every pass. The per-token
+  log-probs follow ``GRPOTrainer._get_per_token_logps_and_entropies``: rows in chunks of ``--peer-batch-size``,
   ``logits_to_keep`` = completion length + 1, the last logit dropped, divided by the temperature, then
   ``trl.trainer.utils.selective_log_softmax`` (TRL's own function, called). That method needs a trainer and
   cannot pass ``pixel_values_videos``, so its loop is reproduced here, not called. The update is
   ``GRPOTrainer._compute_loss``'s "dapo" loss (TRL 0.25's default: the clipped ratio against the old
   log-probs, ``epsilon`` 0.2, plus ``beta`` x the k3 KL to the reference, summed over the completion tokens
   and divided by their number), backward over the chunks, one AdamW step. ``beta`` is 0.04 here (TRL's
-  default is 0, which skips the reference pass; ours runs one).
+  default is 0, which skips the reference pass; ours runs one). The tower is frozen on both sides.
 * **Ours**: the library's ``GRPOTrainer`` passes (``_logprobs`` for the old policy and the reference,
   ``update``) on the megatron-core model the HF one was exported from (``checkpoint.hf_convert.export_model``):
   the video encoded once into the embedding cache, the G responses packed behind one copy of the prefix,
   the row sharded over ``--ranks`` CP ranks (1: world=1).
+
+Two families (``--family``; a ``--cost-match`` model brings its own):
+
+* ``llava_onevision`` (default): ``LlavaOnevisionForConditionalGeneration`` (SigLIP, projector, bilinear
+  pooling, newline; the tower, projector and newline frozen), each row's ``pixel_values_videos`` the frames
+  ``[T, 3, H, W]``; ours ``models.llava_onevision.model.build_vlm``.
+* ``qwen2_5_vl``: ``Qwen2_5_VLForConditionalGeneration`` (window-attention ViT and merger, ``model.model.visual``,
+  frozen), the video passed as a Qwen2.5-VL processor hands it over: ``pixel_values_videos`` the flattened
+  patches of all the chunk's rows concatenated (``[rows x N, 3 x 2 x p x p]``), ``video_grid_thw`` one
+  ``(t, h, w)`` per row and ``second_per_grid_ts`` (0.5 s between frames, ours' default: 1 s per temporal
+  patch). Ours ``models.qwen2_5_vl.model.build_qwen25vl``. The multimodal RoPE positions are transformers' own,
+  which needed care; checked against the installed transformers 5.24.0's ``modeling_qwen2_5_vl.py``:
+
+  - ``Qwen2_5_VLModel.compute_3d_position_ids`` builds the three position rows only when the processor's
+    ``mm_token_type_ids`` are passed; without them (TRL 0.25 forwards ``token_type_ids`` only) every token gets
+    plain 1-D positions.
+  - ``get_rope_index`` resumes the text after a video at its start + max(h, w) / merge, not at the largest
+    position + 1 (the library's default ``text_after="max"``, the reference code's and transformers 4.x's
+    rule): ours runs with the installed version's rule (``text_after="spatial"`` on 5.x) so the prompts'
+    positions are the same.
+  - Its rope delta (largest position + 1 - length) is where ``generate`` puts the completion, and where our
+    rollouts and log-prob passes put it; a forward over ``[prompt | completion]`` instead continues the text
+    after the prompt's last position. The two differ once the video's temporal rows reach past the text after
+    it (here from 16 frames), so such a forward scores the completion at positions it was not generated at.
+    TRL's side therefore passes ``position_ids``: ``get_rope_index`` of the prompt, the completion at its rope
+    delta (computed once per group; host work). On transformers 4.x (not run here) the forward derives these
+    same positions itself and none are passed.
+
+  Frame counts should be even (two frames per temporal patch; an odd last frame is repeated on both sides).
 
 The learning rate is 0 on both sides (the optimizer step still runs), so every repeat computes with the same
 weights and the two sides' log-probs must agree: the script reports the largest difference per frame count
@@ -25,7 +53,9 @@ and fails above ``--tolerance`` (1e-4). TRL's way runs in one process with ``--r
 
     python benchmarks/peer_trl.py --frames 64 256 1024 --repeats 3 --out docs/results/peer_trl_cpu.md
     python benchmarks/peer_trl.py --cost-match llava --frames 64 256 1024 --out docs/results/peer_trl_llava.md
+    python benchmarks/peer_trl.py --cost-match qwen --frames 64 256 1024 --out docs/results/peer_trl_qwen.md
     python benchmarks/peer_trl.py --quick --out /tmp/peer.md        # smoke size (CI)
+    python benchmarks/peer_trl.py --quick --family qwen2_5_vl --out /tmp/peer_qwen.md
 """
 
 from __future__ import annotations
@@ -45,39 +75,71 @@ import torch
 from megatron_longvideo.parallel.spawn import init_cpu_dist, run_ranks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cost_model  # noqa: E402
 from common import emit  # noqa: E402
 
 VIDEO_ID, PAD_ID, VOCAB = 3, 0, 304
 PASSES = ("old", "ref", "update")
+FAMILIES = {"llava_onevision": ("LLaVA-OneVision", "LlavaOnevisionForConditionalGeneration"),
+            "qwen2_5_vl": ("Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration")}
+"""``--family`` -> (its name in the report, the transformers class TRL's way loads)."""
 
 
-def _config(opts):
-    """Our config of the model both sides run (the tiny LLaVA-OneVision one, or ``--cost-match llava``'s)."""
-    from megatron_longvideo.models.llava_onevision.model import VLMConfig
+def _matched(name: str):
+    """The ``--cost-match`` CPU model (``cost_model.matched``: one of ``cost_model.MATCH_NAMES``)."""
+    return cost_model.matched(name, vocab_size=VOCAB)
 
+
+def _hf_text_after() -> str:
+    """Where the installed transformers resumes the text after a video in Qwen2.5-VL's positions (our
+    ``Qwen25VLConfig.text_after``): 5.x ``get_rope_index`` at start + max(h, w) / merge ("spatial", read in
+    5.24.0's source), 4.x at the largest position + 1 ("max")."""
+    import transformers
+    from packaging.version import Version
+
+    return "spatial" if Version(transformers.__version__).major >= 5 else "max"
+
+
+def _model(opts):
+    """``(our config, frame side in pixels, placeholder tokens of T frames)`` of the model both sides run: the
+    tiny one of ``opts["family"]`` or the ``--cost-match`` one, the tower frozen (TRL's side freezes it too)."""
+    family = opts["family"]
     if opts.get("cost_match"):
-        from cost_model import cost_matched
+        m = _matched(opts["cost_match"])
+        llm, vision, size = m.llm, m.vision, m.image_size
+    elif family == "qwen2_5_vl":  # 112 px frames: 8 x 8 patches, 2 x 2 windows of 56 px, 16 tokens per 2 frames
+        from megatron_longvideo.models.llm import LLMConfig
+        from megatron_longvideo.models.qwen2_5_vl.vision import QwenVisionConfig
 
-        m = cost_matched(opts["cost_match"], vocab_size=VOCAB)
-        llm, vision = m.llm, m.vision
+        llm, vision, size = LLMConfig.tiny(vocab_size=VOCAB, mrope_section=(2, 3, 3)), QwenVisionConfig(window_size=56), 112
     else:
         from megatron_longvideo.models.llm import LLMConfig
         from megatron_longvideo.models.llava_onevision.vision import VisionConfig
 
-        llm = LLMConfig.tiny(vocab_size=VOCAB)
-        vision = VisionConfig(freeze=True, freeze_projector=True)
+        llm, vision = LLMConfig.tiny(vocab_size=VOCAB), VisionConfig()
+        size = vision.image_size
     # larger weights than the default 0.02 so the log-probs are far from uniform and a mismatch would show
-    return VLMConfig(llm=dataclasses.replace(llm, init_std=0.1), vision=vision, video_token_id=VIDEO_ID)
+    llm = dataclasses.replace(llm, init_std=0.1)
+    if family == "qwen2_5_vl":
+        from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig
+
+        cfg = Qwen25VLConfig(llm=llm, vision=dataclasses.replace(vision, freeze=True), video_token_id=VIDEO_ID,
+                             text_after=_hf_text_after())
+        return cfg, size, lambda t: cfg.num_video_tokens(t, size, size)
+    from megatron_longvideo.models.llava_onevision.model import VLMConfig
+
+    cfg = VLMConfig(llm=llm, vision=dataclasses.replace(vision, freeze=True, freeze_projector=True), video_token_id=VIDEO_ID)
+    return cfg, size, cfg.vision.num_video_tokens
 
 
-def _group(cfg, frames: int, opts, rep: int):
-    """The same inputs on both sides: frames ``[T, 3, H, W]``, prompt ids ``[P]`` and G responses (token id lists
-    of lengths between half of ``response_len`` and all of it)."""
+def _group(model, opts, frames: int, rep: int):
+    """The same inputs on both sides (``model``: what :func:`_model` returns): frames ``[T, 3, H, W]``, prompt ids
+    ``[P]`` and G responses (token id lists of lengths between half of ``response_len`` and all of it)."""
+    _, size, video_tokens = model
     gen = torch.Generator().manual_seed(1000 * frames + rep)
-    size = cfg.vision.image_size
     video = torch.randn(frames, 3, size, size, generator=gen)
     text = torch.randint(4, VOCAB, (12,), generator=gen)
-    ids = torch.cat([text[:2], torch.full((cfg.vision.num_video_tokens(frames),), VIDEO_ID), text[2:]])
+    ids = torch.cat([text[:2], torch.full((video_tokens(frames),), VIDEO_ID), text[2:]])
     lo = max(1, opts["response_len"] // 2)
     responses = [torch.randint(4, VOCAB, (int(torch.randint(lo, opts["response_len"] + 1, (1,), generator=gen)),),
                                generator=gen).tolist() for _ in range(opts["group_size"])]
@@ -90,7 +152,6 @@ def _ours(rank, world_size, opts, folder):
     init_cpu_dist()
     from megatron_longvideo.checkpoint.hf_convert import export_model
     from megatron_longvideo.models.encode import encode_stats
-    from megatron_longvideo.models.llava_onevision.model import build_vlm
     from megatron_longvideo.models.video_cache import VideoEmbeddingCache
     from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
     from megatron_longvideo.rl.engines.base import SamplingConfig
@@ -99,12 +160,17 @@ def _ours(rank, world_size, opts, folder):
     from megatron_longvideo.rl.trainer import GRPOConfig, GRPOTrainer, Rollouts
     from megatron_longvideo.training.engine import OptimConfig, build_optimizer, wrap_ddp
 
-    cfg = _config(opts)
+    model = _model(opts)
+    cfg = model[0]
+    if opts["family"] == "qwen2_5_vl":
+        from megatron_longvideo.models.qwen2_5_vl.model import build_qwen25vl as build
+    else:
+        from megatron_longvideo.models.llava_onevision.model import build_vlm as build
     groups = initialize_parallel(ParallelConfig(context_parallel_size=world_size), seed=1)
     torch.manual_seed(1)
-    policy = build_vlm(cfg, groups)
+    policy = build(cfg, groups)
     torch.manual_seed(1)
-    reference = build_vlm(cfg, groups)
+    reference = build(cfg, groups)
     reference.requires_grad_(False)
     export_model(policy, groups, cfg, folder, progress=False)  # what TRL's side loads
     ddp = wrap_ddp(policy, groups)
@@ -117,7 +183,7 @@ def _ours(rank, world_size, opts, folder):
                           reference=reference, cache=VideoEmbeddingCache(max_bytes=8 << 30), log=lambda s: None)
 
     def one(frames, rep):
-        video, ids, responses, advantages = _group(cfg, frames, opts, rep)
+        video, ids, responses, advantages = _group(model, opts, frames, rep)
         prompt = RLPrompt(videos=(video,), prompt_ids=ids, ground_truth=None, content_ids=(f"peer-{frames}-{rep}",))
         ro = Rollouts([prompt], [responses], torch.zeros(1, len(responses)), {}, advantages)
         trainer._versions = {}
@@ -149,35 +215,88 @@ def _ours(rank, world_size, opts, folder):
 
 
 # -- TRL's way ------------------------------------------------------------------------------------------ #
-def _trl_logps(model, input_ids, attention_mask, video, logits_to_keep, batch_size, temperature=1.0):
+def _row_inputs(family: str, cfg, hf_model, video: torch.Tensor, prompt_ids: torch.Tensor):
+    """What a transformers user of ``family`` passes with every row besides the ids: a function of a chunk's
+    rows ``[rows, S]`` (the prompt ``prompt_ids`` ``[P]``, then the completion) -> forward keyword arguments
+    (see the module docstring).
+
+    LLaVA-OneVision: ``pixel_values_videos`` ``[rows, T, 3, H, W]``, a copy of the frames per row. Qwen2.5-VL:
+    the frames flattened to patches once (the processor's work), then per chunk the rows' patches concatenated
+    ``[rows x N, patch_dim]`` with one ``video_grid_thw`` per row; on transformers 5 also ``position_ids``:
+    ``get_rope_index`` of the prompt (given the processor's ``mm_token_type_ids`` and ``second_per_grid_ts``),
+    the completion continuing at its rope delta, where ``generate`` put it. transformers 4 derives the same
+    positions in the forward, from the ids."""
+    if family == "llava_onevision":
+        return lambda ids: {"pixel_values_videos": video[None].repeat(ids.shape[0], 1, 1, 1, 1)}  # each encoded again
+    import inspect
+
+    from megatron_longvideo.models.qwen2_5_vl.vision import frames_to_patches
+    from megatron_longvideo.rl.rollout import ROLLOUT_SECONDS_PER_FRAME
+
+    patches, grid = frames_to_patches(video, cfg.vision)
+    seconds = ROLLOUT_SECONDS_PER_FRAME * cfg.vision.temporal_patch_size  # per temporal patch: ours' default spacing
+    prefix = None
+    if "mm_token_type_ids" in inspect.signature(hf_model.forward).parameters:  # transformers 5
+        prompt = prompt_ids[None]
+        prefix, delta = hf_model.model.get_rope_index(prompt, mm_token_type_ids=(prompt == cfg.video_token_id).int() * 2,
+                                                      video_grid_thw=torch.tensor([grid]),
+                                                      second_per_grid_ts=torch.tensor([seconds]))  # [3, 1, P], [1, 1]
+
+    def rows(ids):
+        n, length = ids.shape
+        kwargs = {"pixel_values_videos": patches.repeat(n, 1), "video_grid_thw": torch.tensor([grid] * n),
+                  "second_per_grid_ts": torch.full((n,), seconds)}
+        if prefix is not None:
+            completion = (torch.arange(prefix.shape[-1], length) + delta[0, 0]).expand(3, n, -1)
+            kwargs["position_ids"] = torch.cat([prefix.expand(3, n, -1), completion], dim=-1)  # [3, rows, S]
+        return kwargs
+
+    return rows
+
+
+def _trl_logps(model, input_ids, attention_mask, row_inputs, logits_to_keep, batch_size, temperature=1.0):
     """Per-token log-probs ``[rows, logits_to_keep]`` of the completions, computed as TRL 0.25.0's
     ``GRPOTrainer._get_per_token_logps_and_entropies`` does (see the module docstring), every row with the
-    whole video ``[T, 3, H, W]`` as its ``pixel_values_videos``."""
+    whole video: ``row_inputs(ids)`` gives a chunk's other arguments (:func:`_row_inputs`)."""
     from trl.trainer.utils import selective_log_softmax
 
     out = []
     for start in range(0, input_ids.shape[0], batch_size):
         ids = input_ids[start : start + batch_size]
-        pixels = video[None].repeat(ids.shape[0], 1, 1, 1, 1)  # [rows, T, 3, H, W]: a copy per row, each encoded again
-        logits = model(input_ids=ids, attention_mask=attention_mask[start : start + batch_size], pixel_values_videos=pixels,
+        logits = model(input_ids=ids, attention_mask=attention_mask[start : start + batch_size], **row_inputs(ids),
                        logits_to_keep=logits_to_keep + 1, use_cache=False).logits
         logits = logits[:, :-1, :][:, -logits_to_keep:, :] / temperature  # [rows, K, V]
         out.append(selective_log_softmax(logits, ids[:, -logits_to_keep:]))
     return torch.cat(out)
 
 
+def _tower(family: str, model):
+    """The vision tower of a transformers model of ``family`` (``Qwen2_5_VLModel.visual`` holds the merger too)."""
+    return model.model.visual if family == "qwen2_5_vl" else model.model.vision_tower
+
+
+def _hf_model(family: str, folder: str):
+    """The exported folder as transformers' model, its tower (and whatever ours freezes with it) frozen:
+    LLaVA-OneVision's ``model.vision_tower``, ``multi_modal_projector`` and ``image_newline`` (ours: ``freeze``,
+    ``freeze_projector``); Qwen2.5-VL's ``model.visual``, the ViT with its merger (ours: ``freeze``)."""
+    import transformers
+
+    model = getattr(transformers, FAMILIES[family][1]).from_pretrained(folder, dtype=torch.float32)
+    _tower(family, model).requires_grad_(False)
+    if family == "llava_onevision":
+        model.model.multi_modal_projector.requires_grad_(False)
+        model.model.image_newline.requires_grad_(False)
+    return model
+
+
 def _trl(rank, world_size, opts, folder):
     init_cpu_dist()
     import copy
 
-    from transformers import LlavaOnevisionForConditionalGeneration
-
     torch.set_num_threads(opts["ranks"])  # the cores ours spreads over its ranks
-    cfg = _config(opts)
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
-    for name in ("vision_tower", "multi_modal_projector"):  # frozen, as ours (freeze, freeze_projector)
-        getattr(model.model, name).requires_grad_(False)
-    model.model.image_newline.requires_grad_(False)
+    spec = _model(opts)
+    cfg, family = spec[0], opts["family"]
+    model = _hf_model(family, folder)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
@@ -190,12 +309,13 @@ def _trl(rank, world_size, opts, folder):
         encode[0] += time.perf_counter() - module._t0
 
     for m in (model, reference):
-        m.model.vision_tower.register_forward_pre_hook(timed_tower)
-        m.model.vision_tower.register_forward_hook(done_tower)
+        _tower(family, m).register_forward_pre_hook(timed_tower)
+        _tower(family, m).register_forward_hook(done_tower)
     eps, beta, bs = 0.2, opts["beta"], opts["peer_batch_size"]
 
     def one(frames, rep):
-        video, ids, responses, advantages = _group(cfg, frames, opts, rep)
+        video, ids, responses, advantages = _group(spec, opts, frames, rep)
+        extra = _row_inputs(family, cfg, model, video, ids)
         k = max(len(r) for r in responses)
         completion = torch.full((len(responses), k), PAD_ID, dtype=torch.long)
         mask = torch.zeros(len(responses), k, dtype=torch.long)
@@ -209,12 +329,12 @@ def _trl(rank, world_size, opts, folder):
             t0 = time.perf_counter()
             if name in ("old", "ref"):
                 with torch.no_grad():
-                    out[name] = _trl_logps(model if name == "old" else reference, input_ids, attention_mask, video, k, bs)
+                    out[name] = _trl_logps(model if name == "old" else reference, input_ids, attention_mask, extra, k, bs)
             else:  # GRPOTrainer._compute_loss, loss_type "dapo", gradient accumulation over the chunks
                 optimizer.zero_grad()
                 adv = advantages[0]
                 for s in range(0, len(responses), bs):
-                    logp = _trl_logps(model, input_ids[s : s + bs], attention_mask[s : s + bs], video, k, bs)
+                    logp = _trl_logps(model, input_ids[s : s + bs], attention_mask[s : s + bs], extra, k, bs)
                     old, ref, m = out["old"][s : s + bs], out["ref"][s : s + bs], mask[s : s + bs].float()
                     ratio = torch.exp(logp - old)
                     loss = -torch.min(ratio * adv[s : s + bs, None], ratio.clamp(1 - eps, 1 + eps) * adv[s : s + bs, None])
@@ -252,12 +372,32 @@ def compare(ours: dict, peer: dict) -> dict:
     return out
 
 
+def _describe(opts: dict) -> str:
+    """The report's model sentence: the family, transformers' class against our builder, the shapes."""
+    import transformers
+
+    cfg, size, video_tokens = _model(opts)
+    family, llm, v = opts["family"], cfg.llm, cfg.vision
+    name, cls = FAMILIES[family]
+    which = f"the `--cost-match {opts['cost_match']}` CPU model" if opts.get("cost_match") else "the tiny model"
+    if family == "qwen2_5_vl":
+        builder = "build_qwen25vl"
+        tower = (f"ViT {v.depth} x {v.hidden_size} (patch {v.patch_size}, window {v.window_size} px, full attention in "
+                 f"{list(v.fullatt_block_indexes)}) on {size} px frames ({video_tokens(2)} tokens per 2 frames); multimodal "
+                 f"RoPE with the text after the video at transformers {transformers.__version__}'s rule (`text_after="
+                 f"\"{cfg.text_after}\"`)")
+    else:
+        builder = "build_vlm"
+        tower = f"ViT {v.num_layers} x {v.hidden_size} on {size} px frames ({v.tokens_per_frame} tokens per frame)"
+    return (f"Model: {name}, {which}: transformers' `{cls}` against ours (`{builder}`, exported to it); "
+            f"LLM {llm.num_layers} x {llm.hidden_size}, {tower}")
+
+
 def report(ours: dict, peer: dict, diff: dict, opts: dict) -> str:
-    cfg = _config(opts)
-    lines = [f"## Peer: TRL's way (transformers, G separate rows) against ours (cache + packing, CP={opts['ranks']})", "",
+    name = FAMILIES[opts["family"]][0]
+    lines = [f"## Peer, {name}: TRL's way (transformers, G separate rows) against ours (cache + packing, CP={opts['ranks']})", "",
              f"Command: `{opts['command']}`", "",
-             f"Model: LLM {cfg.llm.num_layers} x {cfg.llm.hidden_size}, ViT {cfg.vision.num_layers} x {cfg.vision.hidden_size} on "
-             f"{cfg.vision.image_size} px frames ({cfg.vision.tokens_per_frame} tokens per frame); one group of G={opts['group_size']} "
+             f"{_describe(opts)}; one group of G={opts['group_size']} "
              f"responses of {max(1, opts['response_len'] // 2)}-{opts['response_len']} tokens; TRL's way in chunks of "
              f"{opts['peer_batch_size']} rows with {opts['ranks']} torch threads, ours on {opts['ranks']} rank(s) of one thread; "
              f"KL beta {opts['beta']}; learning rate 0 on both sides; median of {opts['repeats']} repeat(s). Seconds per pass "
@@ -275,22 +415,32 @@ def report(ours: dict, peer: dict, diff: dict, opts: dict) -> str:
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--response-len", type=int, default=32)
     parser.add_argument("--ranks", type=int, default=2, help="our CP ranks; TRL's way gets as many torch threads")
     parser.add_argument("--peer-batch-size", type=int, default=None, help="rows per forward on TRL's side (default: G)")
     parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient on both sides (> 0: a reference pass)")
-    parser.add_argument("--cost-match", choices=["llava"], default=None, help="the cost-matched CPU model (benchmarks/cost_model.py)")
+    parser.add_argument("--family", choices=list(FAMILIES), default=None,
+                        help="the model family (default llava_onevision; a --cost-match model brings its own)")
+    parser.add_argument("--cost-match", choices=list(cost_model.MATCH_NAMES), default=None,
+                        help="the cost-matched CPU model (benchmarks/cost_model.py)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest log-prob difference accepted")
     parser.add_argument("--quick", action="store_true", help="smoke size: 2 and 4 frames, G=4, responses of up to 4")
     parser.add_argument("--out", help="write the report here (and the numbers as JSON beside it)")
     args = parser.parse_args(argv)
+    family = args.family
+    if args.cost_match:
+        matched = _matched(args.cost_match).reference.family
+        if family is not None and family != matched:
+            parser.error(f"--cost-match {args.cost_match} is a {matched} model, not --family {family}")
+        family = matched
     if args.quick:
         args.frames, args.group_size, args.response_len, args.repeats = [2, 4], 4, 4, 1
-    opts = dict(frames=args.frames, group_size=args.group_size, response_len=args.response_len, ranks=args.ranks,
+    opts = dict(family=family or "llava_onevision", frames=args.frames, group_size=args.group_size,
+                response_len=args.response_len, ranks=args.ranks,
                 peer_batch_size=args.peer_batch_size or args.group_size, beta=args.beta, cost_match=args.cost_match,
                 repeats=args.repeats, tolerance=args.tolerance,
                 command="python benchmarks/peer_trl.py " + " ".join(argv if argv is not None else sys.argv[1:]))

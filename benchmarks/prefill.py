@@ -97,7 +97,7 @@ def _memory_worker(rank, world_size, prefix_len, response_len, g):
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prefix", type=int, default=4096)
     parser.add_argument("--response", type=int, default=256)
     parser.add_argument("--group-size", type=int, default=8)

@@ -90,7 +90,7 @@ def _worker(rank, world_size, sizes, new_tokens, num_prompts, repeats):
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[16, 64], help="max_new_tokens per response")
     parser.add_argument("--prompts", type=int, default=4)

@@ -131,9 +131,11 @@ def prefill_forward(
     cache=None,
     cache_keys=None,
     pad_id: int = 0,
+    seconds_per_frame: Optional[Sequence[Sequence[float]]] = None,
 ):
     """Run this rank's shard through the model; on the last pipeline stage returns the vocab-parallel
-    logits ``[1, n_local, vocab / tp]`` of the owned targets' source positions."""
+    logits ``[1, n_local, vocab / tp]`` of the owned targets' source positions. ``seconds_per_frame[g]``:
+    group ``g``'s videos' frame spacing, for a family with multimodal RoPE (None: its default)."""
     from megatron.core import tensor_parallel
 
     inner = unwrap(model)
@@ -143,7 +145,8 @@ def prefill_forward(
     ids_local = kernels.shard(batch.input_ids, plan.positions, dim=1, pad_value=pad_id).to(device)  # [b, s_local]
     positions_of = getattr(inner, "prefill_positions", None)  # a family with multimodal RoPE: [3, rows, S]
     if positions_of is not None:
-        pos_local = kernels.shard(positions_of(batch, videos), plan.positions, dim=2, pad_value=0).to(device)
+        positions = positions_of(batch, videos, seconds_per_frame=seconds_per_frame)
+        pos_local = kernels.shard(positions, plan.positions, dim=2, pad_value=0).to(device)
     else:
         pos_local = kernels.shard(batch.position_ids, plan.positions, dim=1, pad_value=0).to(device)
     seg_local = None
@@ -251,18 +254,21 @@ def prefill_step(
     cache_keys=None,
     pad_id: int = 0,
     loss_fn: Optional[Callable] = None,
+    seconds_per_frame: Optional[Sequence[Sequence[float]]] = None,
 ):
     """A megatron ``forward_step`` (see training.engine.forward_backward) for one prefill micro-batch.
 
     Without ``loss_fn`` (forward-only log-prob pass) the loss function reports ``{"logp": [n],
     "entropy": [n]}`` for every target. With ``loss_fn(logp_local, entropy_local, plan)`` ->
     ``(loss_sum, num_tokens, report)`` it is the update pass; ``num_tokens`` should count local
-    targets only so that DDP's per-token normalisation counts each target once.
+    targets only so that DDP's per-token normalisation counts each target once. ``seconds_per_frame``: as
+    :func:`prefill_forward`'s.
     """
     plan = plan_shard(batch, groups)
 
     def step(_mb, model):
-        output = prefill_forward(model, groups, batch, plan, videos=videos, cache=cache, cache_keys=cache_keys, pad_id=pad_id)
+        output = prefill_forward(model, groups, batch, plan, videos=videos, cache=cache, cache_keys=cache_keys, pad_id=pad_id,
+                                 seconds_per_frame=seconds_per_frame)
 
         def loss_func(logits):
             logp, entropy = token_logprobs(logits, batch, plan, groups)

@@ -345,21 +345,27 @@ class GRPOTrainer:
         return [[(i, a, min(a + m, len(ro.responses[i])))] for i in idx for a in range(0, len(ro.responses[i]), m)]
 
     def _batches(self, ro: Rollouts, idx: Sequence[int], model):
-        """Prefill micro-batches of the groups ``idx`` for ``model``: (batch, videos, keys, pieces)."""
+        """Prefill micro-batches of the groups ``idx`` for ``model``: (batch, videos, keys, pieces, frame spacing:
+        each prompt's ``spacing(k)`` per video, the spacing its rollouts were drawn with; None when no prompt
+        gives one)."""
         out = []
         for piece in self._pieces(ro, idx):
             prompts = [ro.prompts[i] for i, _, _ in piece]
             batch = build_prefill_batch([p.prompt_ids for p in prompts],
                                         [[torch.tensor(r, device="cpu") for r in ro.responses[i][a:b]] for i, a, b in piece],
                                         pack=self.cfg.pack, pad_id=self.pad_id)
-            out.append((batch, [list(p.videos) for p in prompts], self._keys(prompts, model), piece))
+            spacing = None
+            if any(p.seconds_per_frame is not None for p in prompts):
+                spacing = [[p.spacing(k) for k in range(len(p.videos))] for p in prompts]
+            out.append((batch, [list(p.videos) for p in prompts], self._keys(prompts, model), piece, spacing))
         return out
 
     def _logprobs(self, model, ro: Rollouts, idx: Sequence[int]) -> list[torch.Tensor]:
         """Dense per-target log-probs under ``model`` of each micro-batch of the groups ``idx``."""
         batches = self._batches(ro, idx, model)
-        steps = [prefill_step(self.groups, batch, videos=videos, cache=self.cache, cache_keys=keys, pad_id=self.pad_id)
-                 for batch, videos, keys, _ in batches]
+        steps = [prefill_step(self.groups, batch, videos=videos, cache=self.cache, cache_keys=keys, pad_id=self.pad_id,
+                              seconds_per_frame=spacing)
+                 for batch, videos, keys, _, spacing in batches]
         with torch.no_grad():
             reports = forward_backward(model, lambda step, chunk: step(None, chunk), steps, forward_only=True,
                                        seq_length=max(b.input_ids.shape[1] for b, *_ in batches),
@@ -429,14 +435,15 @@ class GRPOTrainer:
         self.policy.zero_grad_buffer()
         self.optimizer.zero_grad()
         steps = []
-        for j, (batch, videos, keys, piece) in enumerate(batches):
+        for j, (batch, videos, keys, piece, spacing) in enumerate(batches):
             adv = torch.cat([ro.advantages[i, a:b] for i, a, b in piece])  # [R] in (group, response) order, as the batch
             engine = None
             if ro.engine_logprobs is not None:  # [targets]: each response's tokens in turn, as the batch's targets
                 engine = torch.cat([torch.tensor(lp if lp is not None else [math.nan] * len(r), dtype=torch.float32, device="cpu")
                                     for i, a, b in piece for r, lp in zip(ro.responses[i][a:b], ro.engine_logprobs[i][a:b])])
             steps.append(prefill_step(self.groups, batch, videos=videos, cache=self.cache, cache_keys=keys, pad_id=self.pad_id,
-                                      loss_fn=self._loss_fn(batch, adv, old[j], None if ref is None else ref[j], engine)))
+                                      loss_fn=self._loss_fn(batch, adv, old[j], None if ref is None else ref[j], engine),
+                                      seconds_per_frame=spacing))
         # one schedule call over all micro-batches: megatron reduces and normalises the gradients once
         reports = forward_backward(self.policy, lambda step, chunk: step(None, chunk), steps,
                                    seq_length=max(b.input_ids.shape[1] for b, *_ in batches),

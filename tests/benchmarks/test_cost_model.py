@@ -98,4 +98,42 @@ def test_cost_matched_model(name):
         assert m.vision.num_video_tokens(2) == 2 * 196 + 1
     with pytest.raises(ValueError, match="no CPU model"):
         cm.cost_matched(name, hiddens=(64,), layers=(1,), tolerance=1e-6)
-    assert "| CPU match:" in cm.report(names=(name,))
+    assert f"| CPU match `{name}`:" in cm.report(names=(name,))
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen"])
+def test_split_matched_model(name):
+    """The split match spends a prompt's forward as the 7B does: its frame ratio and attention per frame are within
+    the tolerance of the reference's, so the tower's share of the FLOPs at 1,024 and 4,096 frames is within 10% of
+    the 7B's (computed from the formulas, not written in), where the tokens-per-frame match's is a tenth of it or
+    less (the reason the split match exists); a few tokens per frame keep 4,096 frames under 20k tokens; the
+    configs build with the placeholder counts the benchmark uses; ``matched`` names both kinds."""
+    ref = cm.REFERENCES[name]()
+    split = cm.split_matched(name)
+    plain = cm.cost_matched(name)
+    assert split.criterion == "split" and plain.criterion == "tokens"
+    assert abs(split.frame_ratio_error) <= cm.TOLERANCE and abs(split.attention_error) <= cm.TOLERANCE
+    for frames in (1024, 4096):
+        theirs = cm.vision_share(ref.llm, ref.vision, frames, image_size=ref.image_size)
+        ours = cm.vision_share(split.llm, split.vision, frames, image_size=split.image_size)
+        assert abs(ours / theirs - 1) < 0.10, (frames, ours, theirs)
+        assert cm.vision_share(plain.llm, plain.vision, frames, image_size=plain.image_size) < theirs / 10
+    assert split.tokens_per_frame * 4096 < 20_000
+    # attention per frame: the causal attention over F frames, per token, is F times it the matmuls' FLOPs
+    t = split.tokens_per_frame
+    direct = cm.llm_flops_per_token(split.llm, context=t * 1000 / 2) / cm.llm_flops_per_token(split.llm) - 1
+    assert abs(direct / (1000 * cm.attention_per_frame(split.llm, split.vision, image_size=split.image_size)) - 1) < 1e-9
+    if name == "qwen":
+        from megatron_longvideo.models.qwen2_5_vl.model import Qwen25VLConfig
+
+        cfg = Qwen25VLConfig(llm=split.llm, vision=split.vision)
+        assert cfg.num_video_tokens(2, split.image_size, split.image_size) == round(2 * t)
+    else:
+        assert split.vision.num_video_tokens(2) == 2 * t + 1
+    assert cm.matched(f"{name}-split") == split and cm.matched(name) == plain
+    with pytest.raises(ValueError, match="cost match"):
+        cm.matched(f"{name}-exact")
+    with pytest.raises(ValueError, match="no CPU model"):
+        cm.split_matched(name, hiddens=(64,), layers=(2,), tolerance=1e-6)
+    table = cm.report(names=(name,))
+    assert f"| CPU match `{name}-split`:" in table and f"| CPU match `{name}`:" in table

@@ -52,8 +52,11 @@ def test_grpo_step_smoke(tmp_path):
     1+2 + packing with every rank generating) runs every frame count, the report, results and plot are written
     and well formed, the split rollouts drew the tokens the first rank alone drew, and without MR-SP encodes once
     per pass (rollout, old, reference, update: 4 encodes a rank), fewer than the naive mode's once per use and
-    more than stage 1's once a step (counted from the phases' encode times being non-zero; no timing asserted)."""
-    report, saved = _grpo_step(tmp_path)
+    more than stage 1's once a step (counted from the phases' encode times being non-zero; no timing asserted).
+    With a cap every step exceeds and ``--run-over-cap``, every step is marked OOM and still measured at every
+    frame count, its ratios starred."""
+    report, saved = _grpo_step(tmp_path, "--memory-cap-mb", "0.001", "--run-over-cap")
+    assert "\\* one of the two modes is over the memory cap" in report, report
     for header in ("| frames | naive (re-encode per use, n=1) (s) | without MR-SP (published) (s) |",
                    "| frames | naive (re-encode per use, n=1) | MR-SP stage 1 |",  # speed-up over mrsp_off
                    "| mode | frames | encode | rollout prefill | rollout decode | old log-probs |", "Memory model check",
@@ -69,19 +72,21 @@ def test_grpo_step_smoke(tmp_path):
         cached = results["stage1"][f]["phase_encode"]
         assert cached["rollout"] > 0 and all(cached[p] == 0 for p in ("old", "ref", "update")), cached  # once a step
     _check_rows(results, results)
+    assert all(row["oom"] for per in results.values() for row in per.values()), results
     assert (tmp_path / "step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_grpo_step_cost_matched_qwen_smoke(tmp_path):
-    """``--cost-match qwen`` with ``--memory-cap-scaled``: the Qwen2.5-VL family's matched model (128 tokens per
-    frame) runs the fair baseline and the packed layout; the report states both models' cost ratios and the
-    scaled cap; the old results' "baseline" key reads back as the naive mode."""
+    """``--cost-match qwen-split`` with ``--memory-cap-scaled`` and ``--run-over-cap``: the Qwen2.5-VL family's
+    split-matched model (4.5 tokens per frame) runs the fair baseline and the packed layout; the report states both
+    models' cost ratios and the scaled cap; the old results' "baseline" key reads back as the naive mode."""
     import json
 
-    report, saved = _grpo_step(tmp_path, "--cost-match", "qwen", "--memory-cap-scaled", "80", "--modes", "mrsp_off", "stage12_packed",
-                               "--frames", "2")
-    assert "(128 tokens per frame)" in report and "| Qwen2.5-VL-7B (448 px) | 128 |" in report, report
+    report, saved = _grpo_step(tmp_path, "--cost-match", "qwen-split", "--memory-cap-scaled", "80", "--run-over-cap",
+                               "--modes", "mrsp_off", "stage12_packed", "--frames", "2")
+    assert "(4.5 tokens per frame)" in report and "| Qwen2.5-VL-7B (448 px) | 128 |" in report, report
     assert "scaled to the model" in report and saved["options"]["memory_cap_mb"] > 0
+    assert saved["options"]["run_over_cap"] is True
     _check_rows(saved["results"], ("mrsp_off", "stage12_packed"), frames=("2",))
     old = dict(saved, results={("baseline" if m == "mrsp_off" else m): v for m, v in saved["results"].items()})
     (tmp_path / "old.json").write_text(json.dumps(old))
@@ -90,18 +95,23 @@ def test_grpo_step_cost_matched_qwen_smoke(tmp_path):
     assert proc.returncode == 0 and "naive (re-encode per use, n=1) (s)" in proc.stdout, proc.stderr[-3000:]
 
 
-def test_peer_trl_smoke(tmp_path):
-    """TRL's way against ours at smoke size: both sides run every pass at every frame count, the log-probs of
-    the G separate transformers rows equal our packed, CP=2 ones (the script fails above 1e-4), and the report
-    holds every row (no timing asserted)."""
+@pytest.mark.parametrize("family, names", [
+    ("llava_onevision", ("LLaVA-OneVision", "LlavaOnevisionForConditionalGeneration", "build_vlm")),
+    ("qwen2_5_vl", ("Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", "build_qwen25vl", "multimodal RoPE")),
+], ids=["llava_onevision", "qwen2_5_vl"])
+def test_peer_trl_smoke(family, names, tmp_path):
+    """TRL's way against ours at smoke size, for each family: both sides run every pass at every frame count,
+    the log-probs of the G separate transformers rows equal our packed, CP=2 ones (the script fails above 1e-4),
+    and the report names the family and holds every row (no timing asserted)."""
     import json
 
     out = tmp_path / "peer.md"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "peer_trl.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "peer_trl.py"), "--quick", "--family", family,
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = out.read_text()
     saved = json.loads((tmp_path / "peer.json").read_text())
+    assert saved["options"]["family"] == family, saved["options"]
     assert set(saved["max_logp_diff"]) == {"2", "4"} and max(saved["max_logp_diff"].values()) <= 1e-4, saved
     for frames in ("2", "4"):
         for side in ("ours", "trl"):
@@ -110,3 +120,4 @@ def test_peer_trl_smoke(tmp_path):
         for label in ("old-policy log-probs", "reference log-probs", "update (fwd + bwd + step)", "all three"):
             assert f"| {frames} | {label} |" in report, report
     assert report.count("| yes (") == 2, report
+    assert f"## Peer, {names[0]}:" in report and all(name in report for name in names[1:]), report

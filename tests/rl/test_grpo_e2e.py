@@ -12,6 +12,8 @@ the same updated weights.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -46,7 +48,8 @@ def _family(family, tok):
     return cfg, build_vlm, 32, cfg.vision.num_video_tokens
 
 
-def _setup(tok_path, cp, pack, split=None, family="llava_onevision", tis=None, view=None, kind="hf", algo=None):
+def _setup(tok_path, cp, pack, split=None, family="llava_onevision", tis=None, view=None, kind="hf", algo=None,
+           spacing=None):
     from megatron_longvideo.data.tokenizer import load_tokenizer
     from megatron_longvideo.models.video_cache import content_id_of_frames
     from megatron_longvideo.parallel.groups import ParallelConfig, initialize_parallel
@@ -76,7 +79,8 @@ def _setup(tok_path, cp, pack, split=None, family="llava_onevision", tis=None, v
         ids = torch.cat([torch.tensor([tok.im_start_id]), torch.full((n,), tok.video_id),
                          torch.tensor(tok.encode("what colour is the shape")), torch.tensor([tok.im_end_id])])
         prompts.append(RLPrompt(videos=(frames,), prompt_ids=ids, ground_truth=GroundTruth(answer="A", options=("red", "blue")),
-                                content_ids=(content_id_of_frames(frames),), sample_id=f"p{i}"))
+                                content_ids=(content_id_of_frames(frames),), sample_id=f"p{i}",
+                                seconds_per_frame=None if spacing is None else (spacing,)))
     grpo = GRPOConfig(
         group_size=4, prompts_per_step=2, pack=pack, responses_per_microbatch=split,
         sampling=SamplingConfig(max_new_tokens=6, temperature=1.0, seed=11),
@@ -118,13 +122,13 @@ def _setup(tok_path, cp, pack, split=None, family="llava_onevision", tis=None, v
 
 
 def _worker(rank, world_size, tok_path, pack, split=None, family="llava_onevision", tis=None, view=None, kind="hf",
-            algo=None):
+            algo=None, spacing=None):
     init_cpu_dist()
     from megatron_longvideo.checkpoint.full_state import gather_full_state
     from megatron_longvideo.models.llm import unwrap
     from megatron_longvideo.parallel.groups import destroy_parallel
 
-    trainer, prompts, ddp, groups = _setup(tok_path, world_size, pack, split, family, tis, view, kind, algo)
+    trainer, prompts, ddp, groups = _setup(tok_path, world_size, pack, split, family, tis, view, kind, algo, spacing)
     queue = list(prompts)
     draw = lambda k: [queue.pop(0) for _ in range(k)]  # noqa: E731
     losses, rewards = [], []
@@ -134,6 +138,11 @@ def _worker(rank, world_size, tok_path, pack, split=None, family="llava_onevisio
         rewards.append(metrics["reward/mean"])
     weights = gather_full_state(ddp, groups)
     out = {"losses": losses, "rewards": rewards, "weights": weights, "metrics": metrics}
+    if spacing is not None:  # whether the prompts' spacing moves their multimodal positions at all
+        policy = unwrap(ddp)
+        default = [dataclasses.replace(p, seconds_per_frame=None) for p in prompts]
+        out["spacing_moves_positions"] = any(not torch.equal(a, b) for a, b in zip(policy.rollout_positions(prompts),
+                                                                                   policy.rollout_positions(default)))
     if view is not None:  # what the engine was given, and the prompts with one frame's video tokens (LLaVA-OneVision)
         count = unwrap(ddp).cfg.vision.num_video_tokens
         out.update(seen=trainer.engine.seen, full_lengths=[len(p.prompt_ids) for p in prompts],
@@ -220,6 +229,20 @@ def test_truncated_importance_sampling_and_logprob_diff_at_cp2_packed_equal_worl
         assert r["rewards"] == ref["rewards"]
         for a, b in zip(r["losses"], ref["losses"]):
             assert abs(a - b) <= 1e-5 * max(abs(b), 1e-3), (r["losses"], ref["losses"])
+
+
+def test_training_passes_use_the_prompts_frame_spacing(tmp_path):
+    """Qwen2.5-VL prompts whose frames are 2 s apart (``RLPrompt.seconds_per_frame``): the old-policy pass puts
+    their video tokens where the rollouts did, so the engine's log-probs of the drawn tokens equal the trainer's
+    (the policy's own weights, no shift; they used to be scored at the default 0.5 s spacing), and the spacing
+    does move the positions (a 3-frame video has a second temporal patch)."""
+    from megatron_longvideo.data.tokenizer import train_sentencepiece
+
+    tok_path = train_sentencepiece(VOCAB_TEXTS, str(tmp_path / "tok"), vocab_size=300)
+    out = run_ranks(_worker, 1, tok_path, False, None, "qwen2_5_vl", {"cap": 2.0, "shift": 0.0}, None, "hf", None, 2.0)[0]
+    assert out["spacing_moves_positions"], "vacuous: 2 s spacing gives the default positions"
+    m = out["metrics"]
+    assert m["rollout/logprob_diff_max"] < 1e-4, m
 
 
 def test_rollouts_on_fewer_frames_than_training_at_cp2_packed_equal_world1(tmp_path):
