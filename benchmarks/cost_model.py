@@ -64,6 +64,7 @@ which ``D_full`` attend over the whole temporal patch:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from typing import Optional
 
@@ -323,21 +324,35 @@ def cost_matched(name: str, *, vocab_size: int = 304, patch_size: int = 2, toler
     if name not in REFERENCES:
         raise ValueError(f"cost match: one of {sorted(REFERENCES)}, got {name!r}")
     ref = REFERENCES[name]()
-    target = ref.ratio
+
+    def error(m):  # None: the tokens per frame differ
+        return abs(m.ratio_error) if m.tokens_per_frame == ref.tokens_per_frame else None
+
+    best = _cheapest(ref, "tokens", error, tolerance, vocab_size, patch_size, None, hiddens, layers)
+    if best is None:
+        raise ValueError(f"cost match {name!r}: no CPU model within {tolerance:.0%} of ratio {ref.ratio:.1f} in the search space")
+    return best
+
+
+def _cheapest(ref, criterion, error, tolerance, vocab_size, patch_size, side, hiddens, layers):
+    """The search both matches share: over the CPU LLMs (``hiddens`` x ``layers``, RoPE's even head dim) and the
+    towers of ``ref``'s family (``side`` patches per frame side), the model with the least LLM FLOPs per token,
+    then the least ``error(model)``, among those whose error is not None and within ``tolerance``; None if none."""
     best = None
     for hidden in hiddens:
         for num_layers in layers:
             llm = _cpu_llm(hidden, num_layers, vocab_size, mrope=ref.family == "qwen2_5_vl")
-            for vision, image_size in _towers(ref, hidden, patch_size):
-                m = MatchedModel(ref, llm, vision, image_size)
-                if m.tokens_per_frame != ref.tokens_per_frame or abs(m.ratio_error) > tolerance:
+            if llm.hidden_size % (2 * llm.num_attention_heads):
+                continue
+            for vision, image_size in _towers(ref, hidden, patch_size, side=side):
+                m = MatchedModel(ref, llm, vision, image_size, criterion=criterion)
+                err = error(m)
+                if err is None or err > tolerance:
                     continue
-                key = (llm_flops_per_token(llm), abs(m.ratio_error))
+                key = (llm_flops_per_token(llm), err)
                 if best is None or key < best[0]:
                     best = (key, m)
-    if best is None:
-        raise ValueError(f"cost match {name!r}: no CPU model within {tolerance:.0%} of ratio {target:.1f} in the search space")
-    return best[1]
+    return None if best is None else best[1]
 
 
 SPLIT_SIDES = {"llava": 3, "qwen": 6}
@@ -358,29 +373,18 @@ def split_matched(name: str, *, vocab_size: int = 304, patch_size: int = 2, side
     if name not in REFERENCES:
         raise ValueError(f"split match: one of {sorted(REFERENCES)}, got {name!r}")
     ref = REFERENCES[name]()
-    side = side or SPLIT_SIDES[name]
-    best = None
-    for hidden in hiddens:
-        for num_layers in layers:
-            llm = _cpu_llm(hidden, num_layers, vocab_size, mrope=ref.family == "qwen2_5_vl")
-            if llm.hidden_size % (2 * llm.num_attention_heads):  # RoPE needs an even head dim
-                continue
-            for vision, image_size in _towers(ref, hidden, patch_size, side=side):
-                m = MatchedModel(ref, llm, vision, image_size, criterion="split")
-                err = max(abs(m.frame_ratio_error), abs(m.attention_error))
-                if err > tolerance:
-                    continue
-                key = (llm_flops_per_token(llm), err)
-                if best is None or key < best[0]:
-                    best = (key, m)
+    best = _cheapest(ref, "split", lambda m: max(abs(m.frame_ratio_error), abs(m.attention_error)), tolerance, vocab_size,
+                     patch_size, side or SPLIT_SIDES[name], hiddens, layers)
     if best is None:
         raise ValueError(f"split match {name!r}: no CPU model within {tolerance:.0%} of the frame ratio and the attention "
                          "per frame in the search space")
-    return best[1]
+    return best
 
 
+@functools.lru_cache(maxsize=None)
 def matched(name: str, *, vocab_size: int = 304) -> MatchedModel:
-    """The CPU model a ``--cost-match`` value (:data:`MATCH_NAMES`) names."""
+    """The CPU model a ``--cost-match`` value (:data:`MATCH_NAMES`) names (searched once per process: the benchmarks'
+    reports ask for it per mode and frame count)."""
     if name not in MATCH_NAMES:
         raise ValueError(f"cost match: one of {list(MATCH_NAMES)}, got {name!r}")
     if name.endswith("-split"):
