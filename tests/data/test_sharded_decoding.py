@@ -109,11 +109,15 @@ def test_a_slice_past_the_cut_fails_with_the_file_named(videos):
 
 
 def _records(folder, names) -> str:
+    """Writes the records file and returns its path. Ranks that share the folder write it at once, so each writes
+    a file of its own and renames it into place: no rank reads a file another has just truncated."""
     path = os.path.join(folder, f"qa_{'_'.join(n.split('.')[0] for n in names)}.jsonl")
-    with open(path, "w") as f:
+    own = f"{path}.{os.getpid()}"
+    with open(own, "w") as f:
         for i, name in enumerate(names):
             f.write(json.dumps({"problem_id": f"p{i}-{name}", "videos": name, "answer": "B",
                                 "problem": "Which colour? A. red B. green C. blue"}) + "\n")
+    os.replace(own, path)
     return path
 
 
