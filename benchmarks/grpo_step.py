@@ -663,6 +663,8 @@ def main(argv=None) -> str:
                    for m, per in saved["results"].items()}
         for m in MODES + (SPLIT_MODE,):
             results.setdefault(m, {f: {"oom": False, "measured": False} for f in opts["frames"]})
+        if opts.get("memory_cap_scaled"):  # the cap comes from the memory model: as it stands now
+            _recap(results, opts, scaled_cap_mb(opts, opts["memory_cap_scaled"]))
         return _write(results, opts, args.out_dir)
     if args.quick:  # smoke size (frames: 2 and 4, unless --frames is given)
         frames_given = args.frames != parser.get_default("frames")
@@ -695,6 +697,21 @@ def main(argv=None) -> str:
             print(f"[{mode}] done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     opts.update(frames=args.frames, ranks=args.ranks, machine=args.machine)
     return _write(results, opts, args.out_dir)
+
+
+def _recap(results, opts, cap_mb: float) -> None:
+    """Re-flags the measured cells of a saved run against ``cap_mb`` (a scaled cap recomputed with the memory model
+    as it stands). A cell that was never measured keeps what the run said of it, and is reported on stderr when
+    the cap moved, since it might fit now."""
+    moved = abs(cap_mb - opts["memory_cap_mb"]) > 1e-9
+    opts["memory_cap_mb"] = cap_mb
+    for mode, per in results.items():
+        for frames, row in per.items():
+            if row.get("measured"):
+                row["oom"] = row["peak_mb"] > cap_mb
+            elif moved and row.get("skipped"):
+                print(f"[{mode}] {frames} frames: not measured ({row['skipped']} at the run's cap); the cap is now "
+                      f"{cap_mb:.0f} MB, so rerun to know whether it fits", file=sys.stderr)
 
 
 def _write(results, opts, out_dir):

@@ -191,12 +191,22 @@ class MemoryEstimate:
         return max(self.phases, key=self.phases.get)
 
 
-def _layer_saved(llm: LLMConfig, tp: int) -> float:
-    """Elements autograd keeps per token per layer, outside the attention core: two RMSNorms (input,
-    scaled input), the QKV output, rotated q/k, the attention output, and the SwiGLU MLP (fc1 output,
-    silu, fc2 input)."""
-    h, f, kv = llm.hidden_size, llm.ffn_hidden_size, llm.num_query_groups * llm.head_dim
-    return 4 * h + (h + 2 * kv) / tp + (h + kv) / tp + 2 * h / tp + (2 * f + f + f) / tp
+def _layer_saved(llm: LLMConfig, tp: int, a: int) -> float:
+    """Bytes autograd keeps per token per layer outside the attention core, at ``a`` activation bytes, as
+    counted on the built layer (``LiveTensorMeter`` and the saved tensors of one forward):
+
+    * each of the two RMSNorms (:class:`~megatron_longvideo.models.norm.RMSNorm` computes in fp32): its input
+      in fp32, the fp32 1/rms, the normalised input cast back, and its output (the next linear's input);
+    * the QKV output (V is a view of it), the rotated q and k, the rotary cos / sin of q and of k
+      (``[s, 1, 1, head_dim]`` each, whole on every TP rank) and the attention output;
+    * the SwiGLU MLP as megatron-core's unfused path runs it: the fc1 output (gate and linear halves), the
+      gate's silu, a copy of the linear half (``x_linear + glu_linear_offset``), and their product (the fc2
+      input): five ``ffn`` widths.
+    """
+    h, f, kv, d = llm.hidden_size, llm.ffn_hidden_size, llm.num_query_groups * llm.head_dim, llm.head_dim
+    norms = 2 * (4 * h + 4 + 2 * a * h)
+    attention = ((h + 2 * kv) + (h + kv) + h) / tp * a + 4 * d * a
+    return norms + attention + 5 * f / tp * a
 
 
 def _layer_transient(llm: LLMConfig, tp: int) -> float:
@@ -333,8 +343,7 @@ def predict_step_memory(llm: LLMConfig, vision: VisionConfig, frames: int, layou
         attn_saved, attn_forward, attn_backward = scores + keys, 2 * scores + keys, 2 * scores
 
     vocab = targets * V / tp * 4 * 3  # logits at the targets, log-softmax, its gradient (fp32)
-    layer_saved = tokens * _layer_saved(llm, tp) * a
-    held_embeds = embeds if L.mode != "baseline" else 0.0  # the cache (baseline: re-encoded per pass)
+    layer_saved = tokens * _layer_saved(llm, tp, a)
 
     # rollout: engine KV cache + its prefill transient + encoding
     copies = 1 if L.mode == "baseline" else (g_rank if cp == 1 else L.group_size)
@@ -348,9 +357,19 @@ def predict_step_memory(llm: LLMConfig, vision: VisionConfig, frames: int, layou
         prefill_tokens = min(prefill_tokens, L.engine_prefill_chunk)
     engine_act = prefill_tokens * (_layer_transient(llm, 1) + 2 * h) * L.engine_bytes  # + the prompt embeddings
 
-    passes = {"video embeddings": held_embeds + (encode if L.mode == "baseline" else 0.0), "frames": frame_bytes}
-    old = dict(passes, **{"layer activations": tokens * (_layer_transient(llm, tp) + h) * a,
-                          "attention": attn_forward, "vocabulary at the targets": vocab})
+    # the video's embeddings live through every pass: held by the cache (stage 1 on), or re-encoded by the pass
+    # itself (baseline). That encode runs without grad before the pass's LLM forward, so its tower's activations
+    # count only where they exceed the LLM's working memory
+    passes = {"video embeddings": embeds, "frames": frame_bytes}
+    llm_terms = ("layer activations", "attention", "vocabulary at the targets")
+
+    def reencoded(phase: dict) -> dict:
+        if L.mode == "baseline":
+            phase["tower activations (re-encode)"] = max(0.0, vit - sum(phase[k] for k in llm_terms))
+        return phase
+
+    old = reencoded(dict(passes, **{"layer activations": tokens * (_layer_transient(llm, tp) + h) * a,
+                                    "attention": attn_forward, "vocabulary at the targets": vocab}))
     ref = dict(old, **{"reference weights": (p_llm + p_vis) * L.param_bytes if L.reference == "offloaded" else 0.0})
     if L.recompute:  # every layer's input, and one layer recomputed at a time
         saved_act = tokens * h * a * llm.num_layers + layer_saved
@@ -358,8 +377,8 @@ def predict_step_memory(llm: LLMConfig, vision: VisionConfig, frames: int, layou
     else:
         saved_act = llm.num_layers * layer_saved
         attn_update = llm.num_layers * attn_saved + max(attn_forward, attn_backward)
-    update = dict(passes, **{"layer activations": saved_act + tokens * h * a * 2, "attention": attn_update,
-                             "vocabulary at the targets": vocab})
+    update = reencoded(dict(passes, **{"layer activations": saved_act + tokens * h * a * 2, "attention": attn_update,
+                                       "vocabulary at the targets": vocab}))
     parts = {"rollout": {"encode": encode, "engine KV cache": kv_cache, "engine prefill": engine_act,
                          "engine weights": 0.0 if L.engine == "resident" else engine_weights},
              "old": old, "update": update}

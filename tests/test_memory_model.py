@@ -67,6 +67,59 @@ def test_predictions_follow_the_layouts():
         StepLayout(mode="baseline", ranks=3, group_size=8, response_len=4)
 
 
+def _layer_worker(rank, world_size, shapes, tokens):
+    """Bytes one more layer keeps for the backward (the live tensors after a forward with 2 layers, less with 1),
+    per shape ``(hidden, ffn, heads, kv_heads, dtype name, mrope_section)``."""
+    init_cpu_dist()
+    from megatron_longvideo.attention.layout import SequenceLayout
+    from megatron_longvideo.memory_meter import LiveTensorMeter
+    from megatron_longvideo.models.llm import LLMConfig, build_llm, lm_forward
+    from megatron_longvideo.parallel.groups import ParallelConfig, destroy_parallel, initialize_parallel
+
+    groups = initialize_parallel(ParallelConfig(tensor_parallel_size=world_size))
+    out = []
+    for hidden, ffn, heads, kv_heads, dtype, mrope in shapes:
+        dtype = getattr(torch, dtype)
+        live = []
+        for layers in (1, 2):
+            llm = LLMConfig.tiny(vocab_size=304, hidden_size=hidden, ffn_hidden_size=ffn, num_layers=layers,
+                                 num_attention_heads=heads, num_query_groups=kv_heads, mrope_section=mrope)
+            model = build_llm(llm, groups, params_dtype=dtype)
+            positions = torch.arange(tokens)[None]
+            if mrope:
+                positions = positions[None].expand(3, 1, tokens).contiguous()
+            embeddings = torch.randn(tokens, 1, hidden, dtype=dtype, requires_grad=True)
+            with LiveTensorMeter() as meter:
+                loss = lm_forward(model, decoder_input=embeddings, position_ids=positions,
+                                  labels=torch.randint(0, 304, (1, tokens)), layout=SequenceLayout.plain(tokens))
+                live.append(meter.live)
+            del loss
+        out.append(live[1] - live[0])
+    destroy_parallel()
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_layer_activations_match_the_built_layer(tp):
+    """What the model says a layer keeps for its backward per token (outside the attention core, plus the core's
+    saved lse) is what the built layer keeps, in fp32 and bf16, for a narrow and a wide MLP and with Qwen2.5-VL's
+    3-D rotary positions: within 1%."""
+    from megatron_longvideo.memory_model import _layer_saved, attention_terms
+    from megatron_longvideo.models.llm import LLMConfig
+
+    tokens = 512
+    shapes = [(64, 128, 4, 2, "float32", None), (72, 384, 4, 2, "float32", None), (72, 384, 4, 2, "bfloat16", None),
+              (120, 480, 4, 2, "bfloat16", (5, 5, 5))]
+    measured = run_ranks(_layer_worker, tp, shapes, tokens)[0]
+    for (hidden, ffn, heads, kv_heads, dtype, mrope), got in zip(shapes, measured):
+        a = 4 if dtype == "float32" else 2
+        llm = LLMConfig.tiny(hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
+                             num_query_groups=kv_heads, mrope_section=mrope)
+        saved, _, _ = attention_terms(llm, tokens, cp=1, tp=tp, act_bytes=a)
+        predicted = tokens * _layer_saved(llm, tp, a) + saved
+        assert abs(predicted / got - 1) < 0.01, (hidden, ffn, dtype, mrope, predicted, got)
+
+
 def _attention_worker(rank, world_size, seq_len):
     """Measured bytes of one attention layer (live after forward, forward peak, forward+backward peak)."""
     init_cpu_dist()

@@ -79,7 +79,9 @@ def test_grpo_step_smoke(tmp_path):
 def test_grpo_step_cost_matched_qwen_smoke(tmp_path):
     """``--cost-match qwen-split`` with ``--memory-cap-scaled`` and ``--run-over-cap``: the Qwen2.5-VL family's
     split-matched model (4.5 tokens per frame) runs the fair baseline and the packed layout; the report states both
-    models' cost ratios and the scaled cap; the old results' "baseline" key reads back as the naive mode."""
+    models' cost ratios and the scaled cap; the old results' "baseline" key reads back as the naive mode, and
+    ``--from-json`` recomputes the scaled cap with the memory model as it stands and re-flags the measured cells
+    against it (here a saved cap every cell was over)."""
     import json
 
     report, saved = _grpo_step(tmp_path, "--cost-match", "qwen-split", "--memory-cap-scaled", "80", "--run-over-cap",
@@ -88,11 +90,19 @@ def test_grpo_step_cost_matched_qwen_smoke(tmp_path):
     assert "scaled to the model" in report and saved["options"]["memory_cap_mb"] > 0
     assert saved["options"]["run_over_cap"] is True
     _check_rows(saved["results"], ("mrsp_off", "stage12_packed"), frames=("2",))
-    old = dict(saved, results={("baseline" if m == "mrsp_off" else m): v for m, v in saved["results"].items()})
+    results = {("baseline" if m == "mrsp_off" else m): {f: dict(row, oom=True) for f, row in per.items()}
+               for m, per in saved["results"].items()}
+    old = dict(saved, options=dict(saved["options"], memory_cap_mb=0.001), results=results)
     (tmp_path / "old.json").write_text(json.dumps(old))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "grpo_step.py"), "--from-json", str(tmp_path / "old.json")],
-                          capture_output=True, text=True, timeout=300)
+    redone = tmp_path / "redone"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "grpo_step.py"), "--from-json", str(tmp_path / "old.json"),
+                           "--out-dir", str(redone)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "naive (re-encode per use, n=1) (s)" in proc.stdout, proc.stderr[-3000:]
+    again = json.loads((redone / "results.json").read_text())
+    assert again["options"]["memory_cap_mb"] == pytest.approx(saved["options"]["memory_cap_mb"])
+    for mode in ("naive", "stage12_packed"):  # a 2-frame step is far under the scaled cap
+        row = again["results"][mode]["2"]
+        assert row["measured"] and row["oom"] is (row["peak_mb"] > again["options"]["memory_cap_mb"]) and not row["oom"], row
 
 
 @pytest.mark.parametrize("family, names", [
