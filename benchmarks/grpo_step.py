@@ -417,7 +417,9 @@ def report(results: dict, opts: dict) -> str:
              f"Model: {_describe(opts)}; {opts['ranks']} ranks share each prompt; {opts.get('prompts', 1)} prompt(s) per step; "
              f"G={opts['group_size']} responses of {opts['response_len']} tokens; "
              f"activation recompute {'on' if opts['recompute'] else 'off'}; memory cap {cap_text}"
-             f"{' (working memory: growth over the step start)' if cap else ''}; median of {opts['repeats']} step(s).", "",
+             f"{' (working memory: growth over the step start)' if cap else ''}; median of {opts['repeats']} step(s)"
+             + (f" in each of {opts['launches']} launches of every mode, the modes in turn, then the median over the "
+                f"launches" if opts.get("launches", 1) > 1 else "") + ".", "",
              f"Command: `{opts.get('command', 'not recorded in this results.json')}`", "",
              "Step time (s) and peak working memory per rank (MB, max over ranks):", "",
              "| frames | " + " | ".join(f"{LABELS[m]} (s)" for m in modes) + " | " + " | ".join(f"{LABELS[m]} (MB)" for m in modes) + " |",
@@ -450,6 +452,22 @@ def report(results: dict, opts: dict) -> str:
         if over:
             lines += ["", "\\* one of the two modes is over the memory cap there (it would not fit the scaled device); "
                       "measured anyway (`--run-over-cap`)."]
+        spread = [f for f in frames if all(len(results[m][f].get("launch_steps", ())) > 1 for m in ["mrsp_off"] + others
+                                           if results[m][f].get("measured"))]
+        if spread and opts.get("launches", 1) > 1:
+            lines += ["", f"Launch spread of that speed-up (the mode's launch k against {LABELS['mrsp_off']}'s launch k, "
+                      f"over {opts['launches']} launches; min / median / max):", "",
+                      "| frames | " + " | ".join(LABELS[m] for m in others) + " |", "|---:|" + "---|" * len(others)]
+            for f in spread:
+                cells = []
+                for m in others:
+                    base, mine = results["mrsp_off"][f].get("launch_steps"), results[m][f].get("launch_steps")
+                    if base and mine and len(base) == len(mine):
+                        ratios = sorted(b / max(x, 1e-9) for b, x in zip(base, mine))
+                        cells.append(f"{ratios[0]:.2f}x / {statistics.median(ratios):.2f}x / {ratios[-1]:.2f}x")
+                    else:
+                        cells.append("-")
+                lines.append(f"| {f} | " + " | ".join(cells) + " |")
 
     lines += ["", "Ratios (measured in this run, at the largest frame count both modes run"
               + ("; * over the memory cap" if over else "") + "):", ""]
@@ -642,6 +660,10 @@ def main(argv=None) -> str:
                              "tower, LLM matmuls and LLM attention as the 7B does (benchmarks/cost_model.py)")
     parser.add_argument("--recompute", action="store_true", help="activation recompute in the update pass")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--launches", type=int, default=1,
+                        help="start every mode this many times, the modes in turn (fresh processes each time); a cell is "
+                             "the median over the launches of each launch's median step, and the report adds the "
+                             "launches' spread of the speed-ups (one launch's ratios at small frame counts vary by launch)")
     parser.add_argument("--memory-cap-mb", type=float, default=None, help="per-rank working memory cap: above it, OOM")
     parser.add_argument("--memory-cap-scaled", type=float, default=None, metavar="GPU_GB",
                         help="the cap of a GPU of this many GB scaled to the model (scaled_cap_mb); overrides --memory-cap-mb")
@@ -683,20 +705,54 @@ def main(argv=None) -> str:
                     responses_per_microbatch=args.responses_per_microbatch, hidden=args.hidden, layers=args.layers,
                     recompute=args.recompute, repeats=args.repeats, memory_cap_mb=args.memory_cap_mb,
                     cost_match=args.cost_match, time_cap_s=args.time_cap_s, run_over_cap=args.run_over_cap, memory_cap_scaled=args.memory_cap_scaled,
-                    ranks=args.ranks, frames=args.frames,
+                    ranks=args.ranks, frames=args.frames, launches=args.launches,
                     command="python benchmarks/grpo_step.py " + " ".join(argv if argv is not None else sys.argv[1:]))
         if args.memory_cap_scaled:
             opts["memory_cap_mb"] = scaled_cap_mb(opts, args.memory_cap_scaled)
-        results = {}
-        for mode in MODES + (SPLIT_MODE,):
-            if mode not in args.modes:
-                results[mode] = {f: {"oom": False, "measured": False} for f in args.frames}
-                continue
-            t0 = time.perf_counter()
-            results[mode] = run_ranks(_worker, args.ranks, mode, args.frames, opts, timeout=args.timeout_s)[0]
-            print(f"[{mode}] done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        if args.launches < 1:
+            parser.error(f"--launches must be at least 1, got {args.launches}")
+        launched: dict = {mode: [] for mode in args.modes}
+        for launch in range(args.launches):  # the modes in turn, so a slow spell of the machine falls on all of them
+            for mode in MODES + (SPLIT_MODE,):
+                if mode in args.modes:
+                    t0 = time.perf_counter()
+                    launched[mode].append(run_ranks(_worker, args.ranks, mode, args.frames, opts, timeout=args.timeout_s)[0])
+                    print(f"[{mode}] launch {launch + 1}/{args.launches} done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        results = {mode: merge_launches(launched[mode], opts) if mode in launched else
+                   {f: {"oom": False, "measured": False} for f in args.frames} for mode in MODES + (SPLIT_MODE,)}
     opts.update(frames=args.frames, ranks=args.ranks, machine=args.machine)
     return _write(results, opts, args.out_dir)
+
+
+def merge_launches(launches: list, opts: dict) -> dict:
+    """One mode's per-frame rows from several launches -> one row per frame count: the median over the launches of
+    every number (and of every phase's), OOM against the cap from the median peak; ``launch_steps`` keeps each
+    launch's step time, and ``tokens`` the drawn tokens' hash when every launch drew the same (else each launch's, in order). A
+    frame count some launch did not measure keeps the first such launch's row."""
+    if len(launches) == 1:
+        return launches[0]
+    merged = {}
+    for frames in launches[0]:
+        rows = [launch[frames] for launch in launches]
+        if not all(r.get("measured") for r in rows):
+            merged[frames] = next(r for r in rows if not r.get("measured"))
+            continue
+        row = {}
+        for key, value in rows[0].items():
+            if isinstance(value, bool) or isinstance(value, str):
+                continue
+            if isinstance(value, dict):
+                row[key] = {p: statistics.median(r[key].get(p, 0.0) for r in rows) for p in value}
+            elif isinstance(value, (int, float)):
+                row[key] = statistics.median(r[key] for r in rows)
+        row["measured"] = True
+        row["oom"] = opts["memory_cap_mb"] is not None and row["peak_mb"] > opts["memory_cap_mb"]
+        row["text_len"] = rows[0]["text_len"]
+        hashes = [r["tokens"] for r in rows]  # another mode's merged row compares equal only if each launch drew the same
+        row["tokens"] = hashes[0] if len(set(hashes)) == 1 else "/".join(hashes)
+        row["launch_steps"] = [r["step"] for r in rows]
+        merged[frames] = row
+    return merged
 
 
 def _recap(results, opts, cap_mb: float) -> None:

@@ -79,13 +79,18 @@ def test_grpo_step_smoke(tmp_path):
 def test_grpo_step_cost_matched_qwen_smoke(tmp_path):
     """``--cost-match qwen-split`` with ``--memory-cap-scaled`` and ``--run-over-cap``: the Qwen2.5-VL family's
     split-matched model (4.5 tokens per frame) runs the fair baseline and the packed layout; the report states both
-    models' cost ratios and the scaled cap; the old results' "baseline" key reads back as the naive mode, and
+    models' cost ratios and the scaled cap; with ``--launches 2`` each cell is the median of two launches and the
+    report gives their spread; the old results' "baseline" key reads back as the naive mode, and
     ``--from-json`` recomputes the scaled cap with the memory model as it stands and re-flags the measured cells
     against it (here a saved cap every cell was over)."""
     import json
 
     report, saved = _grpo_step(tmp_path, "--cost-match", "qwen-split", "--memory-cap-scaled", "80", "--run-over-cap",
-                               "--modes", "mrsp_off", "stage12_packed", "--frames", "2")
+                               "--modes", "mrsp_off", "stage12_packed", "--frames", "2", "--launches", "2")
+    assert "in each of 2 launches of every mode" in report and "Launch spread of that speed-up" in report, report
+    for mode in ("mrsp_off", "stage12_packed"):  # the medians of the launches, which are kept
+        row = saved["results"][mode]["2"]
+        assert len(row["launch_steps"]) == 2 and row["step"] == pytest.approx(sum(row["launch_steps"]) / 2), row
     assert "(4.5 tokens per frame)" in report and "| Qwen2.5-VL-7B (448 px) | 128 |" in report, report
     assert "scaled to the model" in report and saved["options"]["memory_cap_mb"] > 0
     assert saved["options"]["run_over_cap"] is True
