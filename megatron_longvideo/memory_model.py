@@ -202,6 +202,9 @@ def _layer_saved(llm: LLMConfig, tp: int, a: int) -> float:
     * the SwiGLU MLP as megatron-core's unfused path runs it: the fc1 output (gate and linear halves), the
       gate's silu, a copy of the linear half (``x_linear + glu_linear_offset``), and their product (the fc2
       input): five ``ffn`` widths.
+
+    This is the local layer spec (``transformer_impl="local"``, the default and the CPU path). TransformerEngine's
+    fused norms and SwiGLU should keep less; that is not measured here.
     """
     h, f, kv, d = llm.hidden_size, llm.ffn_hidden_size, llm.num_query_groups * llm.head_dim, llm.head_dim
     norms = 2 * (4 * h + 4 + 2 * a * h)
