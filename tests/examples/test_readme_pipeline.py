@@ -74,10 +74,15 @@ def test_the_usage_snippet_runs_with_the_launch_line_the_readme_gives(tmp_path):
     launch = re.search(r"`(torchrun --nproc-per-node (\d+) snippet\.py)`", text[start:])
     assert launch, "the README must say how to launch the snippet"
     path = tmp_path / "snippet.py"
-    path.write_text(snippet + "\nprint('snippet ran', groups.tp_size, groups.cp_size, flush=True)\n")
+    # each rank writes a file of its own (the ranks' prints share one pipe and may interleave)
+    path.write_text(snippet + "\nimport os as _os\nopen(f\"ran.{_os.environ['RANK']}\", 'w').write("
+                    "f'snippet ran {groups.tp_size} {groups.cp_size}')\n")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     words = [sys.executable, "-m", "torch.distributed.run", "--master-port", str(30500 + os.getpid() % 1000),
              "--nproc-per-node", launch.group(2), str(path)]
     proc = subprocess.run(words, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("snippet ran 2 2") == int(launch.group(2)), proc.stdout
+    ranks = int(launch.group(2))
+    ran = {rank: (tmp_path / f"ran.{rank}").read_text() if (tmp_path / f"ran.{rank}").exists() else None
+           for rank in range(ranks)}
+    assert all(v == "snippet ran 2 2" for v in ran.values()), (ran, proc.stdout[-2000:])
