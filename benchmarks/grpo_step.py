@@ -273,7 +273,7 @@ def _worker(rank, world_size, mode, frame_counts, opts):
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the rank that needs the most; every rank stops together
         row["peak_mb"] = peak[0].item()
         row["text_len"] = len(text) + 2
-        row["oom"] = opts["memory_cap_mb"] is not None and row["peak_mb"] > opts["memory_cap_mb"]
+        row["oom"] = _over_cap(row, opts["memory_cap_mb"])
         row["measured"] = True
         row["tokens"] = hashlib.sha1(repr(trainer.drawn).encode()).hexdigest()[:12]
         if row["oom"] and not opts.get("run_over_cap"):
@@ -452,9 +452,8 @@ def report(results: dict, opts: dict) -> str:
         if over:
             lines += ["", "\\* one of the two modes is over the memory cap there (it would not fit the scaled device); "
                       "measured anyway (`--run-over-cap`)."]
-        spread = [f for f in frames if all(len(results[m][f].get("launch_steps", ())) > 1 for m in ["mrsp_off"] + others
-                                           if results[m][f].get("measured"))]
-        if spread and opts.get("launches", 1) > 1:
+        spread = [f for f in frames if len(results["mrsp_off"][f].get("launch_steps", ())) > 1]
+        if spread:
             lines += ["", f"Launch spread of that speed-up (the mode's launch k against {LABELS['mrsp_off']}'s launch k, "
                       f"over {opts['launches']} launches; min / median / max):", "",
                       "| frames | " + " | ".join(LABELS[m] for m in others) + " |", "|---:|" + "---|" * len(others)]
@@ -724,6 +723,11 @@ def main(argv=None) -> str:
     return _write(results, opts, args.out_dir)
 
 
+def _over_cap(row: dict, cap_mb) -> bool:
+    """Whether a measured row's peak working memory is over the cap (None: no cap)."""
+    return cap_mb is not None and row["peak_mb"] > cap_mb
+
+
 def merge_launches(launches: list, opts: dict) -> dict:
     """One mode's per-frame rows from several launches -> one row per frame count: the median over the launches of
     every number (and of every phase's), OOM against the cap from the median peak; ``launch_steps`` keeps each
@@ -739,14 +743,14 @@ def merge_launches(launches: list, opts: dict) -> dict:
             continue
         row = {}
         for key, value in rows[0].items():
-            if isinstance(value, bool) or isinstance(value, str):
+            if isinstance(value, (bool, str)):
                 continue
             if isinstance(value, dict):
                 row[key] = {p: statistics.median(r[key].get(p, 0.0) for r in rows) for p in value}
             elif isinstance(value, (int, float)):
                 row[key] = statistics.median(r[key] for r in rows)
         row["measured"] = True
-        row["oom"] = opts["memory_cap_mb"] is not None and row["peak_mb"] > opts["memory_cap_mb"]
+        row["oom"] = _over_cap(row, opts["memory_cap_mb"])
         row["text_len"] = rows[0]["text_len"]
         hashes = [r["tokens"] for r in rows]  # another mode's merged row compares equal only if each launch drew the same
         row["tokens"] = hashes[0] if len(set(hashes)) == 1 else "/".join(hashes)
@@ -764,7 +768,7 @@ def _recap(results, opts, cap_mb: float) -> None:
     for mode, per in results.items():
         for frames, row in per.items():
             if row.get("measured"):
-                row["oom"] = row["peak_mb"] > cap_mb
+                row["oom"] = _over_cap(row, cap_mb)
             elif moved and row.get("skipped"):
                 print(f"[{mode}] {frames} frames: not measured ({row['skipped']} at the run's cap); the cap is now "
                       f"{cap_mb:.0f} MB, so rerun to know whether it fits", file=sys.stderr)
